@@ -1,0 +1,78 @@
+"""The FLOPs cost model of ../shared/METHODS.md: prefill matmul FLOPs of the decoder layers.
+
+Per layer, with ``n_q`` query tokens, ``n_kv`` key/value tokens and ``n_mlp`` MLP tokens::
+
+    attn = 2*n_q*d*q_dim (Q) + 2*n_q*q_dim*d (O) + 2*2*n_kv*d*kv_dim (K, V) + 2*2*n_q*n_kv*q_dim (QK^T, AV)
+    mlp  = 3 * 2*n_mlp*d*m
+
+which is the paper's ``2*d*d*(2*n_kv + 2*n_q) + 4*n_q*n_kv*d`` for multi-head attention and counts the
+real K/V width under GQA. The vision tower, the LM head and decode steps are not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .ops import GROUPS, Module, Operation, pruned_by_layer
+from .spec import GroupSizes, ModelSpec
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """Tokens doing each kind of work at one layer."""
+
+    n_q: int
+    n_kv: int
+    n_mlp: int
+
+
+def attention_flops(spec: ModelSpec, n_q: int, n_kv: int) -> int:
+    """Q/K/V/O projections plus the two attention matmuls."""
+    d = spec.hidden_size
+    proj = 2 * n_q * d * spec.q_dim * 2 + 2 * 2 * n_kv * d * spec.kv_dim
+    return proj + 2 * 2 * n_q * n_kv * spec.q_dim
+
+
+def mlp_flops(spec: ModelSpec, n_mlp: int) -> int:
+    """Gate, up and down projections of a gated MLP."""
+    return 3 * 2 * n_mlp * spec.hidden_size * spec.intermediate_size
+
+
+def layer_flops(spec: ModelSpec, counts: LayerCounts) -> int:
+    return attention_flops(spec, counts.n_q, counts.n_kv) + mlp_flops(spec, counts.n_mlp)
+
+
+def layer_counts(
+    spec: ModelSpec, sizes: Sequence[GroupSizes] | GroupSizes, ops: Iterable[Operation] = ()
+) -> list[LayerCounts]:
+    """Per-layer token counts given the group sizes entering each layer and the pruned operations.
+
+    ``sizes`` is one :class:`GroupSizes` (the same at every layer: static GSOP plans) or one per layer
+    (token pruning shrinks the image groups with depth).
+    """
+    per_layer = [sizes] * spec.num_layers if isinstance(sizes, GroupSizes) else list(sizes)
+    if len(per_layer) != spec.num_layers:
+        raise ValueError(f"need group sizes for {spec.num_layers} layers, got {len(per_layer)}")
+    table = pruned_by_layer(ops, spec.num_layers)
+    out = []
+    for row, gs in zip(table, per_layer, strict=True):
+        kept = {m: sum(gs[g] for g in GROUPS if g not in row[m]) for m in row}
+        out.append(LayerCounts(n_q=kept[Module.Q], n_kv=kept[Module.KV], n_mlp=kept[Module.MLP]))
+    return out
+
+
+def prefill_flops(
+    spec: ModelSpec, sizes: Sequence[GroupSizes] | GroupSizes, ops: Iterable[Operation] = ()
+) -> int:
+    """Decoder prefill FLOPs of one prompt under a set of pruned operations."""
+    return sum(layer_flops(spec, c) for c in layer_counts(spec, sizes, ops))
+
+
+def dense_prefill_flops(spec: ModelSpec, sizes: GroupSizes) -> int:
+    return prefill_flops(spec, sizes)
+
+
+def flops_of_counts(spec: ModelSpec, counts: Iterable[LayerCounts]) -> int:
+    """FLOPs of an executed run, given the counts the executor actually used at each layer."""
+    return sum(layer_flops(spec, c) for c in counts)
