@@ -1,0 +1,232 @@
+"""Adapter for HuggingFace ``LlavaForConditionalGeneration`` folders (the LLaVA-1.5 family).
+
+Layout in transformers 5.x: ``model.model.{vision_tower, multi_modal_projector, language_model}`` and
+``model.lm_head``; the decoder is Llama-style (pre-RMSNorm, RoPE, gated SiLU MLP, GQA allowed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune_export.errors import ModelLoadError
+from prune_export.spec import ModelSpec
+
+from .base import LayerParts, PromptTokens, VisionOutput, VLMAdapter
+
+#: LLaVA-1.5's prompt when the folder carries no chat template.
+DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _quiet_transformers() -> None:
+    # transformers logs a torchvision fallback notice for every CLIP processor; it is not actionable here.
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - older transformers
+        pass
+
+
+class LlavaAdapter(VLMAdapter):
+    """LLaVA-1.5: CLIP vision tower, MLP projector, Llama/Vicuna decoder."""
+
+    model_types = ("llava",)
+
+    def __init__(self, folder: Path, model: Any, processor: Any, spec: ModelSpec) -> None:
+        self.folder = folder
+        self.model = model
+        self.processor = processor
+        self.spec = spec
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        cfg = model.config
+        self._lm = model.model.language_model
+        self._feature_layer = cfg.vision_feature_layer
+        self._strategy = cfg.vision_feature_select_strategy
+        self.image_token_id = int(cfg.image_token_index)
+        self._layers = [
+            LayerParts(
+                attn_norm=layer.input_layernorm,
+                q_proj=layer.self_attn.q_proj,
+                k_proj=layer.self_attn.k_proj,
+                v_proj=layer.self_attn.v_proj,
+                o_proj=layer.self_attn.o_proj,
+                mlp_norm=layer.post_attention_layernorm,
+                gate_proj=layer.mlp.gate_proj,
+                up_proj=layer.mlp.up_proj,
+                down_proj=layer.mlp.down_proj,
+                act=layer.mlp.act_fn,
+                scaling=float(layer.self_attn.scaling),
+            )
+            for layer in self._lm.layers
+        ]
+        tok = processor.tokenizer
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            eos.add(gen_eos)
+        elif isinstance(gen_eos, list):
+            eos.update(gen_eos)
+        self._eos = tuple(sorted(eos))
+
+    # -- config only -----------------------------------------------------------------------------------
+    @classmethod
+    def _hf_config(cls, folder: Path) -> Any:
+        _quiet_transformers()
+        from transformers import LlavaConfig
+
+        try:
+            return LlavaConfig.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ModelLoadError(f"{folder}/config.json is not a loadable LLaVA config: {exc}") from None
+
+    @classmethod
+    def spec_from_config(cls, folder: Path, config: dict[str, Any]) -> ModelSpec:
+        cfg = cls._hf_config(folder)
+        tc, vc = cfg.text_config, cfg.vision_config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise ModelLoadError(
+                f"{folder}: vision_feature_layer={cfg.vision_feature_layer!r} (several layers) is not supported; "
+                "LLaVA-1.5 uses a single layer (-2)"
+            )
+        if getattr(tc, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
+            raise ModelLoadError(
+                f"{folder}: text model type {tc.model_type!r} is not supported by the LLaVA adapter "
+                "(llama, mistral, qwen2 decoders are)"
+            )
+        patches = (vc.image_size // vc.patch_size) ** 2
+        visual = patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+        heads = tc.num_attention_heads
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        return ModelSpec(
+            family="llava",
+            num_layers=tc.num_hidden_layers,
+            hidden_size=tc.hidden_size,
+            intermediate_size=tc.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            vocab_size=tc.vocab_size,
+            visual_tokens=visual,
+            image_size=vc.image_size,
+            patch_size=vc.patch_size,
+            vision_layers=vc.num_hidden_layers,
+            vision_hidden_size=vc.hidden_size,
+        )
+
+    @classmethod
+    def sys_tokens_from_folder(cls, folder: Path) -> int | None:
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return None
+        _quiet_transformers()
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception:
+            return None
+        prefix = _prompt_for(tok, "?").split("<image>")[0]
+        return len(tok(prefix).input_ids)
+
+    # -- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlavaAdapter:
+        spec = cls.spec_from_config(folder, {})
+        if not any((folder / f).is_file() for f in WEIGHT_FILES):
+            raise ModelLoadError(
+                f"{folder} holds a config but no weights ({' / '.join(WEIGHT_FILES[::2])}); "
+                "commands that run the model need the full folder ('info' works from config.json alone)"
+            )
+        _quiet_transformers()
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        try:
+            processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{folder}: could not load the tokenizer/image processor ({type(exc).__name__}: {exc}); "
+                "the folder needs tokenizer and processor files saved with save_pretrained"
+            ) from None
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                str(folder),
+                local_files_only=True,
+                dtype=dtype,
+                # The vision tower must be eager to return the [CLS] attention; the decoder is ours.
+                attn_implementation={"vision_config": "eager", "text_config": "sdpa", "": "sdpa"},
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"{folder}: could not load the weights ({type(exc).__name__}: {exc})") from None
+        model = model.to(device).eval()
+        model.requires_grad_(False)
+        return cls(folder, model, processor, spec)
+
+    # -- prompt ----------------------------------------------------------------------------------------
+    def prompt_text(self, question: str) -> str:
+        return _prompt_for(self.processor, question)
+
+    def tokenize(self, image: Any, question: str) -> PromptTokens:
+        inputs = self.processor(images=image.convert("RGB"), text=self.prompt_text(question), return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        where = (ids == self.image_token_id).nonzero().flatten()
+        if len(where) != self.spec.visual_tokens:
+            raise ModelLoadError(
+                f"the processor expanded <image> into {len(where)} tokens but the vision tower yields "
+                f"{self.spec.visual_tokens}; check patch_size / num_additional_image_tokens in processor_config.json"
+            )
+        start, end = int(where[0]), int(where[-1]) + 1
+        return PromptTokens(ids, start, end, inputs["pixel_values"].to(self.device, self.dtype))
+
+    # -- compute ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def vision(self, pixel_values: torch.Tensor) -> VisionOutput:
+        tower = self.model.model.vision_tower
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
+        hidden = out.hidden_states[self._feature_layer]
+        attn = out.attentions[self._feature_layer]  # [B, heads, 1+P, 1+P]; hidden_states[i] is attentions[i]'s output
+        cls_row = attn[:, :, 0, :].float().mean(dim=1)  # [B, 1+P]
+        if self._strategy == "default":
+            hidden, cls_row = hidden[:, 1:], cls_row[:, 1:]
+        features = self.model.model.multi_modal_projector(hidden)
+        return VisionOutput(features=features, cls_attention=cls_row)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._lm.embed_tokens(input_ids.to(self.device))
+
+    @property
+    def layers(self) -> Sequence[LayerParts]:
+        return self._layers
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dummy = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self._lm.rotary_emb(dummy, positions.to(self.device).view(1, -1))
+        return cos[0], sin[0]
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm.norm(hidden)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.processor.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def _prompt_for(processor_or_tokenizer: Any, question: str) -> str:
+    template = getattr(processor_or_tokenizer, "chat_template", None)
+    if template:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor_or_tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    return DEFAULT_PROMPT.format(question=question)

@@ -1,0 +1,177 @@
+"""Random-initialised LLaVA-1.5-architecture models that load offline, for tests, demos and benchmarks.
+
+``tiny`` builds in well under a second (CLIP 56 px / patch 14 -> 16 visual tokens, decoder hidden 64,
+4 layers). ``bench`` has LLaVA-1.5's token geometry (336 px, patch 14 -> 576 visual tokens) and a decoder
+big enough that matmuls dominate prefill time (hidden 1024, MLP 2816, 8 layers, 16 heads).
+The tokenizer is a byte-level BPE trained in code on a small built-in corpus, so any text tokenizes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from prune_export.errors import PruneExportError
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+
+_CORPUS = """
+A chat between a curious human and an artificial intelligence assistant.
+The assistant gives helpful, detailed, and polite answers to the human's questions.
+USER: What is the color of the cat in the picture? ASSISTANT: The cat is black.
+USER: How many dogs are there? ASSISTANT: There are two dogs.
+USER: Is there a red car on the left side of the street? ASSISTANT: Yes.
+USER: What shape is the sign? ASSISTANT: It is a square sign.
+Answer the question using a single word or phrase.
+red green blue yellow orange purple pink brown black white gray
+one two three four five six seven eight nine ten zero
+yes no left right top bottom middle front back above below
+cat dog car bus tree house person man woman child table chair bird horse
+circle square triangle rectangle star line
+what which where who how many is are there the a an of in on at with
+"""
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """Sizes of a demo model; every field maps onto a HuggingFace config field."""
+
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+
+PRESETS: dict[str, DemoPreset] = {
+    "tiny": DemoPreset(56, 14, 32, 64, 3, 4, 64, 128, 4, 4, 4, 400),
+    "bench": DemoPreset(336, 14, 256, 1024, 4, 4, 1024, 2816, 8, 16, 16, 2000),
+}
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [line for line in _CORPUS.strip().splitlines() if line.strip()]
+    tok.train_from_iterator(lines * 20, trainer)
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_demo_model(
+    out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False, **overrides: int
+) -> Path:
+    """Write a random LLaVA-1.5-architecture model with tokenizer and processor to ``out_dir``.
+
+    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model). The folder is written
+    atomically: built in a temporary sibling folder, then renamed.
+    """
+    if preset not in PRESETS:
+        raise PruneExportError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = replace(PRESETS[preset], **overrides)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PruneExportError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from .adapters.llava import _quiet_transformers
+
+    _quiet_transformers()
+    tokenizer = _train_tokenizer(p.vocab)
+    vision = CLIPVisionConfig(
+        hidden_size=p.vision_hidden,
+        intermediate_size=p.vision_intermediate,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        image_size=p.image_size,
+        patch_size=p.patch_size,
+        projection_dim=p.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=p.hidden,
+        intermediate_size=p.intermediate,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        num_key_value_heads=p.kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": p.image_size}, crop_size={"height": p.image_size, "width": p.image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=p.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's [CLS]; "default" drops it again
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
