@@ -175,3 +175,50 @@ def build_demo_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (30, 60, 220),
+    "yellow": (235, 220, 40),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 20),
+}
+_SHAPES = ("square", "circle")
+
+
+def build_demo_data(out_dir: str | Path, samples: int = 8, seed: int = 0, image_size: int = 96) -> Path:
+    """Write ``samples`` synthetic VQA rows (a coloured shape; "what color is the ...?") as JSONL + PNGs.
+
+    Returns the JSONL path. Images are drawn in code, so the data set needs no download.
+    """
+    import json
+    import random
+
+    from PIL import Image, ImageDraw
+
+    from prune_export.io import atomic_write_text
+
+    if samples < 1:
+        raise PruneExportError(f"--samples must be >= 1, got {samples}")
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(samples):
+        color = rng.choice(sorted(_COLORS))
+        shape = rng.choice(_SHAPES)
+        background = tuple(rng.randrange(0, 256) for _ in range(3))
+        img = Image.new("RGB", (image_size, image_size), background)
+        draw = ImageDraw.Draw(img)
+        a = rng.randrange(4, image_size // 3)
+        b = rng.randrange(image_size // 2, image_size - 4)
+        box = (a, a, b, b)
+        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=_COLORS[color])
+        name = f"images/{i:04d}.png"
+        img.save(out / name)
+        lines.append(json.dumps({"image": name, "question": f"What color is the {shape}?", "answer": color}))
+    path = out / "data.jsonl"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -61,6 +61,9 @@ MI_RATIO_FLOOR = 1e-6
 #: DPC-KNN: neighbours used for the local density.
 DPC_NEIGHBOURS = 5
 
+#: Added before flooring in :meth:`ScheduleTable.index`, so decimal halves round up despite binary fractions.
+INDEX_SLACK = 1e-9
+
 TABLE_FORMAT = "autoprune-schedule-table"
 TABLE_VERSION = 1
 
@@ -364,11 +367,15 @@ class ScheduleTable:
         return tuple(e.k for e in self.entries)
 
     def index(self, k: float) -> int:
-        """Row of the grid point nearest to ``k`` (clamped to ``[0, k0]``; halves round up)."""
+        """Row of the grid point nearest to ``k`` (clamped to ``[0, k0]``).
+
+        Halves round up, also when the division lands a hair below one (0.175 / 0.05 = 3.4999999999999996);
+        a graph that computes the index itself must use the same rule, or meet a different row at exact halves.
+        """
         if math.isnan(k):
             raise ValueError("k is NaN")
         k = min(max(k, 0.0), self.k0)
-        return min(math.floor(k / self.k_step + 0.5), len(self.entries) - 1)
+        return min(math.floor(k / self.k_step + 0.5 + INDEX_SLACK), len(self.entries) - 1)
 
     def lookup(self, k: float) -> ScheduleSolution:
         """The schedule solved at the grid point nearest to ``k``."""

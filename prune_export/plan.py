@@ -79,6 +79,7 @@ class FixedScheduleSection(_Strict):
 
     kind: Literal["fixed"] = "fixed"
     stages: list[tuple[int, int]] = Field(min_length=1)
+    positions: Literal["original", "renumbered"] = "original"
 
     @field_validator("stages")
     @classmethod

@@ -1,0 +1,286 @@
+"""The ``prune-export`` command line: a thin layer that maps options onto library calls.
+
+Errors a user can cause (:class:`~prune_export.errors.PruneExportError`) print one line and exit 1;
+anything else is a bug and keeps its traceback. Heavy imports (torch, transformers) happen inside the
+commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import PruneExportError
+from .ops import GROUPS, MODULES, Operation
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PruneExportError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def _tflops(flops: float) -> str:
+    return f"{flops / 1e12:.4f} TFLOPs" if flops >= 1e10 else f"{flops / 1e9:.4f} GFLOPs"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version("prune-export"), prog_name="prune-export")
+def main() -> None:
+    """Compile pruning plans of LLaVA-family VLMs into ONNX / TensorRT engines and measure the speedup."""
+
+
+# -- demo-model / demo-data -------------------------------------------------------------------------------
+@main.command("demo-model")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", type=click.Choice(["tiny", "bench"]), default="tiny", show_default=True,
+              help="tiny: seconds to build, for tests; bench: 576 visual tokens, hidden 1024, 8 layers.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--kv-heads", type=int, default=None, help="Override the number of KV heads (GQA).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, overwrite: bool) -> None:
+    """Write a random LLaVA-1.5-architecture model (weights, tokenizer, processor) to OUT_DIR."""
+    from exporter.demo import build_demo_model
+
+    overrides = {"kv_heads": kv_heads} if kv_heads else {}
+    path = build_demo_model(out_dir, preset, seed=seed, overwrite=overwrite, **overrides)
+    click.echo(f"wrote {preset} demo model to {path}")
+
+
+@main.command("demo-data")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--samples", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_data(out_dir: Path, samples: int, seed: int) -> None:
+    """Write a synthetic VQA data set (coloured shapes) as OUT_DIR/data.jsonl + images."""
+    from exporter.demo import build_demo_data
+
+    path = build_demo_data(out_dir, samples=samples, seed=seed)
+    click.echo(f"wrote {samples} rows to {path}")
+
+
+# -- info -----------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--text-tokens", type=click.IntRange(min=1), default=None,
+              help="Text tokens after the image in the reference prompt [default: 100].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(model_dir: Path, text_tokens: int | None, as_json: bool) -> None:
+    """Architecture, token groups, operations and dense prefill FLOPs (needs only config.json)."""
+    from exporter.adapters import adapter_class, load_spec
+
+    from .cost import prefill_flops
+    from .spec import DEFAULT_SYS_TOKENS, DEFAULT_TXT_TOKENS, GroupSizes
+
+    spec = load_spec(model_dir)
+    sys_tokens = adapter_class(model_dir).sys_tokens_from_folder(model_dir)
+    sys_source = "tokenizer" if sys_tokens is not None else "LLaVA-1.5 default"
+    sizes = GroupSizes.for_prompt(spec, sys_tokens or DEFAULT_SYS_TOKENS, text_tokens or DEFAULT_TXT_TOKENS)
+    dense = prefill_flops(spec, sizes)
+    operations = spec.num_layers * len(GROUPS) * len(MODULES)
+    data = {
+        "model": str(model_dir),
+        "family": spec.family,
+        "fingerprint": spec.fingerprint(),
+        "layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "heads": spec.num_heads,
+        "kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size,
+        "visual_tokens": spec.visual_tokens,
+        "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "groups": sizes.as_dict(),
+        "sys_tokens_from": sys_source,
+        "prompt_tokens": sizes.total,
+        "operations": operations,
+        "prunable_operations": spec.num_layers * 2 * len(MODULES),
+        "dense_prefill_flops": dense,
+        "spec": spec.to_json(),
+    }
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"{model_dir}  ({spec.family}, fingerprint {data['fingerprint']})")
+    click.echo(f"  decoder      {spec.num_layers} layers, hidden {spec.hidden_size}, MLP {spec.intermediate_size}, "
+               f"{spec.num_heads} heads / {spec.num_kv_heads} KV heads x {spec.head_dim}")
+    click.echo(f"  vision       {spec.image_size} px / patch {spec.patch_size} -> {spec.visual_tokens} visual tokens "
+               f"({spec.vision_layers} layers, hidden {spec.vision_hidden_size})")
+    groups = ", ".join(f"{k} {v}" for k, v in data["groups"].items())
+    click.echo(f"  prompt       {sizes.total} tokens: {groups} (sys from {sys_source})")
+    click.echo(f"  operations   {operations} ({data['prunable_operations']} on image groups)")
+    click.echo(f"  dense prefill {_tflops(dense)} ({dense:,} FLOPs)")
+
+
+# -- plan -----------------------------------------------------------------------------------------------
+@main.group(cls=_Group)
+def plan() -> None:
+    """Inspect plan files."""
+
+
+@plan.command("show")
+@click.argument("plan_path", type=click.Path(path_type=Path))
+@click.option("--budget", type=float, default=None, help="Fraction of dense prefill FLOPs kept, in (0, 1].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_show(plan_path: Path, budget: float | None, as_json: bool) -> None:
+    """Print the FLOPs ladder of PLAN_PATH and the operations active at a budget."""
+    from .plan import Plan
+
+    p = Plan.load(plan_path)
+    sel = p.select(budget) if budget is not None else None
+    steps = [
+        {"step": i, "ops_added": len(ops), "flops_ratio": p.ladder[i + 1], "metric": p.doc.steps[i].metric}
+        for i, ops in enumerate(p.steps)
+    ]
+    tokens = p.tokens.model_dump() if p.tokens is not None else None
+    if as_json:
+        out: dict[str, Any] = {"fingerprint": p.fingerprint, "layout": p.layout.as_dict(), "steps": steps,
+                               "search": p.doc.search, "tokens": tokens}
+        if sel is not None:
+            out["budget"] = {"budget": sel.budget, "steps": sel.num_steps, "flops_ratio": sel.flops_ratio,
+                             "ops": [op.to_json() for op in sorted(sel.ops)]}
+        _echo_json(out)
+        return
+    click.echo(f"plan {plan_path} for {p.spec.family} ({p.spec.num_layers} layers, fingerprint {p.fingerprint})")
+    click.echo(f"layout: {', '.join(f'{k} {v}' for k, v in p.layout.as_dict().items())}")
+    if p.doc.search:
+        s = p.doc.search
+        click.echo(f"search: metric {s.get('metric')}, baseline {s.get('baseline')}")
+    click.echo(f"{'step':>4}  {'+ops':>5}  {'total':>5}  {'FLOPs ratio':>11}  metric")
+    total = 0
+    for row in steps:
+        total += row["ops_added"]
+        metric = "" if row["metric"] is None else f"{row['metric']:.4f}"
+        mark = " <" if sel is not None and row["step"] == sel.num_steps - 1 else ""
+        click.echo(f"{row['step']:>4}  {row['ops_added']:>5}  {total:>5}  {row['flops_ratio']:>11.4f}  {metric}{mark}")
+    if tokens is not None:
+        click.echo("tokens: " + ", ".join(f"{k}={v}" for k, v in tokens.items()))
+    if sel is not None:
+        click.echo(f"budget {sel.budget}: {sel.num_steps} step(s), {len(sel.ops)} operations, "
+                   f"FLOPs ratio {sel.flops_ratio:.4f}")
+        click.echo(_describe_ops(sel.ops, p.spec.num_layers))
+
+
+def _describe_ops(ops: frozenset[Operation], num_layers: int) -> str:
+    lines = []
+    for layer in range(num_layers):
+        here = sorted(op for op in ops if op.layer == layer)
+        if here:
+            lines.append(f"  layer {layer:>3}: " + " ".join(f"{op.group.value}.{op.module.value}" for op in here))
+    return "\n".join(lines) if lines else "  (no operations pruned: dense)"
+
+
+# -- eval -----------------------------------------------------------------------------------------------
+def parse_keep_schedule(text: str) -> list[tuple[int, int]]:
+    """``"2:144"`` or ``"8:288,16:144,24:72"`` -> stages ``[(layer, tokens), ...]``."""
+    try:
+        stages = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        stages = []
+    if not stages or any(len(s) != 2 for s in stages):
+        raise PruneExportError(
+            f"--keep-schedule {text!r} is not LAYER:TOKENS[,LAYER:TOKENS...] (e.g. '2:144' for FastV)"
+        )
+    return [(int(a), int(b)) for a, b in stages]
+
+
+@main.command("eval")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help="JSONL rows {image, question, answer}; image paths relative to the file.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None, help="Plan file.")
+@click.option("--budget", type=float, default=None, help="Fraction of dense prefill FLOPs kept, in (0, 1].")
+@click.option("--keep-schedule", default=None, help="Fixed visual-token schedule LAYER:TOKENS[,...] (FastV, PDrop).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--samples-out", type=click.Path(path_type=Path), default=None, help="Write per-sample results (JSONL).")
+def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: float | None,
+             keep_schedule: str | None, max_new_tokens: int, limit: int | None, as_json: bool,
+             samples_out: Path | None) -> None:
+    """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan."""
+    from .plan import check_budget
+
+    if budget is not None:
+        check_budget(budget)
+        if plan_path is None:
+            raise PruneExportError("--budget needs --plan (the budget selects a prefix of the plan's steps)")
+    stages = parse_keep_schedule(keep_schedule) if keep_schedule else None
+    from calib.data import load_rows
+
+    rows = load_rows(data_path, require_answer=True, limit=limit)
+    from exporter.adapters import load_adapter, load_spec
+
+    spec = load_spec(model_dir)
+    ops: frozenset[Operation] = frozenset()
+    token_section = None
+    if plan_path is not None:
+        from .plan import Plan
+
+        p = Plan.load(plan_path)
+        p.check_model(spec, str(model_dir))
+        ops = p.select(budget).ops
+        token_section = p.tokens
+    policy = _token_policy(spec, stages, token_section)
+    adapter = load_adapter(model_dir)
+    from tqdm import tqdm
+
+    from calib.evaluate import evaluate
+
+    with tqdm(total=len(rows), desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
+        report = evaluate(adapter, rows, ops, policy, max_new_tokens=max_new_tokens, progress=bar.update)
+    if samples_out is not None:
+        from .io import atomic_write_text
+
+        atomic_write_text(samples_out, "".join(json.dumps(r.__dict__) + "\n" for r in report.results))
+    if as_json:
+        _echo_json(report.to_json())
+        return
+    acc = "n/a" if report.accuracy is None else f"{report.accuracy:.4f}"
+    click.echo(f"samples       {report.samples}")
+    click.echo(f"accuracy      {acc} (exact match)")
+    click.echo(f"dense FLOPs   {_tflops(report.dense_flops / report.samples)} per sample")
+    click.echo(f"pruned FLOPs  {_tflops(report.pruned_flops / report.samples)} per sample")
+    click.echo(f"FLOPs ratio   {report.flops_ratio:.4f}")
+    click.echo("visual tokens entering each layer (mean): "
+               + " ".join(f"{v:.1f}" for v in report.mean_visual_tokens_per_layer))
+
+
+def _token_policy(spec: Any, stages: list[tuple[int, int]] | None, section: Any) -> Any:
+    from exporter.executor import FixedKeepPolicy
+
+    from .plan import FixedScheduleSection
+
+    if stages is not None and section is not None:
+        raise PruneExportError("the plan already carries a token section; drop --keep-schedule or use another plan")
+    if stages is None and isinstance(section, FixedScheduleSection):
+        stages = [tuple(s) for s in section.stages]
+        positions = section.positions
+    else:
+        positions = "original"
+    if stages is not None:
+        bad = [layer for layer, _ in stages if not 0 <= layer < spec.num_layers]
+        if bad:
+            raise PruneExportError(f"keep schedule names layer(s) {bad}; the model has layers 0..{spec.num_layers - 1}")
+        FixedScheduleSection(stages=stages)  # validates order and counts
+        return FixedKeepPolicy.from_stages(stages, positions)
+    if section is not None:
+        raise PruneExportError(f"token section of kind {section.kind!r} is not supported by this version")
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
