@@ -101,6 +101,9 @@ def build_demo_model(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PruneExportError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
+    from .adapters.llava import _quiet_transformers
+
+    _quiet_transformers()
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -110,9 +113,6 @@ def build_demo_model(
         LlavaProcessor,
     )
 
-    from .adapters.llava import _quiet_transformers
-
-    _quiet_transformers()
     tokenizer = _train_tokenizer(p.vocab)
     vision = CLIPVisionConfig(
         hidden_size=p.vision_hidden,

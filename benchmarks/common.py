@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmark scripts: the bench model, a sample, interleaved timing."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+DEFAULT_BENCH_MODEL = Path("out/bench-model")
+
+
+def ensure_bench_model(path: Path = DEFAULT_BENCH_MODEL, seed: int = 0) -> Path:
+    """The bench-preset demo model, built once and reused."""
+    if (path / "config.json").is_file():
+        return path
+    from exporter.demo import build_demo_model
+
+    print(f"building the bench demo model in {path} (once)")
+    return build_demo_model(path, "bench", seed=seed, overwrite=True)
+
+
+def bench_image(seed: int = 0) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(336, 336, 3) * 255).astype("uint8"))
+
+
+#: A question of ~100 tokens after the image, like METHODS.md's reference prompt.
+BENCH_QUESTION = (
+    "Look at the picture carefully and describe the objects you can see, their colors, their shapes, "
+    "how many of each there are, and where they are placed relative to each other in the scene. "
+    "Answer the question using a single word or phrase."
+)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, run in interleaved rounds after warm-up (noise hits all alike)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def setup_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
