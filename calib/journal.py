@@ -157,9 +157,10 @@ class Journal:
         complete_end = data.rfind(b"\n") + 1  # bytes up to and including the last newline
         if complete_end < len(data):
             torn = len(data) - complete_end
+            what = "that evaluation will run again" if complete_end else "the journal starts afresh"
             notice = (
                 f"search journal {path}: the last line was torn ({torn} bytes without a newline, the search was "
-                "killed while writing it); removed it, that evaluation will run again"
+                f"killed while writing it); removed it, {what}"
             )
             notices.append(notice)
             log.warning(notice)

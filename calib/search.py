@@ -400,9 +400,15 @@ class _Memo:
         return self.values[ops]
 
     def get(self, ops: OpSet) -> float:
+        """The value of one op set: from the memo/journal, else evaluated (and journaled) now."""
         return self.get_many([ops], batched=False)[0]
 
     def get_many(self, op_sets: Sequence[OpSet], batched: bool = True) -> list[float]:
+        """Values of several op sets; the unknown ones go to ``evaluate_many`` in chunks when offered.
+
+        Each result is journaled as soon as its call returns (per chunk for ``evaluate_many``), so a kill
+        loses at most the call in flight.
+        """
         missing: list[OpSet] = []
         queued: set[OpSet] = set()
         for ops in op_sets:
