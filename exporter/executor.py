@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from prune_export.cost import LayerCounts
 from prune_export.ops import GROUPS, Group, Module, Operation, pruned_by_layer
+from prune_export.spec import GroupSizes
 
 from .adapters.base import LayerParts, VLMAdapter
 from .sample import GROUP_INDEX, Sample
@@ -73,7 +74,13 @@ class Selection:
 
 
 class TokenPolicy(Protocol):
-    """Decides after which layers visual tokens are dropped and which survive."""
+    """Decides after which layers visual tokens are dropped and which survive.
+
+    A policy that keeps per-prompt state (AutoPrune: ``N0`` at layer 0, the schedule at layer 1) also has a
+    ``begin()`` method returning a fresh :class:`TokenPolicy` that serves exactly one prefill; the executor
+    calls it at the start of every prefill (:func:`begin_prefill`), so one policy object can be reused across
+    prompts. Stateless policies (:class:`FixedKeepPolicy`) need no ``begin``.
+    """
 
     positions: PositionMode
 
@@ -84,6 +91,12 @@ class TokenPolicy(Protocol):
     def select(self, ctx: SelectionContext) -> Selection | None:
         """The selection after ``ctx.layer``, or None to keep every token."""
         ...
+
+
+def begin_prefill(policy: TokenPolicy | None) -> TokenPolicy | None:
+    """The policy object that serves one prefill: ``policy.begin()`` where the policy has one, else itself."""
+    begin = getattr(policy, "begin", None)
+    return policy if begin is None else begin()
 
 
 def text_attention_scores(text_attention: torch.Tensor) -> torch.Tensor:
@@ -143,6 +156,10 @@ class PrefillState:
     def visual_count(self) -> int:
         return int(_is_visual(self.groups).sum())
 
+    def group_sizes(self) -> GroupSizes:
+        counts = torch.bincount(self.groups.cpu(), minlength=len(GROUPS)).tolist()
+        return GroupSizes(*(int(c) for c in counts))
+
 
 @dataclass
 class LayerCache:
@@ -161,6 +178,7 @@ class LayerTrace:
     counts: LayerCounts
     visual_tokens_in: int
     tokens_in: int
+    group_sizes_in: GroupSizes | None = None  # tokens per group that entered the layer (merged: img_rest)
 
 
 @dataclass
@@ -170,10 +188,17 @@ class PrefillResult:
     trace: list[LayerTrace]
     flops: int
     state: PrefillState | None = None
+    policy: TokenPolicy | None = None  # the policy object that served this prefill (its per-prompt decisions)
+    row_logits: torch.Tensor | None = None  # [logits_rows, vocab]: logits of the last prompt rows
 
     @property
     def layer_counts(self) -> list[LayerCounts]:
         return [t.counts for t in self.trace]
+
+    @property
+    def group_sizes_per_layer(self) -> list[GroupSizes | None]:
+        """Tokens per group entering each executed layer: with the ops, what the cost model needs."""
+        return [t.group_sizes_in for t in self.trace]
 
     @property
     def visual_tokens_per_layer(self) -> list[int]:
@@ -235,6 +260,8 @@ class PlanExecutor:
         start: tuple[int, PrefillState] | None = None,
         keep_states: Sequence[int] = (),
         states_out: dict[int, PrefillState] | None = None,
+        start_cache: Sequence[LayerCache] | None = None,
+        logits_rows: int = 1,
     ) -> PrefillResult:
         """Prefill one prompt under pruned ``ops`` and an optional token ``policy``.
 
@@ -243,26 +270,31 @@ class PlanExecutor:
         ``keep_states`` are written to ``states_out``.
         """
         table = pruned_by_layer(ops, self._num_layers)
+        policy = begin_prefill(policy)
         counter = counter if counter is not None else FlopCounter()
         first, state = start if start is not None else (0, self.initial_state(sample))
         cache: list[LayerCache] | None = [] if with_cache else None
         if cache is not None and first != 0:
-            raise ValueError("a prefill resumed from a stored state cannot build a KV cache")
+            if start_cache is None or len(start_cache) != first:
+                raise ValueError(f"resuming at layer {first} with a KV cache needs the caches of layers 0..{first - 1}")
+            # Copies of the cache records: decoding appends to them, the stored prefix stays as it was.
+            cache = [LayerCache(c.keys, c.values, c.next_position) for c in start_cache]
         trace: list[LayerTrace] = []
         for layer in range(first, self._num_layers):
             if states_out is not None and layer in keep_states:
                 states_out[layer] = state
             wants = policy is not None and policy.wants_selection(layer)
-            visual_in, tokens_in = state.visual_count(), state.num_tokens
+            visual_in, tokens_in, sizes_in = state.visual_count(), state.num_tokens, state.group_sizes()
             state, layer_cache, counts, text_attn = self._layer(layer, state, table[layer], counter, wants)
-            trace.append(LayerTrace(counts, visual_tokens_in=visual_in, tokens_in=tokens_in))
+            trace.append(LayerTrace(counts, visual_in, tokens_in, group_sizes_in=sizes_in))
             if cache is not None:
                 cache.append(layer_cache)
             if wants and policy is not None:
                 state = self._select(layer, state, policy, text_attn)
-        last = state.hidden[-1:]
-        logits = self.adapter.lm_head(self.adapter.final_norm(last))[0].float()
-        return PrefillResult(logits, cache, trace, counter.total, state)
+        rows = self.adapter.lm_head(self.adapter.final_norm(state.hidden[-logits_rows:])).float()
+        result = PrefillResult(rows[-1], cache, trace, counter.total, state, policy)
+        result.row_logits = rows
+        return result
 
     @torch.no_grad()
     def decode_step(self, token_id: int, cache: list[LayerCache], step: int) -> torch.Tensor:
@@ -296,10 +328,21 @@ class PlanExecutor:
     ) -> GenerationResult:
         """Greedy answer with a KV cache: a pruned prefill, then unpruned decode steps."""
         pre = self.prefill(sample, ops, policy, with_cache=True)
-        assert pre.cache is not None
-        logits = pre.logits
+        step_logits: list[torch.Tensor] = []
+        ids = self.continue_greedy(pre, max_new_tokens, step_logits)
+        return GenerationResult(ids, self.adapter.decode(ids), pre, step_logits)
+
+    @torch.no_grad()
+    def continue_greedy(
+        self, prefill: PrefillResult, max_new_tokens: int, step_logits: list[torch.Tensor] | None = None
+    ) -> list[int]:
+        """Greedy token ids after a prefill (with cache), stopping at EOS; appends to its cache."""
+        if prefill.cache is None:
+            raise ValueError("greedy decoding needs a prefill run with with_cache=True")
+        logits = prefill.logits
+        if step_logits is not None:
+            step_logits.append(logits)
         ids: list[int] = []
-        step_logits = [logits]
         eos = set(self.adapter.eos_token_ids)
         for step in range(max_new_tokens):
             token = int(torch.argmax(logits))
@@ -308,9 +351,10 @@ class PlanExecutor:
             ids.append(token)
             if step + 1 == max_new_tokens:
                 break
-            logits = self.decode_step(token, pre.cache, step)
-            step_logits.append(logits)
-        return GenerationResult(ids, self.adapter.decode(ids), pre, step_logits)
+            logits = self.decode_step(token, prefill.cache, step)
+            if step_logits is not None:
+                step_logits.append(logits)
+        return ids
 
     # -- internals -------------------------------------------------------------------------------------
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:

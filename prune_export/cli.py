@@ -183,6 +183,72 @@ def _describe_ops(ops: frozenset[Operation], num_layers: int) -> str:
     return "\n".join(lines) if lines else "  (no operations pruned: dense)"
 
 
+# -- search ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--calib", "calib_path", type=click.Path(path_type=Path), required=True,
+              help="Calibration JSONL (the eval format; answers optional with --metric kl).")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Plan file to write.")
+@click.option("--metric", type=click.Choice(["accuracy", "nll", "kl"]), default="accuracy", show_default=True,
+              help="accuracy: exact match (higher is better); nll: answer NLL, kl: KL to the dense model "
+                   "(label-free); both lower is better.")
+@click.option("--tolerance", type=float, default=0.3, show_default=True,
+              help="Total loss allowed: a fraction of the baseline (accuracy) or metric units (nll, kl).")
+@click.option("--steps", type=click.IntRange(min=1), default=15, show_default=True, help="Tolerance levels.")
+@click.option("--key-danger-layers", type=click.IntRange(min=0), default=6, show_default=True,
+              help="img_key operations below this layer are never pruned.")
+@click.option("--allow-layer0-kv", is_flag=True, help="Offer layer-0 kv operations as candidates.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N calibration rows.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted search from its journal (OUT.journal.jsonl).")
+@click.option("--no-prefix-reuse", is_flag=True, help="Recompute every layer for every candidate (slower).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, tolerance: float, steps: int,
+           key_danger_layers: int, allow_layer0_kv: bool, limit: int | None, resume: bool,
+           no_prefix_reuse: bool, seed: int) -> None:
+    """Search the GSOP operation order on calibration data and write the plan.
+
+    Every finished evaluation is journaled next to the plan; after an interruption (even kill -9) rerun
+    the same command with --resume: no finished evaluation is redone and the plan is the same.
+    """
+    from tqdm import tqdm
+
+    from calib.evaluator import CalibrationSet, ModelEvaluator
+    from calib.journal import Journal
+    from calib.search import SearchSettings, TqdmProgress, journal_identity, plan_from_search, run_search
+    from exporter.adapters import load_adapter
+
+    from .spec import GroupSizes
+
+    settings = SearchSettings(tolerance=tolerance, steps=steps, key_danger_layers=key_danger_layers,
+                              protect_layer0_kv=not allow_layer0_kv, seed=seed)
+    journal_path = out_path.with_name(out_path.name + ".journal.jsonl")
+    adapter = load_adapter(model_dir)
+    from calib.data import load_rows
+
+    n_rows = len(load_rows(calib_path, require_answer=metric != "kl", limit=limit))
+    with tqdm(total=n_rows, desc="calibration", unit="sample", file=sys.stderr, disable=None) as bar:
+        calib = CalibrationSet.load(adapter, calib_path, metric, limit=limit, progress=bar.update)
+    sizes = [item.prompt.sizes for item in calib.items]
+    layout = GroupSizes(sys=sizes[0].sys, img_key=sizes[0].img_key, img_rest=sizes[0].img_rest,
+                        txt=max(1, round(sum(s.txt for s in sizes) / len(sizes))))
+    evaluator = ModelEvaluator(adapter, calib, prefix_reuse=not no_prefix_reuse)
+    identity = journal_identity(adapter.spec, calib.metric, settings, calib.fingerprint)
+    with Journal.open(journal_path, identity, resume=resume) as journal:
+        for notice in journal.notices:
+            click.echo(f"journal: {notice}", err=True)
+        if resume:
+            click.echo(f"resuming: {len(journal)} evaluation(s) already in {journal_path}", err=True)
+        with TqdmProgress(file=sys.stderr, disable=None) as progress:
+            result = run_search(evaluator, adapter.spec, layout, settings, journal=journal, progress=progress)
+    plan = plan_from_search(result)
+    plan.save(out_path)
+    click.echo(f"wrote {out_path}: {len(plan.steps)} steps, metric {calib.metric.name} baseline "
+               f"{result.baseline:.4f}, last step FLOPs ratio {plan.ladder[-1]:.4f}")
+    click.echo(f"evaluations: {result.evaluations_run} run + {result.evaluations_from_journal} from the journal "
+               f"({result.naive_evaluations} for a naive greedy), {evaluator.stats.seconds:.1f} s evaluating, "
+               f"{evaluator.stats.layer_fraction:.0%} of decoder layers computed (prefix reuse)")
+
+
 # -- eval -----------------------------------------------------------------------------------------------
 def parse_keep_schedule(text: str) -> list[tuple[int, int]]:
     """``"2:144"`` or ``"8:288,16:144,24:72"`` -> stages ``[(layer, tokens), ...]``."""
