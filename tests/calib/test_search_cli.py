@@ -1,0 +1,50 @@
+"""`prune-export search` end to end: plan written, resume after a kill redoes nothing and gives the same plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from prune_export.cli import main
+from prune_export.plan import Plan
+
+
+def _search(model: Path, data: Path, out: Path, *extra: str):
+    args = ["search", str(model), "--calib", str(data), "--out", str(out), "--metric", "kl",
+            "--tolerance", "0.5", "--steps", "4", "--limit", "3", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_search_then_resume_after_kill_gives_identical_plan(tiny_model: Path, demo_data: Path, tmp_path: Path) -> None:
+    first = tmp_path / "a" / "plan.json"
+    result = _search(tiny_model, demo_data, first)
+    assert result.exit_code == 0, result.output
+    plan = Plan.load(first)
+    assert plan.steps and plan.doc.search["metric"] == "kl"
+    journal = first.with_name("plan.json.journal.jsonl")
+    lines = journal.read_text().splitlines(keepends=True)
+    assert len(lines) > 4
+
+    # A kill -9 mid-search: the journal holds a prefix of the evaluations and a torn last line.
+    second = tmp_path / "b" / "plan.json"
+    second.parent.mkdir()
+    kept = 1 + (len(lines) - 1) // 2
+    torn = lines[kept][: len(lines[kept]) // 2]
+    second.with_name("plan.json.journal.jsonl").write_text("".join(lines[:kept]) + torn)
+    result = _search(tiny_model, demo_data, second, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"{kept - 1} from the journal" in result.output
+    assert json.loads(second.read_text()) == json.loads(first.read_text())
+
+
+def test_existing_journal_without_resume_and_foreign_journal_are_refused(
+    tiny_model: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "plan.json"
+    assert _search(tiny_model, demo_data, out).exit_code == 0
+    again = _search(tiny_model, demo_data, out)
+    assert again.exit_code != 0 and "--resume" in again.output and "Traceback" not in again.output
+    other = _search(tiny_model, demo_data, out, "--resume", "--key-danger-layers", "2")
+    assert other.exit_code != 0 and "key_danger_layers" in other.output
