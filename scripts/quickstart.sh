@@ -18,5 +18,16 @@ prune-export info "$OUT/model"
 echo "== 3. dense accuracy and FLOPs"
 prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --max-new-tokens 4
 
-echo "== 4. a FastV-like fixed schedule (keep 4 visual tokens after layer 1)"
+echo "== 4. GSOP search on the calibration data (label-free KL metric), resumable"
+rm -f "$OUT/plan.json" "$OUT/plan.json.journal.jsonl"
+prune-export search "$OUT/model" --calib "$OUT/data/data.jsonl" --out "$OUT/plan.json" \
+  --metric kl --tolerance 0.5 --steps 8 --key-danger-layers 2
+
+echo "== 5. the plan's FLOPs ladder, and the operations at a 0.8 budget"
+prune-export plan show "$OUT/plan.json" --budget 0.8
+
+echo "== 6. accuracy and FLOPs under the plan at that budget"
+prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --plan "$OUT/plan.json" --budget 0.8 --max-new-tokens 4
+
+echo "== 7. a FastV-like fixed schedule (keep 4 visual tokens after layer 1)"
 prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --keep-schedule 1:4 --max-new-tokens 4
