@@ -29,6 +29,7 @@ from prune_export.errors import InternalError
 __all__ = [
     "GraphPass",
     "constant_array",
+    "is_constant",
     "iter_all_nodes",
     "node_label",
     "structural_fingerprint",
@@ -77,8 +78,8 @@ def _value_signature(value: ir.Value | None) -> str:
     return f"{value.name or f'<anon:{id(value)}>'}:{value.type}:{value.shape}"
 
 
-def _attribute_signature(attr: ir.Attr | ir.RefAttr) -> str:
-    if isinstance(attr, ir.RefAttr):
+def _attribute_signature(attr: ir.Attr) -> str:
+    if attr.is_ref():
         return repr(attr)
     if attr.type == ir.AttributeType.GRAPH:
         return f"{attr.name}=graph[{''.join(_graph_lines(attr.as_graph()))}]"
@@ -127,6 +128,19 @@ def structural_fingerprint(model: ir.Model) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """Whether the value is an initializer (not overridable as an input) or a ``Constant`` output.
+
+    Cheaper than :func:`constant_array`: it never reads tensor data.
+    """
+    if value is None:
+        return False
+    if value.const_value is not None:
+        return not value.is_graph_input()
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain == ""
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

@@ -6,7 +6,8 @@ one exported artifact per plan and puts the precision policy in one documented p
 
 Blindly lowering every float32 tensor is not what PyTorch runs in half precision either: Hugging
 Face models upcast RMSNorm variance, attention softmax and rotary angles to fp32. In an fp32 export
-those upcasts are invisible, so this pass re-creates them with two rules (see :class:`CastPrecisionPass`).
+those upcasts are invisible, so this pass re-creates them as fp32 islands (see
+:class:`CastPrecisionPass`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -69,6 +69,9 @@ _FOLLOW_OPS: frozenset[str] = frozenset(
 #: weights included, into fp32).
 _POSITION_ONLY_FOLLOW_OPS: frozenset[str] = frozenset({"MatMul", "Gemm", "Einsum"})
 
+#: Ops whose outputs depend on no tensor data: constants, and shapes of anything.
+_CONSTANT_SOURCES: frozenset[str] = frozenset({"Constant", "ConstantOfShape", "Shape", "Size"})
+
 #: Ops that read their float input at whatever precision it has.
 _ANY_PRECISION_INPUT_OPS: frozenset[str] = frozenset({"Cast", "Shape", "Size"})
 
@@ -82,7 +85,7 @@ _INT_TYPES = frozenset(
 _FP32 = ir.DataType.FLOAT
 _FP16_MAX = float(np.finfo(np.float16).max)
 _TYPE_STRINGS = {ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.BFLOAT16: "tensor(bfloat16)"}
-_NUMPY_TYPES = {ir.DataType.FLOAT16: np.dtype(np.float16), ir.DataType.BFLOAT16: ml_dtypes.bfloat16}
+_NUMPY_TYPES = {t: t.numpy() for t in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)}
 _LOW, _HIGH, _ANY = "low", "fp32", "any"
 
 
@@ -122,6 +125,10 @@ class CastPrecisionPass(GraphPass):
     * an op whose ONNX schema does not accept L for an input/output (e.g. ``Resize`` scales) keeps
       that input/output in fp32.
 
+    Values leaving an island are cast, not clamped: an island result beyond +-65504 becomes inf
+    in fp16, as it would have without the island. ``Cast(bool -> FLOAT)`` (0/1 masks) is exact in
+    any float type and is lowered like any other op.
+
     Integer, bool and float64 tensors are never touched. Must not fire when ``dtype="fp32"``, nor
     on a graph this pass already lowered (islands and their casts are recognised, so a second run
     reports ``modified=False``). Refuses (:class:`BuildError`) control-flow subgraphs and model
@@ -143,9 +150,7 @@ class CastPrecisionPass(GraphPass):
     ) -> None:
         super().__init__()
         if dtype not in FLOAT_DTYPES:
-            raise BuildError(
-                f"unknown dtype {dtype!r}; expected one of {sorted(FLOAT_DTYPES)} (--dtype)"
-            )
+            raise BuildError(f"unknown dtype {dtype!r}; expected one of {sorted(FLOAT_DTYPES)}")
         self.dtype = dtype
         self.target = FLOAT_DTYPES[dtype]
         self.keep_fp32_ops = frozenset(keep_fp32_ops)
@@ -167,14 +172,13 @@ class CastPrecisionPass(GraphPass):
         opset = graph.opset_imports.get("", 0)
 
         nodes = list(graph)
-        island, labels = self._grow_islands(nodes)
-        self._absorb_into_islands(graph, nodes, island)
+        island, const_derived = self._grow_islands(nodes)
+        self._absorb_into_islands(graph, nodes, island, const_derived)
         self.stats.fp32_nodes = [node_label(n) for n in nodes if n in island]
 
         precision = self._assign_precision(graph, nodes, island, opset)
-        modified |= self._lower(graph, nodes, precision)
+        modified |= self._lower(nodes, precision)
         modified |= self._insert_boundary_casts(graph, nodes, island, precision, opset)
-        del labels
         return modified
 
     # ----------------------------------------------------------------------------------------------
@@ -223,17 +227,23 @@ class CastPrecisionPass(GraphPass):
     # ----------------------------------------------------------------------------------------------
     # Islands
 
-    def _grow_islands(self, nodes: list[ir.Node]) -> tuple[set[ir.Node], dict[ir.Node, str]]:
-        """Forward walk: anchors, then followers whose float inputs are island-or-constant."""
+    def _grow_islands(self, nodes: list[ir.Node]) -> tuple[set[ir.Node], set[ir.Value]]:
+        """Forward walk: anchors, then followers whose float inputs are island-or-constant.
+
+        Also returns the values computed from constants and shapes only (never from a graph input
+        or a runtime index: ``Gather(embedding_table, input_ids)`` is data), which may later be
+        absorbed into an island.
+        """
         island: set[ir.Node] = set()
         labels: dict[ir.Node, str] = {}
         const_derived: set[ir.Value] = set()
         for node in nodes:
-            float_ins = [v for v in node.inputs if _is_fp32(v)]
-            if node.op_type in ("Constant", "ConstantOfShape") or (
-                float_ins and all(_is_const_derived(v, const_derived) for v in float_ins)
-            ):
+            present = [v for v in node.inputs if v is not None]
+            if node.domain == "" and node.op_type in _CONSTANT_SOURCES:
                 const_derived.update(node.outputs)
+            elif present and all(_is_const_derived(v, const_derived) for v in present):
+                const_derived.update(node.outputs)
+            float_ins = [v for v in node.inputs if _is_fp32(v)]
             if node.domain != "":
                 continue
             if self.keep_int_casts_fp32 and _is_int_to_fp32_cast(node):
@@ -249,19 +259,19 @@ class CastPrecisionPass(GraphPass):
             from_island = [v.producer() for v in float_ins if v.producer() in island]
             if not from_island:
                 continue
-            if not all(
-                v.producer() in island or _is_const_derived(v, const_derived) for v in float_ins
-            ):
+            if not all(v.producer() in island or _is_const_derived(v, const_derived) for v in float_ins):
                 continue
             label = "position" if any(labels.get(p) == "position" for p in from_island) else "numeric"
             if node.op_type in _POSITION_ONLY_FOLLOW_OPS and label != "position":
                 continue
             island.add(node)
             labels[node] = label
-        return island, labels
+        return island, const_derived
 
     @staticmethod
-    def _absorb_into_islands(graph: ir.Graph, nodes: list[ir.Node], island: set[ir.Node]) -> None:
+    def _absorb_into_islands(
+        graph: ir.Graph, nodes: list[ir.Node], island: set[ir.Node], const_derived: set[ir.Value]
+    ) -> None:
         """Backward walk: constant-only producers and fp32 Casts that feed only islands join them."""
         outputs = set(graph.outputs)
         for node in reversed(nodes):
@@ -270,11 +280,8 @@ class CastPrecisionPass(GraphPass):
             float_outs = [v for v in node.outputs if _is_fp32(v)]
             if not float_outs or any(v in outputs for v in float_outs):
                 continue
-            float_ins = [v for v in node.inputs if _is_fp32(v)]
             is_fp32_cast = node.op_type == "Cast" and _cast_target(node) == _FP32
-            constant_only = node.op_type in ("Constant", "ConstantOfShape") or (
-                float_ins and all(_is_constant_only(v, island) for v in float_ins)
-            )
+            constant_only = all(v in const_derived for v in float_outs)
             if not (is_fp32_cast or constant_only):
                 continue
             consumers = [use.node for v in float_outs for use in v.uses()]
@@ -330,7 +337,7 @@ class CastPrecisionPass(GraphPass):
     # ----------------------------------------------------------------------------------------------
     # Rewrites
 
-    def _lower(self, graph: ir.Graph, nodes: list[ir.Node], precision: dict[ir.Value, str]) -> bool:
+    def _lower(self, nodes: list[ir.Node], precision: dict[ir.Value, str]) -> bool:
         """Retype values, convert constant data and dtype attributes of the lowered values."""
         assert self.target is not None
         target = self.target
@@ -341,7 +348,7 @@ class CastPrecisionPass(GraphPass):
             value.dtype = target
             self.stats.lowered_values += 1
             modified = True
-            if value.const_value is not None and value.const_value.dtype == _FP32:
+            if value.is_initializer() and value.const_value is not None:
                 value.const_value = self._convert_tensor(value.const_value, value.name)
                 self.stats.lowered_initializers += 1
         for node in nodes:
@@ -349,7 +356,6 @@ class CastPrecisionPass(GraphPass):
             if not low_outputs or node.domain != "":
                 continue
             modified |= self._retarget_attributes(node)
-        del graph
         return modified
 
     def _retarget_attributes(self, node: ir.Node) -> bool:
@@ -375,6 +381,9 @@ class CastPrecisionPass(GraphPass):
                 )
                 attrs["value"] = ir.AttrTensor("value", self._convert_tensor(ir.tensor(array), None))
                 changed = True
+            output = node.outputs[0]
+            if changed and output.const_value is not None:  # keep folders from reading stale fp32
+                output.const_value = attrs["value"].as_tensor()
         elif node.op_type == "ConstantOfShape":
             if "value" in attrs:
                 tensor = attrs["value"].as_tensor()
@@ -417,6 +426,15 @@ class CastPrecisionPass(GraphPass):
         assert self.target is not None
         casts: dict[tuple[ir.Value, str], ir.Value] = {}
         inserted = 0
+        taken = {v.name for v in graph.inputs} | set(graph.initializers)
+        taken |= {out.name for node in nodes for out in node.outputs}
+
+        def fresh(base: str) -> str:
+            name, counter = base, 1
+            while name in taken:
+                name, counter = f"{base}_{counter}", counter + 1
+            taken.add(name)
+            return name
 
         def cast_of(value: ir.Value, want: str, before: ir.Node) -> ir.Value:
             nonlocal inserted
@@ -429,10 +447,10 @@ class CastPrecisionPass(GraphPass):
                     "Cast",
                     [value],
                     attributes=[ir.AttrInt64("to", int(to))],
-                    name=f"{value.name}_to_{suffix}",
+                    name=fresh(f"{value.name}_to_{suffix}"),
                 )
                 out = cast.outputs[0]
-                out.name = f"{value.name}_{suffix}"
+                out.name = fresh(f"{value.name}_{suffix}")
                 out.dtype = to
                 out.shape = value.shape
                 graph.insert_before(before, cast)
@@ -453,9 +471,14 @@ class CastPrecisionPass(GraphPass):
                 continue
             # The output keeps its name and gets the target type through a final Cast.
             name = value.name
-            value.name = f"{name}_fp32"
-            cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", int(self.target))])
-            cast.name = f"{name}_to_{self.dtype}"
+            value.name = fresh(f"{name}_fp32")
+            cast = ir.Node(
+                "",
+                "Cast",
+                [value],
+                attributes=[ir.AttrInt64("to", int(self.target))],
+                name=fresh(f"{name}_to_{self.dtype}"),
+            )
             out = cast.outputs[0]
             out.name = name
             out.dtype = self.target
@@ -465,7 +488,6 @@ class CastPrecisionPass(GraphPass):
             inserted += 1
 
         self.stats.inserted_casts = inserted
-        del opset
         return inserted > 0
 
     # ----------------------------------------------------------------------------------------------
@@ -489,17 +511,10 @@ def _is_fp32(value: ir.Value | None) -> bool:
 
 
 def _is_const_derived(value: ir.Value, const_derived: set[ir.Value]) -> bool:
-    return value.const_value is not None and not value.is_graph_input() or value in const_derived
-
-
-def _is_constant_only(value: ir.Value, island: set[ir.Node]) -> bool:
-    """A float input that is a constant or comes from a constant-only node already absorbed."""
-    if value.is_graph_input():
-        return False
-    if value.const_value is not None:
+    """An initializer that is not also a graph input, or a value computed from constants/shapes."""
+    if value in const_derived:
         return True
-    producer = value.producer()
-    return producer is not None and producer in island and producer.op_type != "Cast"
+    return value.is_initializer() and not value.is_graph_input()
 
 
 def _cast_target(node: ir.Node) -> ir.DataType | None:
@@ -514,9 +529,7 @@ def _is_int_to_fp32_cast(node: ir.Node) -> bool:
     return source is not None and source.dtype in _INT_TYPES
 
 
-def _schema_allows(
-    node: ir.Node, index: int, *, is_output: bool, target: ir.DataType, opset: int
-) -> bool:
+def _schema_allows(node: ir.Node, index: int, *, is_output: bool, target: ir.DataType, opset: int) -> bool:
     """Whether the ONNX schema lets this input/output carry ``target`` (unknown ops: yes)."""
     if node.domain != "":
         return True

@@ -55,9 +55,7 @@ class NormalizeVersionsPass(GraphPass):
         min_opset: lowest default-domain opset to leave in the model.
     """
 
-    def __init__(
-        self, ir_version: int = DEFAULT_IR_VERSION, min_opset: int = DEFAULT_MIN_OPSET
-    ) -> None:
+    def __init__(self, ir_version: int = DEFAULT_IR_VERSION, min_opset: int = DEFAULT_MIN_OPSET) -> None:
         super().__init__()
         if not 3 <= ir_version <= onnx.IR_VERSION:
             raise ValueError(f"ir_version must be in [3, {onnx.IR_VERSION}], got {ir_version}")
@@ -95,7 +93,13 @@ class NormalizeVersionsPass(GraphPass):
                 f"{onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid('', opset)])})."
             )
         if opset < self.min_opset:
-            ConvertVersionPass(target_version=self.min_opset, fallback=True)(model)
+            try:
+                ConvertVersionPass(target_version=self.min_opset, fallback=True)(model)
+            except Exception as err:  # the converters raise their own, untyped errors
+                raise BuildError(
+                    f"could not convert the model from ai.onnx opset {opset} to {self.min_opset}: "
+                    f"{err}. Re-export the model with opset_version >= {self.min_opset}."
+                ) from err
             converted = model.graph.opset_imports.get("")
             if converted != self.min_opset:
                 raise BuildError(
@@ -131,6 +135,4 @@ class NormalizeVersionsPass(GraphPass):
                 f"ir_version {model.ir_version}, opset {opset}"
             )
         if not self.min_opset <= opset <= self.max_opset:
-            raise ir.passes.PostconditionError(
-                f"opset {opset} outside [{self.min_opset}, {self.max_opset}]"
-            )
+            raise ir.passes.PostconditionError(f"opset {opset} outside [{self.min_opset}, {self.max_opset}]")

@@ -1,0 +1,298 @@
+"""TensorRT lint: find the ops and patterns TensorRT rejects or builds badly, before building.
+
+An engine build takes minutes on a GPU and fails with one error at a time, often deep inside Myelin
+for a data-dependent shape. This lint runs on CPU in milliseconds and lists every offending node at
+once, with the reason and the usual fix. The constraints come from onnx-tensorrt's operator table
+and the TensorRT docs (see ``TOOLCHAIN-NOTES.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from graph_passes.base import GraphPass, constant_array, is_constant, iter_all_nodes, node_label
+from graph_passes.bound_shapes import MAX_SHAPE_TENSOR_VALUES, SHAPE_BOUNDS_KEY
+from prune_export.errors import BuildError
+
+__all__ = [
+    "TOPK_MAX_K",
+    "LintFinding",
+    "TensorRTLintPass",
+    "lint_tensorrt",
+]
+
+#: TensorRT's TopK requires K < 3840.
+TOPK_MAX_K = 3840
+
+_UNSUPPORTED = {
+    "NonZero": "NonZero has a data-dependent output shape (Myelin build failures); keep pruned "
+    "lengths in shape tensors (TopK with K from an int64 input) instead of boolean masks",
+    "Unique": "Unique is not supported by TensorRT",
+    "Compress": "Compress is not supported by TensorRT; use Gather with indices from TopK",
+}
+
+#: ``(op_type, input index) -> what the input means``: inputs TensorRT needs as shape tensors.
+SHAPE_INPUTS: dict[tuple[str, int], str] = {
+    ("Reshape", 1): "shape",
+    ("Expand", 1): "shape",
+    ("Slice", 1): "starts",
+    ("Slice", 2): "ends",
+    ("Slice", 3): "axes",
+    ("Slice", 4): "steps",
+    ("TopK", 1): "K",
+    ("Range", 0): "start",
+    ("Range", 1): "limit",
+    ("Range", 2): "delta",
+    ("ConstantOfShape", 0): "shape",
+    ("Tile", 1): "repeats",
+    ("Pad", 1): "pads",
+}
+
+#: Ops that compute shape values from shape values (their result is data-dependent only if one of
+#: their inputs is).
+_SHAPE_ARITHMETIC = frozenset(
+    {
+        "Abs", "Add", "And", "Cast", "CastLike", "Ceil", "Clip", "Concat", "ConstantOfShape", "Div",
+        "Equal", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Greater",
+        "GreaterOrEqual", "Identity", "Less", "LessOrEqual", "Max", "Min", "Mod", "Mul", "Neg", "Not",
+        "Or", "Range", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSum", "Reshape", "Round",
+        "Sign", "Slice", "Split", "Squeeze", "Sub", "Sum", "Tile", "Transpose", "Unsqueeze",
+        "Where", "Xor",
+    }
+)  # fmt: skip
+
+_INT_TYPES = frozenset(
+    {
+        ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+        ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+    }
+)  # fmt: skip
+
+_PASS_THROUGH = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LintFinding:
+    """One TensorRT incompatibility: which node, its op type, and why (with the usual fix)."""
+
+    node: str
+    op_type: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.op_type}): {self.reason}"
+
+
+def lint_tensorrt(model: ir.Model) -> list[LintFinding]:
+    """All TensorRT findings of ``model`` (main graph and subgraphs), in graph order.
+
+    Checks:
+
+    * ``TopK`` with a constant ``K >= 3840``, a ``K`` input whose recorded value bound (see
+      :class:`~graph_passes.bound_shapes.BoundShapesPass`) reaches 3840, or ``sorted=0``;
+    * ``NonZero``, ``Unique``, ``Compress`` (unsupported / data-dependent output shape);
+    * ``ScatterElements`` on BOOL data (read from the value's type annotation, which the cleanup
+      pass fills); ``ScatterND`` with ``reduction`` other than ``none``;
+    * ``CumSum`` whose axis is not a constant or initializer;
+    * data-dependent shapes: a shape-consuming input (:data:`SHAPE_INPUTS`: Reshape/Expand shape,
+      Slice starts/ends/axes/steps, TopK K, Range start/limit/delta, ConstantOfShape input, Tile
+      repeats, Pad pads) whose value is not a *shape computation*.
+
+    The shape-computation rule, traced backwards through the producers of the input:
+
+    * allowed sources: constants and initializers; ``Shape``/``Size`` of anything; integer graph
+      inputs that can be TensorRT shape tensors (scalars, or 1-D with at most 64 static values,
+      such as a keep count K or a per-layer K vector; unknown rank is given the benefit of the
+      doubt);
+    * allowed steps: arithmetic, comparison, ``Cast``, ``Gather``, ``Concat``, ``(Un)Squeeze``,
+      ``Slice``, ``Reshape``, ``Where``, ``Min``/``Max``, reductions, ... (:data:`_SHAPE_ARITHMETIC`)
+      whose inputs all trace back to allowed sources; a float value is fine only when computed
+      from allowed sources (``Cast(Shape(x), FLOAT) / 2`` is a shape computation);
+    * anything else is data: a float or bool graph input, an integer graph input of higher rank
+      (``input_ids``, ``attention_mask``: execution tensors in TensorRT), or any other op (MatMul,
+      ArgMax, TopK outputs, NonZero, ReduceSum of activations reaches the activation, ...).
+    """
+    findings: list[LintFinding] = []
+    tracer = _ShapeTracer()
+    value_bounds = _recorded_value_bounds(model)
+
+    def add(node: ir.Node, reason: str) -> None:
+        findings.append(LintFinding(node_label(node), node.op_type, reason))
+
+    for node in iter_all_nodes(model.graph):
+        if node.domain != "":
+            continue
+        op = node.op_type
+        if op in _UNSUPPORTED:
+            add(node, _UNSUPPORTED[op])
+        elif op == "TopK":
+            _check_topk(node, value_bounds, add)
+        elif op == "ScatterElements":
+            data = node.inputs[0] if node.inputs else None
+            if data is not None and data.dtype == ir.DataType.BOOL:
+                add(
+                    node,
+                    "ScatterElements has no BOOL support in TensorRT; scatter an int32/uint8 "
+                    "tensor and compare afterwards",
+                )
+        elif op == "ScatterND":
+            reduction = node.attributes.get("reduction")
+            mode = reduction.as_string() if isinstance(reduction, ir.Attr) else "none"
+            if mode != "none":
+                add(node, f"ScatterND reduction={mode!r}; TensorRT supports only reduction='none'")
+        elif op == "CumSum":
+            axis = node.inputs[1] if len(node.inputs) > 1 else None
+            if not is_constant(axis):
+                add(node, "CumSum axis is not a constant or initializer; TensorRT needs it at build time")
+
+        for index, value in enumerate(node.inputs):
+            role = SHAPE_INPUTS.get((op, index))
+            if role is None or value is None:
+                continue
+            origin = tracer.data_origin(value)
+            if origin is not None:
+                add(
+                    node,
+                    f"{role} input {value.name!r} is data-dependent (derives from {origin}); "
+                    "derive it from Shape() of inputs or an int64 shape-tensor input",
+                )
+    return findings
+
+
+class TensorRTLintPass(GraphPass):
+    """Fail the build (:class:`BuildError`) when :func:`lint_tensorrt` finds anything.
+
+    Rewrite: none (``modified`` is always ``False``); it only checks. Must not fire on a graph
+    with no findings. The error lists every finding, one per line.
+    """
+
+    def apply(self, model: ir.Model) -> bool | None:
+        findings = lint_tensorrt(model)
+        if findings:
+            listing = "\n  ".join(str(f) for f in findings)
+            raise BuildError(
+                f"the graph has {len(findings)} TensorRT incompatibilit"
+                f"{'y' if len(findings) == 1 else 'ies'}:\n  {listing}\n"
+                "Fix the exporter (see TOOLCHAIN-NOTES.md, TensorRT constraints) or build for "
+                "onnxruntime instead (target='onnxruntime')."
+            )
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_topk(node: ir.Node, value_bounds: dict[str, int], add: Callable[[ir.Node, str], None]) -> None:
+    sorted_attr = node.attributes.get("sorted")
+    if isinstance(sorted_attr, ir.Attr) and sorted_attr.as_int() == 0:
+        add(node, "TopK sorted=0; TensorRT requires sorted=1")
+    k_value = node.inputs[1] if len(node.inputs) > 1 else None
+    if k_value is None:  # opset < 10: K is an attribute
+        k_attr = node.attributes.get("k")
+        k_const = k_attr.as_int() if isinstance(k_attr, ir.Attr) else None
+    else:
+        k_array = constant_array(k_value)
+        k_const = int(k_array.reshape(-1)[0]) if k_array is not None and k_array.size else None
+    if k_const is not None:
+        if k_const >= TOPK_MAX_K:
+            add(node, f"TopK K={k_const}; TensorRT requires K < {TOPK_MAX_K}")
+        return
+    source = _pass_through_source(k_value)
+    if source is not None and source.name in value_bounds:
+        k_max = value_bounds[source.name]
+        if k_max >= TOPK_MAX_K:
+            add(
+                node,
+                f"TopK K comes from input {source.name!r} bounded up to {k_max}; TensorRT "
+                f"requires K < {TOPK_MAX_K}",
+            )
+
+
+def _pass_through_source(value: ir.Value | None) -> ir.Value | None:
+    """Follow Identity/Cast/Reshape/(Un)Squeeze back to a graph input, if that is where it starts."""
+    while value is not None:
+        if value.is_graph_input():
+            return value
+        producer = value.producer()
+        if producer is None or producer.op_type not in _PASS_THROUGH or not producer.inputs:
+            return None
+        value = producer.inputs[0]
+    return None
+
+
+def _recorded_value_bounds(model: ir.Model) -> dict[str, int]:
+    """Max of each shape-tensor input's value range recorded by BoundShapesPass (if any)."""
+    raw = model.metadata_props.get(SHAPE_BOUNDS_KEY)
+    if raw is None:
+        return {}
+    values = json.loads(raw).get("values", {})
+    return {name: int(bound["max"]) for name, bound in values.items()}
+
+
+def _is_shape_tensor_like(value: ir.Value) -> bool:
+    shape = value.shape
+    if shape is None:
+        return True
+    if shape.rank() == 0:
+        return True
+    return shape.rank() == 1 and isinstance(shape[0], int) and shape[0] <= MAX_SHAPE_TENSOR_VALUES
+
+
+class _ShapeTracer:
+    """Memoised backward walk deciding whether a value is a shape computation (see the rule)."""
+
+    def __init__(self) -> None:
+        self._origin: dict[ir.Value, str | None] = {}
+
+    def data_origin(self, value: ir.Value) -> str | None:
+        """``None`` if ``value`` is a shape computation, else a description of the data it uses."""
+        stack = [value]
+        while stack:
+            current = stack[-1]
+            if current in self._origin:
+                stack.pop()
+                continue
+            verdict, inputs = self._local(current)
+            if inputs is None:
+                self._origin[current] = verdict
+                stack.pop()
+                continue
+            pending = [v for v in inputs if v not in self._origin]
+            if pending:
+                stack.extend(pending)
+                continue
+            self._origin[current] = next(
+                (self._origin[v] for v in inputs if self._origin[v] is not None), None
+            )
+            stack.pop()
+        return self._origin[value]
+
+    @staticmethod
+    def _local(value: ir.Value) -> tuple[str | None, list[ir.Value] | None]:
+        """Immediate verdict ``(origin, None)``, or ``(None, inputs)`` to decide from the inputs."""
+        if is_constant(value):
+            return None, None
+        if value.is_graph_input():
+            name = value.name
+            if value.dtype in _INT_TYPES:
+                if _is_shape_tensor_like(value):
+                    return None, None
+                reason = (
+                    f"integer data input {name!r} of shape {value.shape} (TensorRT shape "
+                    f"tensors are scalars or 1-D with <= {MAX_SHAPE_TENSOR_VALUES} values)"
+                )
+                return reason, None
+            return f"{value.dtype} graph input {name!r}", None
+        producer = value.producer()
+        if producer is None:
+            return f"value {value.name!r} with no producer (subgraph input)", None
+        op = producer.op_type
+        if producer.domain == "" and op in ("Shape", "Size"):
+            return None, None
+        if producer.domain == "" and op in _SHAPE_ARITHMETIC:
+            return None, [v for v in producer.inputs if v is not None]
+        return f"{op} node {node_label(producer)!r}", None
