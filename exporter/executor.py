@@ -217,14 +217,14 @@ def _is_visual(groups: torch.Tensor) -> torch.Tensor:
     return (groups == _VISUAL[0]) | (groups == _VISUAL[1])
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [heads, n, head_dim]; cos/sin: [n, head_dim]
-    return x * cos.unsqueeze(0) + _rotate_half(x) * sin.unsqueeze(0)
+    return x * cos.unsqueeze(0) + rotate_half(x) * sin.unsqueeze(0)
 
 
 class PlanExecutor:
@@ -305,8 +305,8 @@ class PlanExecutor:
             pos = torch.tensor([c.next_position + step], device=h.device)
             cos, sin = self.adapter.rope(pos)
             x = parts.attn_norm(h)
-            q = _apply_rope(self._heads(parts.q_proj(x), self.spec.num_heads), cos, sin)
-            k = _apply_rope(self._heads(parts.k_proj(x), self.spec.num_kv_heads), cos, sin)
+            q = apply_rope(self._heads(parts.q_proj(x), self.spec.num_heads), cos, sin)
+            k = apply_rope(self._heads(parts.k_proj(x), self.spec.num_kv_heads), cos, sin)
             v = self._heads(parts.v_proj(x), self.spec.num_kv_heads)
             c.keys = torch.cat([c.keys, k], dim=1)
             c.values = torch.cat([c.values, v], dim=1)
@@ -398,7 +398,7 @@ class PlanExecutor:
         cos, sin = self.adapter.rope(state.positions)
         # K/V of the tokens that give them (post-RoPE, as cached).
         xk = pick(x, kv_rows)
-        k = _apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), pick(cos, kv_rows), pick(sin, kv_rows))
+        k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), pick(cos, kv_rows), pick(sin, kv_rows))
         v = self._heads(parts.v_proj(xk), spec.num_kv_heads)
         counter.add(layer, 2 * 2 * n_kv * d * spec.kv_dim)
         next_position = int(state.positions.max()) + 1 if n else 0
@@ -407,7 +407,7 @@ class PlanExecutor:
         text_attn: torch.Tensor | None = None
         if n_q:
             xq = pick(x, q_rows)
-            q = _apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), pick(cos, q_rows), pick(sin, q_rows))
+            q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), pick(cos, q_rows), pick(sin, q_rows))
             counter.add(layer, 2 * n_q * d * spec.q_dim)
             if n_kv:
                 allowed = pos_q.unsqueeze(1) >= pos_kv.unsqueeze(0)  # causality by position

@@ -1,0 +1,263 @@
+"""ONNX export of the baked prefill graph and of the vision graph (torch.onnx, dynamo).
+
+Loaders in Polygraphy style: :class:`OnnxFromPlan` / :class:`VisionOnnxFromAdapter` are configured in
+``__init__`` and export on call; :func:`export_prefill` / :func:`export_vision` run them at once.
+
+Every saved file is readable by ONNX Runtime 1.31 (IR version <= 13; onnx 1.23 writes 14 by default).
+Weights are stored inline when the model is under ``inline_limit`` bytes, else in one external data
+file ``<name>.onnx.data`` next to the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from prune_export.errors import BuildError
+from prune_export.ops import Operation
+
+from .adapters.base import VLMAdapter
+from .baked import BakedPrefill
+
+#: onnxruntime 1.31 reads at most IR version 13.
+IR_VERSION = 10
+DEFAULT_OPSET = 20
+#: Graphs with more weight bytes than this keep them in one external ``.onnx.data`` file.
+INLINE_LIMIT = 1 << 30
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote and how long it took."""
+
+    path: Path
+    seconds: float
+    input_names: list[str]
+    output_names: list[str]
+    external_data: Path | None
+
+
+def save_for_ort(
+    model: onnx.ModelProto, path: str | os.PathLike[str], inline_limit: int = INLINE_LIMIT
+) -> Path | None:
+    """Save ``model`` with IR version :data:`IR_VERSION`, weights inline or in one external file.
+
+    Written atomically: a temporary file in the same folder, then a rename. Returns the external data
+    path, or None when the weights are inline.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.ir_version = min(model.ir_version, IR_VERSION) if model.ir_version else IR_VERSION
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    external = size > inline_limit
+    data_name = path.name + ".data"
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if external:
+            onnx.save_model(
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    stale = path.parent / data_name
+    if not external and stale.exists():
+        stale.unlink()
+    return path.parent / data_name if external else None
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: tuple[object, ...],
+    opset: int,
+    inline_limit: int,
+) -> ExportReport:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="prune-export-") as tmp:
+        raw = Path(tmp) / path.name
+        onnx_logger = logging.getLogger("torch.onnx")
+        level = onnx_logger.level
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch/transformers)
+            onnx_logger.setLevel(logging.ERROR)
+            try:
+                program = torch.onnx.export(
+                    module,
+                    args,
+                    dynamo=True,
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_shapes=dynamic_shapes,
+                    opset_version=opset,
+                    optimize=True,
+                    verbose=False,
+                )
+            except Exception as exc:  # torch.export / onnx conversion failures
+                raise BuildError(
+                    f"ONNX export of {type(module).__name__} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            finally:
+                onnx_logger.setLevel(level)
+        program.save(str(raw), external_data=False)
+        model = onnx.load(str(raw))
+    external = save_for_ort(model, path, inline_limit)
+    return ExportReport(path, time.perf_counter() - start, input_names, output_names, external)
+
+
+class OnnxFromPlan:
+    """Export the prefill of ``adapter`` under a static plan (ops + fixed keep stages) to ONNX.
+
+    The graph's dynamic dimensions are the system-prefix length ``sys_len`` and the text length
+    ``text_len``; the image length is the model's constant ``visual_tokens``.
+    """
+
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        ops: Iterable[Operation] = (),
+        keep_stages: Mapping[int, int] | None = None,
+        *,
+        dtype: str = "fp32",
+        opset: int = DEFAULT_OPSET,
+        max_sys_tokens: int = 1024,
+        max_text_tokens: int = 4096,
+        inline_limit: int = INLINE_LIMIT,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise BuildError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        if _DTYPES[dtype] != adapter.dtype:
+            raise BuildError(
+                f"the model is loaded in {adapter.dtype} but dtype={dtype!r} was asked; load the model in that "
+                "dtype (the exported precision is the model's)"
+            )
+        self.adapter = adapter
+        self.ops = frozenset(ops)
+        self.keep_stages = dict(keep_stages or {})
+        self.opset = opset
+        self.max_sys_tokens = max_sys_tokens
+        self.max_text_tokens = max_text_tokens
+        self.inline_limit = inline_limit
+
+    def module(self) -> BakedPrefill:
+        return BakedPrefill(self.adapter, self.ops, self.keep_stages).eval()
+
+    def example_inputs(self, sys_tokens: int = 5, text_tokens: int = 7) -> tuple[torch.Tensor, ...]:
+        spec, dtype = self.adapter.spec, self.adapter.dtype
+        gen = torch.Generator().manual_seed(0)
+        d, v = spec.hidden_size, spec.visual_tokens
+        return (
+            torch.randn(1, sys_tokens, d, generator=gen).to(dtype),
+            torch.randn(1, v, d, generator=gen).to(dtype),
+            torch.randn(1, text_tokens, d, generator=gen).to(dtype),
+            torch.rand(1, v, generator=gen),
+        )
+
+    def __call__(self, path: str | os.PathLike[str]) -> ExportReport:
+        module = self.module()
+        sys_len = torch.export.Dim("sys_len", min=1, max=self.max_sys_tokens)
+        text_len = torch.export.Dim("text_len", min=1, max=self.max_text_tokens)
+        dynamic = ({1: sys_len}, None, {1: text_len}, None)
+        return _export(
+            module,
+            self.example_inputs(),
+            Path(path),
+            module.input_names,
+            module.output_names,
+            dynamic,
+            self.opset,
+            self.inline_limit,
+        )
+
+
+def export_prefill(
+    adapter: VLMAdapter,
+    ops: Iterable[Operation],
+    keep_stages: Mapping[int, int] | None,
+    path: str | os.PathLike[str],
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    **kwargs: int,
+) -> ExportReport:
+    """Export the baked prefill graph to ``path`` (see :class:`OnnxFromPlan`)."""
+    return OnnxFromPlan(adapter, ops, keep_stages, dtype=dtype, opset=opset, **kwargs)(path)
+
+
+class VisionGraph(nn.Module):
+    """Vision tower + projector: ``pixel_values [B, 3, H, W] -> (features [B, V, d], cls_attention [B, V])``.
+
+    Calls the adapter's own :meth:`~exporter.adapters.base.VLMAdapter.vision`, which runs the tower directly
+    (not ``get_image_features``, whose per-image list would fix the batch size).
+    """
+
+    def __init__(self, adapter: VLMAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.adapter.vision(pixel_values)
+        return out.features, out.cls_attention
+
+
+class VisionOnnxFromAdapter:
+    """Export the vision graph of ``adapter`` with a dynamic batch dimension."""
+
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        *,
+        opset: int = DEFAULT_OPSET,
+        max_batch: int = 64,
+        inline_limit: int = INLINE_LIMIT,
+    ) -> None:
+        self.adapter = adapter
+        self.opset = opset
+        self.max_batch = max_batch
+        self.inline_limit = inline_limit
+
+    def __call__(self, path: str | os.PathLike[str]) -> ExportReport:
+        spec = self.adapter.spec
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randn(2, 3, spec.image_size, spec.image_size, generator=gen).to(self.adapter.dtype)
+        batch = torch.export.Dim("batch", min=1, max=self.max_batch)
+        return _export(
+            VisionGraph(self.adapter).eval(),
+            (pixels,),
+            Path(path),
+            ["pixel_values"],
+            ["image_features", "cls_attention"],
+            ({0: batch},),
+            self.opset,
+            self.inline_limit,
+        )
+
+
+def export_vision(
+    adapter: VLMAdapter, path: str | os.PathLike[str], opset: int = DEFAULT_OPSET, **kwargs: int
+) -> ExportReport:
+    """Export the vision tower + projector to ``path`` (see :class:`VisionOnnxFromAdapter`)."""
+    return VisionOnnxFromAdapter(adapter, opset=opset, **kwargs)(path)
