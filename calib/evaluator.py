@@ -237,7 +237,7 @@ class ModelEvaluator:
         )
         logprobs = torch.log_softmax(result.row_logits, dim=-1)
         if name == "nll":
-            target = torch.tensor(item.answer_ids)
+            target = torch.tensor(item.answer_ids, device=logprobs.device)
             value = -logprobs.gather(1, target.view(-1, 1)).mean()
         else:
             assert item.dense_logprobs is not None

@@ -464,11 +464,11 @@ class PlanExecutor:
         """Text rows' attention to every alive visual token ``[heads, text_rows, v]`` (0 where a visual
         token gave no K/V at this layer)."""
         n = state.num_tokens
-        q_index = torch.arange(n) if q_rows is None else q_rows
-        kv_index = torch.arange(n) if kv_rows is None else kv_rows
+        q_index = torch.arange(n, device=state.groups.device) if q_rows is None else q_rows
+        kv_index = torch.arange(n, device=state.groups.device) if kv_rows is None else kv_rows
         text_q = (state.groups[q_index] == _TXT).nonzero().flatten()
         visual = _is_visual(state.groups).nonzero().flatten()
-        full = torch.zeros(probs.shape[0], int(text_q.shape[0]), n, dtype=probs.dtype)
+        full = torch.zeros(probs.shape[0], int(text_q.shape[0]), n, dtype=probs.dtype, device=probs.device)
         full[:, :, kv_index] = probs[:, text_q, :]
         return full[:, :, visual]
 
@@ -479,7 +479,7 @@ class PlanExecutor:
         if visual.numel() == 0:
             return state
         if text_attn is None:  # no query at this layer: nothing to score with
-            text_attn = torch.zeros(self.spec.num_heads, 0, int(visual.shape[0]))
+            text_attn = torch.zeros(self.spec.num_heads, 0, int(visual.shape[0]), device=state.hidden.device)
         ctx = SelectionContext(
             layer=layer,
             num_layers=self._num_layers,
@@ -491,9 +491,10 @@ class PlanExecutor:
         sel = policy.select(ctx)
         if sel is None:
             return state
+        dev = state.hidden.device
         first, last = int(visual[0]), int(visual[-1]) + 1
-        before = torch.arange(0, first)
-        after = torch.arange(last, state.num_tokens)
+        before = torch.arange(0, first, device=dev)
+        after = torch.arange(last, state.num_tokens, device=dev)
         kept = visual[sel.keep]
         new = state.take(torch.cat([before, kept, after]))
         if sel.merged is not None and sel.merged.shape[0]:
@@ -502,13 +503,13 @@ class PlanExecutor:
             # position of the last visual slot so causality still reads "image, then text".
             merged = PrefillState(
                 hidden=sel.merged.to(state.hidden.dtype),
-                positions=torch.full((c,), int(state.positions[visual[-1]])),
-                groups=torch.full((c,), GROUP_INDEX[Group.IMG_REST]),
-                original_index=torch.full((c,), -1),
-                cls_attention=torch.zeros(c),
+                positions=torch.full((c,), int(state.positions[visual[-1]]), device=dev),
+                groups=torch.full((c,), GROUP_INDEX[Group.IMG_REST], device=dev),
+                original_index=torch.full((c,), -1, device=dev),
+                cls_attention=torch.zeros(c, device=dev),
             )
             split = int(before.shape[0] + kept.shape[0])
-            head, tail = new.take(torch.arange(0, split)), new.take(torch.arange(split, new.num_tokens))
+            head, tail = new.take(torch.arange(0, split, device=dev)), new.take(torch.arange(split, new.num_tokens, device=dev))
             new = PrefillState(*(torch.cat([a, b, t]) for a, b, t in zip(
                 (head.hidden, head.positions, head.groups, head.original_index, head.cls_attention),
                 (merged.hidden, merged.positions, merged.groups, merged.original_index, merged.cls_attention),
@@ -516,7 +517,7 @@ class PlanExecutor:
                 strict=True,
             )))
         if policy.positions == "renumbered":
-            new = PrefillState(new.hidden, torch.arange(new.num_tokens), new.groups, new.original_index, new.cls_attention)
+            new = PrefillState(new.hidden, torch.arange(new.num_tokens, device=dev), new.groups, new.original_index, new.cls_attention)
         return new
 
 
