@@ -7,6 +7,7 @@ import string
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from exporter.adapters.base import VLMAdapter
 from exporter.executor import PlanExecutor, TokenPolicy
@@ -39,6 +40,7 @@ class SampleResult:
     dense_flops: int
     pruned_flops: int
     visual_tokens_per_layer: list[int]
+    token_decision: dict[str, Any] | None = None  # a stateful token policy's decision (AutoPrune: k, schedule)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class EvalReport:
     dense_flops: int
     pruned_flops: int
     flops_ratio: float
+    mean_flops_ratio: float  # mean over samples of pruned/dense (flops_ratio is the ratio of the sums)
     mean_visual_tokens_per_layer: list[float]
     seconds: float
     results: list[SampleResult] = field(default_factory=list)
@@ -87,6 +90,7 @@ def evaluate(
                 dense_flops=prefill_flops(adapter.spec, sample.sizes),
                 pruned_flops=gen.prefill.flops,
                 visual_tokens_per_layer=gen.prefill.visual_tokens_per_layer,
+                token_decision=_policy_report(gen.prefill.policy),
             )
         )
         if progress is not None:
@@ -104,7 +108,16 @@ def evaluate(
         dense_flops=dense,
         pruned_flops=pruned,
         flops_ratio=pruned / dense if dense else 1.0,
+        mean_flops_ratio=(
+            sum(r.pruned_flops / r.dense_flops for r in results) / len(results) if results else 1.0
+        ),
         mean_visual_tokens_per_layer=mean_visual,
         seconds=time.perf_counter() - start,
         results=results,
     )
+
+
+def _policy_report(policy: TokenPolicy | None) -> dict[str, Any] | None:
+    """What a stateful token policy decided for one prompt (``report()``), or None."""
+    report = getattr(policy, "report", None)
+    return None if report is None else report()

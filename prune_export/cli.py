@@ -163,15 +163,32 @@ def plan_show(plan_path: Path, budget: float | None, as_json: bool) -> None:
     total = 0
     for row in steps:
         total += row["ops_added"]
-        metric = "" if row["metric"] is None else f"{row['metric']:.4f}"
+        metric = "" if row["metric"] is None else f"{row['metric']:.4g}"
         mark = " <" if sel is not None and row["step"] == sel.num_steps - 1 else ""
         click.echo(f"{row['step']:>4}  {row['ops_added']:>5}  {total:>5}  {row['flops_ratio']:>11.4f}  {metric}{mark}")
     if tokens is not None:
         click.echo("tokens: " + ", ".join(f"{k}={v}" for k, v in tokens.items()))
+        if tokens.get("kind") == "autoprune":
+            click.echo(_describe_autoprune(p.tokens, p.spec))
     if sel is not None:
         click.echo(f"budget {sel.budget}: {sel.num_steps} step(s), {len(sel.ops)} operations, "
                    f"FLOPs ratio {sel.flops_ratio:.4f}")
         click.echo(_describe_ops(sel.ops, p.spec.num_layers))
+
+
+def _describe_autoprune(section: Any, spec: Any) -> str:
+    """The two ends of an AutoPrune section's schedules on the plan's model (k = k0 and k = 0)."""
+    from .autoprune import solve_scale
+
+    ends = []
+    for k, label in ((max(section.k0, 0.0), "k=k0 (no mutual information)"), (0.0, "k=0 (flat, most complex)")):
+        try:
+            sol = solve_scale(k, section.tokens, spec.num_layers, spec.visual_tokens, section.x0, section.amplitude)
+        except (PruneExportError, ValueError) as exc:
+            return f"  (no schedule for this model: {exc})"
+        ends.append(f"    {label:<30} {' '.join(map(str, sol.tokens_per_layer))}  (mean {sol.mean:.2f})")
+    head = f"  AutoPrune schedules, visual tokens leaving layers 0..{spec.num_layers - 1} (N0 first):"
+    return "\n".join([head, *ends])
 
 
 def _describe_ops(ops: frozenset[Operation], num_layers: int) -> str:
@@ -270,14 +287,39 @@ def parse_keep_schedule(text: str) -> list[tuple[int, int]]:
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None, help="Plan file.")
 @click.option("--budget", type=float, default=None, help="Fraction of dense prefill FLOPs kept, in (0, 1].")
 @click.option("--keep-schedule", default=None, help="Fixed visual-token schedule LAYER:TOKENS[,...] (FastV, PDrop).")
+@click.option("--autoprune-tokens", type=float, default=None,
+              help="AutoPrune budget T: average visual tokens per layer (LLaVA-1.5: 64, 128, 192). The "
+                   "--autoprune-* options override a plan's AutoPrune section.")
+@click.option("--autoprune-x0", type=float, default=None, help="AutoPrune curve midpoint x0 [default: 14.9].")
+@click.option("--autoprune-k0", type=float, default=None,
+              help="AutoPrune steepness k0 of a prompt with no mutual information [default: 0.4].")
+@click.option("--autoprune-gamma", type=float, default=None,
+              help="AutoPrune steepness drop per bit of I1: k = max(k0 - gamma*I1, 0) [default: 0.2].")
+@click.option("--autoprune-amplitude", type=float, default=None, help="AutoPrune curve height A [default: 0.75].")
+@click.option("--autoprune-positions", type=click.Choice(["renumbered", "original"]), default=None,
+              help="renumbered: positions 0..n'-1 after each prune (the reference); original: keep them "
+                   "[default: renumbered].")
+@click.option("--autoprune-k-step", type=float, default=None,
+              help="AutoPrune table mode: grid step of k [default: 0.01].")
+@click.option("--no-recycle", is_flag=True, help="AutoPrune: drop tokens without merging them (no recycling).")
+@click.option("--autoprune-mode", type=click.Choice(["exact", "table"]), default=None,
+              help="exact: bisection per prompt (the reference); table: schedule table built once, looked up "
+                   "by k (what an engine does) [default: exact].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--samples-out", type=click.Path(path_type=Path), default=None, help="Write per-sample results (JSONL).")
 def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: float | None,
-             keep_schedule: str | None, max_new_tokens: int, limit: int | None, as_json: bool,
+             keep_schedule: str | None, autoprune_tokens: float | None, autoprune_x0: float | None,
+             autoprune_k0: float | None, autoprune_gamma: float | None, autoprune_amplitude: float | None,
+             autoprune_positions: str | None, autoprune_k_step: float | None, no_recycle: bool,
+             autoprune_mode: str | None, max_new_tokens: int, limit: int | None, as_json: bool,
              samples_out: Path | None) -> None:
-    """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan."""
+    """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan.
+
+    Token pruning comes from the plan's token section, --keep-schedule, or --autoprune-tokens; with a plan's
+    GSOP operations it makes a combined plan (operations apply to the visual tokens still alive).
+    """
     from .plan import check_budget
 
     if budget is not None:
@@ -285,6 +327,9 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
         if plan_path is None:
             raise PruneExportError("--budget needs --plan (the budget selects a prefix of the plan's steps)")
     stages = parse_keep_schedule(keep_schedule) if keep_schedule else None
+    autoprune = {"tokens": autoprune_tokens, "x0": autoprune_x0, "k0": autoprune_k0, "gamma": autoprune_gamma,
+                 "amplitude": autoprune_amplitude, "positions": autoprune_positions,
+                 "k_step": autoprune_k_step, "recycle": False if no_recycle else None}
     from calib.data import load_rows
 
     rows = load_rows(data_path, require_answer=True, limit=limit)
@@ -300,7 +345,7 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
         p.check_model(spec, str(model_dir))
         ops = p.select(budget).ops
         token_section = p.tokens
-    policy = _token_policy(spec, stages, token_section)
+    policy = _token_policy(spec, stages, token_section, autoprune, autoprune_mode)
     adapter = load_adapter(model_dir)
     from tqdm import tqdm
 
@@ -320,18 +365,44 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
     click.echo(f"accuracy      {acc} (exact match)")
     click.echo(f"dense FLOPs   {_tflops(report.dense_flops / report.samples)} per sample")
     click.echo(f"pruned FLOPs  {_tflops(report.pruned_flops / report.samples)} per sample")
-    click.echo(f"FLOPs ratio   {report.flops_ratio:.4f}")
+    click.echo(f"FLOPs ratio   {report.flops_ratio:.4f} (mean per sample {report.mean_flops_ratio:.4f})")
+    if policy is not None:
+        click.echo(f"token policy  {policy!r}")
     click.echo("visual tokens entering each layer (mean): "
                + " ".join(f"{v:.1f}" for v in report.mean_visual_tokens_per_layer))
 
 
-def _token_policy(spec: Any, stages: list[tuple[int, int]] | None, section: Any) -> Any:
+#: eval's --autoprune-* options by AutoPrune setting (error messages name the flag).
+_AUTOPRUNE_FLAGS = {"tokens": "--autoprune-tokens", "x0": "--autoprune-x0", "k0": "--autoprune-k0",
+                    "gamma": "--autoprune-gamma", "amplitude": "--autoprune-amplitude",
+                    "positions": "--autoprune-positions", "k_step": "--autoprune-k-step", "recycle": "--no-recycle"}
+
+
+def _token_policy(spec: Any, stages: list[tuple[int, int]] | None, section: Any,
+                  autoprune: dict[str, Any] | None = None, mode: str | None = None) -> Any:
+    """The token policy of an eval run: a plan's token section, a --keep-schedule or --autoprune-* options
+    (which override the settings of a plan's AutoPrune section)."""
     from exporter.executor import FixedKeepPolicy
 
-    from .plan import FixedScheduleSection
+    from .plan import AutoPruneSection, FixedScheduleSection
 
+    overrides = {k: v for k, v in (autoprune or {}).items() if v is not None}
+    given = [_AUTOPRUNE_FLAGS[k] for k in overrides] + (["--autoprune-mode"] if mode is not None else [])
     if stages is not None and section is not None:
         raise PruneExportError("the plan already carries a token section; drop --keep-schedule or use another plan")
+    if given and (stages is not None or isinstance(section, FixedScheduleSection)):
+        source = "--keep-schedule" if stages is not None else "the plan's fixed keep schedule"
+        raise PruneExportError(f"{', '.join(given)} cannot be combined with {source}; choose one token policy")
+    if isinstance(section, AutoPruneSection) or "tokens" in overrides:
+        from exporter.autoprune_policy import AutoPrunePolicy
+
+        base = section.model_dump() if isinstance(section, AutoPruneSection) else {}
+        flags = {k: (_AUTOPRUNE_FLAGS[k] if k in overrides else f"the plan's tokens.{k}") for k in _AUTOPRUNE_FLAGS}
+        return AutoPrunePolicy(_autoprune_section(spec, {**base, **overrides}, flags), spec, mode or "exact")
+    if given:
+        raise PruneExportError(
+            f"{', '.join(given)} need(s) --autoprune-tokens (the AutoPrune budget T) or a plan with an AutoPrune section"
+        )
     if stages is None and isinstance(section, FixedScheduleSection):
         stages = [tuple(s) for s in section.stages]
         positions = section.positions
@@ -346,6 +417,114 @@ def _token_policy(spec: Any, stages: list[tuple[int, int]] | None, section: Any)
     if section is not None:
         raise PruneExportError(f"token section of kind {section.kind!r} is not supported by this version")
     return None
+
+
+def _autoprune_section(spec: Any, values: dict[str, Any], flags: dict[str, str]) -> Any:
+    """Check AutoPrune settings against the model and build the section; ``flags`` names each setting's source."""
+    import math
+
+    from pydantic import ValidationError
+
+    from .errors import BudgetError, PlanError
+    from .plan import AutoPruneSection
+
+    tokens = values.get("tokens")
+    if tokens is None or not (0 < tokens <= spec.visual_tokens):
+        raise BudgetError(
+            f"{flags['tokens']} (AutoPrune budget T, average visual tokens per layer) must be in "
+            f"(0, {spec.visual_tokens}] for this model, got {tokens}; LLaVA-1.5 uses 64, 128 or 192"
+        )
+    checks = {"x0": (lambda v: True, "a finite number"), "k0": (lambda v: v >= 0, "a finite number >= 0"),
+              "gamma": (lambda v: v >= 0, "a finite number >= 0"), "amplitude": (lambda v: v > 0, "> 0"),
+              "k_step": (lambda v: v > 0, "> 0")}
+    for key, (ok, expected) in checks.items():
+        v = values.get(key)
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            raise PlanError(f"{flags[key]} must be {expected}, got {v}")
+    try:
+        return AutoPruneSection(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PlanError(f"AutoPrune settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+# -- autoprune-schedule ---------------------------------------------------------------------------------
+@main.command("autoprune-schedule")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--tokens", type=float, required=True, help="Budget T: average visual tokens per layer.")
+@click.option("--k", "k", type=float, required=True,
+              help="Steepness k = max(k0 - gamma*I1, 0): k0 (0.4) for a prompt with no mutual information, "
+                   "0 (flat curve) for a very complex one.")
+@click.option("--x0", type=float, default=None, help="Curve midpoint x0 [default: 14.9].")
+@click.option("--amplitude", type=float, default=None, help="Curve height A [default: 0.75].")
+@click.option("--table", "use_table", is_flag=True,
+              help="Read the row an engine would use (grid k nearest to --k, clamped to [0, k0]) instead of "
+                   "solving at --k.")
+@click.option("--k0", type=float, default=None, help="With --table: the grid's last point [default: 0.4].")
+@click.option("--k-step", type=float, default=None, help="With --table: the grid step [default: 0.01].")
+@click.option("--text-tokens", type=click.IntRange(min=1), default=None,
+              help="Text tokens of the reference prompt for the FLOPs ratio [default: 100].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | None, amplitude: float | None,
+                       use_table: bool, k0: float | None, k_step: float | None, text_tokens: int | None,
+                       as_json: bool) -> None:
+    """N0, the curve scale and the visual tokens leaving each layer of AutoPrune at budget T and steepness k.
+
+    Needs only config.json. The FLOPs ratio is for the reference prompt (system tokens from the tokenizer
+    or LLaVA-1.5's 35, all visual tokens, --text-tokens) with no GSOP operation pruned.
+    """
+    import math
+
+    from exporter.adapters import adapter_class, load_spec
+
+    from .autoprune import ScheduleTable, solve_scale
+    from .cost import prefill_flops
+    from .errors import PlanError
+    from .spec import DEFAULT_SYS_TOKENS, DEFAULT_TXT_TOKENS, GroupSizes
+
+    spec = load_spec(model_dir)
+    if spec.num_layers < 2:
+        raise PlanError(f"AutoPrune needs at least 2 decoder layers; {model_dir} has {spec.num_layers}")
+    if not (math.isfinite(k) and k >= 0):
+        raise PlanError(f"--k (the curve's steepness, max(k0 - gamma*I1, 0)) must be a finite number >= 0, got {k}")
+    flags = {"tokens": "--tokens", "x0": "--x0", "amplitude": "--amplitude", "k0": "--k0", "k_step": "--k-step"}
+    given = {"tokens": tokens, "x0": x0, "amplitude": amplitude, "k0": k0, "k_step": k_step}
+    section = _autoprune_section(spec, {key: v for key, v in given.items() if v is not None}, flags)
+    if use_table:
+        table = ScheduleTable.for_section(section, spec.num_layers, spec.visual_tokens)
+        sol = table.lookup(k)
+    else:
+        sol = solve_scale(k, section.tokens, spec.num_layers, spec.visual_tokens, section.x0, section.amplitude)
+    sys_tokens = adapter_class(model_dir).sys_tokens_from_folder(model_dir) or DEFAULT_SYS_TOKENS
+    txt = text_tokens or DEFAULT_TXT_TOKENS
+    entering = [spec.visual_tokens, *sol.tokens_per_layer[:-1]]  # visual tokens entering layers 0..L-1
+    sizes = [GroupSizes(sys=sys_tokens, img_key=0, img_rest=v, txt=txt) for v in entering]
+    dense = prefill_flops(spec, GroupSizes.for_prompt(spec, sys_tokens, txt))
+    data = {
+        "model": str(model_dir), "layers": spec.num_layers, "visual_tokens": spec.visual_tokens,
+        "tokens": section.tokens, "k": k, "mode": "table" if use_table else "exact", "schedule_k": sol.k,
+        "x0": section.x0, "amplitude": section.amplitude,
+        "n0": sol.n0, "scale": sol.scale, "keep": list(sol.keep), "merged": list(sol.merged),
+        "tokens_per_layer": list(sol.tokens_per_layer), "mean": sol.mean, "error": sol.error,
+        "flops_ratio": prefill_flops(spec, sizes) / dense,
+        "prompt": {"sys": sys_tokens, "visual": spec.visual_tokens, "txt": txt},
+    }
+    if as_json:
+        _echo_json(data)
+        return
+    grid = f", table row k={sol.k:g}" if use_table else ""
+    click.echo(f"AutoPrune schedule of {model_dir}: T={section.tokens:g}, k={k:g}{grid}, {spec.num_layers} layers, "
+               f"{spec.visual_tokens} visual tokens")
+    click.echo(f"N0      {sol.n0} visual tokens leave layer 0")
+    click.echo(f"scale   {sol.scale:.6f} (mean {sol.mean:.3f} visual tokens per layer, |mean - T| = {sol.error:.3f})")
+    click.echo(f"FLOPs   {data['flops_ratio']:.4f} of dense prefill ({sys_tokens} sys + {spec.visual_tokens} "
+               f"visual + {txt} text tokens)")
+    click.echo(f"{'layer':>5}  {'keep':>5}  {'merged':>6}  {'leaving':>7}")
+    click.echo(f"{0:>5}  {sol.n0:>5}  {0:>6}  {sol.n0:>7}")
+    for layer, (kept, merged, leaving) in enumerate(
+        zip(sol.keep, sol.merged, sol.tokens_per_layer[1:], strict=True), start=1
+    ):
+        click.echo(f"{layer:>5}  {kept:>5}  {merged:>6}  {leaving:>7}")
 
 
 if __name__ == "__main__":  # pragma: no cover
