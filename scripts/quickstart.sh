@@ -31,3 +31,7 @@ prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --plan "$OUT/plan.j
 
 echo "== 7. a FastV-like fixed schedule (keep 4 visual tokens after layer 1)"
 prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --keep-schedule 1:4 --max-new-tokens 4
+
+echo "== 8. AutoPrune: the schedule for T=4 at k=0.2, then eval with per-sample schedules"
+prune-export autoprune-schedule "$OUT/model" --tokens 4 --k 0.2
+prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --autoprune-tokens 4 --max-new-tokens 4
