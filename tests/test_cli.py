@@ -6,28 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import assert_clean_error, run
 
 from exporter.adapters import load_spec
-from prune_export.cli import main
 from prune_export.ops import Group, Module, Operation
 from prune_export.plan import Plan
 from prune_export.spec import GroupSizes, ModelSpec
-
-
-def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
-def assert_clean_error(code: int, output: str, needle: str) -> None:
-    assert code != 0
-    assert "Traceback" not in output
-    assert needle in output
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) == 1, output
 
 
 @pytest.fixture(scope="module")
