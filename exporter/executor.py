@@ -19,18 +19,18 @@ the cost model. The executor is eager PyTorch; the exported graphs (exporter/) a
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from prune_export.cost import LayerCounts
-from prune_export.ops import GROUPS, Group, Module, Operation, pruned_by_layer
+from prune_export.ops import Group, Module, Operation, pruned_by_layer
 from prune_export.spec import GroupSizes
 
 from .adapters.base import LayerParts, VLMAdapter
-from .sample import GROUP_INDEX, Sample
+from .sample import GROUP_INDEX, Sample, group_sizes_of
 
 PositionMode = Literal["original", "renumbered"]
 _TXT = GROUP_INDEX[Group.TXT]
@@ -157,8 +157,12 @@ class PrefillState:
         return int(_is_visual(self.groups).sum())
 
     def group_sizes(self) -> GroupSizes:
-        counts = torch.bincount(self.groups.cpu(), minlength=len(GROUPS)).tolist()
-        return GroupSizes(*(int(c) for c in counts))
+        return group_sizes_of(self.groups)
+
+    @classmethod
+    def concat(cls, parts: Sequence[PrefillState]) -> PrefillState:
+        """The rows of ``parts`` one after the other."""
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 @dataclass
@@ -501,33 +505,20 @@ class PlanExecutor:
         first, last = int(visual[0]), int(visual[-1]) + 1
         before = torch.arange(0, first, device=dev)
         after = torch.arange(last, state.num_tokens, device=dev)
-        kept = visual[sel.keep]
-        new = state.take(torch.cat([before, kept, after]))
+        parts = [state.take(torch.cat([before, visual[sel.keep]]))]
         if sel.merged is not None and sel.merged.shape[0]:
             c = int(sel.merged.shape[0])
             # Merged tokens go after the kept visual tokens; in original-position mode they take the
             # position of the last visual slot so causality still reads "image, then text".
-            merged = PrefillState(
+            parts.append(PrefillState(
                 hidden=sel.merged.to(state.hidden.dtype),
                 positions=torch.full((c,), int(state.positions[visual[-1]]), device=dev),
                 groups=torch.full((c,), GROUP_INDEX[Group.IMG_REST], device=dev),
                 original_index=torch.full((c,), -1, device=dev),
                 cls_attention=torch.zeros(c, device=dev),
-            )
-            split = int(before.shape[0] + kept.shape[0])
-            head, tail = new.take(torch.arange(0, split, device=dev)), new.take(torch.arange(split, new.num_tokens, device=dev))
-            new = PrefillState(*(torch.cat([a, b, t]) for a, b, t in zip(
-                (head.hidden, head.positions, head.groups, head.original_index, head.cls_attention),
-                (merged.hidden, merged.positions, merged.groups, merged.original_index, merged.cls_attention),
-                (tail.hidden, tail.positions, tail.groups, tail.original_index, tail.cls_attention),
-                strict=True,
-            )))
+            ))
+        parts.append(state.take(after))
+        new = PrefillState.concat(parts)
         if policy.positions == "renumbered":
             new = PrefillState(new.hidden, torch.arange(new.num_tokens, device=dev), new.groups, new.original_index, new.cls_attention)
         return new
-
-
-def group_sizes_alive(state: PrefillState) -> dict[str, int]:
-    """Token count per group in a state (for reports)."""
-    counts = torch.bincount(state.groups, minlength=len(GROUPS)).tolist()
-    return {g.value: int(c) for g, c in zip(GROUPS, counts, strict=True)}

@@ -15,6 +15,12 @@ from .adapters.base import VLMAdapter
 GROUP_INDEX: dict[Group, int] = {g: i for i, g in enumerate(GROUPS)}
 
 
+def group_sizes_of(groups: torch.Tensor) -> GroupSizes:
+    """Token count per group of a tensor of :data:`GROUP_INDEX` values."""
+    counts = torch.bincount(groups.cpu(), minlength=len(GROUPS)).tolist()
+    return GroupSizes(*(int(c) for c in counts))
+
+
 @dataclass(frozen=True)
 class Sample:
     """Decoder inputs of one image + prompt.
@@ -36,8 +42,7 @@ class Sample:
 
     @property
     def sizes(self) -> GroupSizes:
-        counts = torch.bincount(self.groups, minlength=len(GROUPS)).tolist()
-        return GroupSizes(*(int(c) for c in counts))
+        return group_sizes_of(self.groups)
 
 
 def key_token_mask(cls_attention: torch.Tensor, num_key: int) -> torch.Tensor:

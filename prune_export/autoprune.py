@@ -258,6 +258,21 @@ class ScheduleSolution:
     mean: float
     error: float
 
+    @classmethod
+    def from_simulation(cls, k: float, tokens: float, scale: float, sim: Simulation) -> ScheduleSolution:
+        """The solution that a simulation at ``scale`` gives, with its distance from the budget."""
+        return cls(
+            k=k,
+            tokens=tokens,
+            scale=scale,
+            n0=sim.n0,
+            keep=sim.keep,
+            merged=sim.merged,
+            tokens_per_layer=sim.tokens_per_layer,
+            mean=sim.mean,
+            error=abs(sim.mean - tokens),
+        )
+
     @property
     def exact(self) -> bool:
         """Whether the mean meets the budget within the solve's tolerance."""
@@ -296,17 +311,7 @@ def solve_scale(
         else:
             hi = mid
     assert best_sim is not None  # MAX_HALVINGS > 0
-    return ScheduleSolution(
-        k=k,
-        tokens=tokens,
-        scale=best_s,
-        n0=n0,
-        keep=best_sim.keep,
-        merged=best_sim.merged,
-        tokens_per_layer=best_sim.tokens_per_layer,
-        mean=best_sim.mean,
-        error=best_err,
-    )
+    return ScheduleSolution.from_simulation(k, tokens, best_s, best_sim)
 
 
 # -- schedule table ------------------------------------------------------------------------------------
@@ -457,17 +462,7 @@ class ScheduleTable:
                     f"(expected k={k}, keep={list(sim.keep)}); rebuild it from the plan"
                 )
             entries.append(
-                ScheduleSolution(
-                    k=k,
-                    tokens=tokens,
-                    scale=scale,
-                    n0=n0,
-                    keep=sim.keep,
-                    merged=sim.merged,
-                    tokens_per_layer=sim.tokens_per_layer,
-                    mean=sim.mean,
-                    error=abs(sim.mean - tokens),
-                )
+                ScheduleSolution.from_simulation(k, tokens, scale, sim)
             )
         return cls(tokens, num_layers, visual_tokens, x0, k0, amplitude, k_step, tuple(entries))
 

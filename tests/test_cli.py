@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_clean_error, run
+from cli_helpers import LLAVA_7B_CONFIG, assert_clean_error, run
 
 from exporter.adapters import load_spec
 from prune_export.ops import Group, Module, Operation
@@ -47,16 +47,7 @@ def test_info_json_from_a_config_only_folder(config_only: Path) -> None:
 
 
 def test_info_text_sizes_llava_7b_from_config_alone(tmp_path: Path) -> None:
-    # llava-hf/llava-1.5-7b-hf's config.json relies on Llama defaults for the decoder sizes.
-    config = {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
-        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
-        "text_config": {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096},
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
-                          "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-                          "patch_size": 14, "projection_dim": 768},
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps(LLAVA_7B_CONFIG))
     code, out = run("info", tmp_path, "--json")
     data = json.loads(out)
     assert (data["layers"], data["hidden_size"], data["intermediate_size"], data["visual_tokens"]) == (32, 4096, 11008, 576)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_clean_error, run
+from cli_helpers import LLAVA_7B_CONFIG, assert_clean_error, run
 
 from exporter.adapters import load_spec
 from prune_export.autoprune import ScheduleTable, solve_scale
@@ -23,16 +23,6 @@ def _plan(tiny_model: Path, path: Path, steps=(), tokens=None) -> Path:
     spec = load_spec(tiny_model)
     Plan.new(spec, GroupSizes.for_prompt(spec, 4, 12), steps, tokens=tokens).save(path)
     return path
-
-
-LLAVA_7B_CONFIG = {
-    "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
-    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
-    "text_config": {"model_type": "llama", "vocab_size": 32064, "max_position_embeddings": 4096},
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
-                      "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-                      "patch_size": 14, "projection_dim": 768},
-}
 
 
 # -- autoprune-schedule ---------------------------------------------------------------------------------
