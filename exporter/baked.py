@@ -1,52 +1,79 @@
-"""A decoder prefill with a static plan baked in: a traceable PyTorch module for ONNX export.
+"""A decoder prefill with a plan baked in: a traceable PyTorch module for ONNX export.
 
 :class:`BakedPrefill` computes exactly what :class:`~exporter.executor.PlanExecutor` computes for one
-prompt under a static GSOP plan (a set of pruned operations) and an optional fixed keep schedule
-(``{layer: visual tokens kept after it}``), but with every row set decided at build time, so the exported
-graph has no data-dependent shapes (no NonZero, no boolean masking, no host round trips):
+prompt under a plan's static GSOP operations plus its token section (a fixed keep schedule, or an AutoPrune
+curve), but with every static row set decided at build time and every dynamic one decided by TopK nodes
+inside the graph, so the exported graph has no NonZero, no boolean masking and no host round trip:
 
 * the prompt is laid out as ``[sys | img_key | img_rest | txt]`` (../shared/METHODS.md, "What is static
   for export"). Key tokens are the top ``K = spec.key_tokens()`` visual tokens by the vision tower's [CLS]
   attention, picked in-graph by a sort with a constant K; within each block tokens keep their original
-  order. RoPE and the causal mask use every token's *original* position, so the layout changes no result.
-  Where no layer distinguishes ``img_key`` from ``img_rest`` the image block simply stays in its
-  original order and no sort is emitted;
+  order. RoPE and the causal mask use every token's position, so the layout changes no result. Where no
+  layer distinguishes ``img_key`` from ``img_rest`` the image block simply stays in its original order and
+  no sort is emitted;
 * per layer and module (``q``, ``kv``, ``mlp``) the kept rows are a union of whole blocks, i.e. at most a
   few static slices: pruned work is absent from the graph, not masked;
-* a fixed keep stage after layer ``l`` scores the visual tokens by that layer's attention from the text
+* a **fixed** keep stage after layer ``l`` scores the visual tokens by that layer's attention from the text
   rows (mean over heads and rows; 0 for tokens that gave no K/V there), keeps the top ``K_l`` (ties: lower
-  original index, as the executor) and restores their original order. Both sorts have a constant size
-  (the visual count at that layer, far below TensorRT's TopK limit of 3840). After a stage the kept visual
-  tokens form one block of mixed groups; a later layer that prunes ``img_key`` but not ``img_rest`` (or
-  the reverse) would need a data-dependent split and is refused at build time.
+  original index, as the executor) and restores their original order;
+* **AutoPrune** (:class:`AutoPruneBake`): layer 0 keeps the top ``N0`` (a constant) by
+  ``0.3 * I0 * txt_attn + cls_attn``; layer 1 computes the complexity ``I1``, hence ``k``, hence the row of
+  the schedule table (a constant in the graph) holding every later ``K_l`` and ``c_l``; each layer
+  ``1..L-2`` keeps ``min(K_l, current)`` by TopK with a run-time K and, with recycling on, merges the best
+  dropped tokens by DPC-KNN into ``c_l`` tokens inserted after the kept ones. With ``part="head"`` /
+  ``"tail"`` the same computation is cut where ``I1`` is known, so that a TensorRT engine receives the
+  keep counts as an int64 shape-tensor input (docs/build.md, "Runtime contract");
+* positions are the original ones, or renumbered ``0..n-1`` after every selection (``positions=
+  "renumbered"``, AutoPrune's default); merged tokens take the last visual position in original mode.
 
-Inputs (batch 1): ``sys_embeds [1, s, d]`` (the tokens before the image), ``image_embeds [1, V, d]``
-(the projected visual features, ``V = spec.visual_tokens``), ``text_embeds [1, t, d]`` (everything after
-the image) and ``cls_attention [1, V]`` (float32). ``s`` and ``t`` are the graph's dynamic dimensions;
-every pruned length is a constant or derived from these shapes (TensorRT shape tensors).
+All sorts have a size of at most the visual count (far below TensorRT's TopK limit of 3840). After the
+first selection the kept visual tokens form one block of mixed groups; a later layer that prunes
+``img_key`` but not ``img_rest`` (or the reverse) would need a data-dependent split and is refused at
+build time.
+
+Inputs (batch 1, ``part="full"`` and ``"head"``): ``sys_embeds [1, s, d]`` (the tokens before the image),
+``image_embeds [1, V, d]`` (the projected visual features, ``V = spec.visual_tokens``), ``text_embeds
+[1, t, d]`` (everything after the image) and ``cls_attention [1, V]`` (float32). ``s`` and ``t`` are the
+graph's dynamic dimensions.
 
 Outputs: ``logits [1, vocab]`` of the last prompt token, then per layer ``l``: ``present.l.key`` and
 ``present.l.value`` ``[1, kv_heads, n_kv_l, head_dim]`` (post-RoPE, the tokens that gave K/V at that layer,
-in layout order) and ``present.l.position [1, n_kv_l]`` (their original positions; a decode step continues
-at position ``s + V + t``).
+in layout order) and ``present.l.position [1, n_kv_l]`` (their positions; a decode step continues at the
+largest position plus one). AutoPrune graphs also output ``autoprune.complexity`` (``I1``, float32 ``[1]``)
+and ``autoprune.keep`` / ``autoprune.merged`` (the table row used, int64 ``[L-1]``). See
+:attr:`BakedPrefill.input_names` / :attr:`~BakedPrefill.output_names` for the head and tail graphs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from prune_export.autoprune import (
+    DPC_NEIGHBOURS,
+    INDEX_SLACK,
+    MI_EPS,
+    MI_RATIO_FLOOR,
+    ScheduleTable,
+    n0_for_budget,
+)
 from prune_export.errors import BuildError
 from prune_export.ops import MODULES, Group, Module, Operation, pruned_by_layer
+from prune_export.plan import AutoPruneSection
 
 from .adapters.base import VLMAdapter
-from .executor import apply_rope
+from .autoprune_policy import LAYER0_TEXT_WEIGHT
+from .executor import PositionMode, apply_rope
 from .sample import Sample
 
 _VISUAL = frozenset({Group.IMG_KEY, Group.IMG_REST})
+Part = Literal["full", "head", "tail"]
+PARTS: tuple[str, ...] = ("full", "head", "tail")
 
 
 @dataclass(frozen=True)
@@ -70,13 +97,14 @@ TXT = Block("txt", frozenset({Group.TXT}))
 
 @dataclass(frozen=True)
 class LayerLayout:
-    """The static row layout entering one layer: blocks in order with their sizes (None: dynamic)."""
+    """The static row layout entering one layer: blocks in order, and what selection follows the layer."""
 
     blocks: tuple[Block, ...]
-    visual_count: int  # rows in the visual blocks (static)
+    visual_count: int | None  # rows in the visual blocks (None: decided at run time)
     visual_in_original_order: bool
     kept: dict[Module, tuple[bool, ...]]  # per module, whether each block does that work
-    keep_after: int | None  # visual tokens kept after this layer (None: no selection)
+    keep_after: int | None  # visual tokens kept after this layer by a fixed stage (None: no fixed stage)
+    dynamic_after: bool = False  # a run-time selection (AutoPrune) follows this layer
 
 
 def _kept_blocks(
@@ -102,14 +130,19 @@ def plan_layout(
     key_tokens: int,
     ops: Iterable[Operation],
     keep_stages: Mapping[int, int] | None,
+    dynamic_stages: Iterable[int] = (),
 ) -> tuple[bool, list[LayerLayout]]:
     """The static layout of every layer: whether key tokens must be split off, and each layer's blocks.
+
+    ``keep_stages`` are fixed selections ``{layer: count}``; ``dynamic_stages`` are layers after which a
+    run-time selection (AutoPrune) keeps a count known only at run time.
 
     Raises :class:`BuildError` for plans that cannot be baked with static shapes (ops on ``sys``/``txt``,
     layers out of range, a key/rest split needed after a selection stage).
     """
     ops = frozenset(ops)
     stages = {int(k): int(v) for k, v in (keep_stages or {}).items()}
+    dynamic = frozenset(int(layer) for layer in dynamic_stages)
     for op in ops:
         if op.group not in _VISUAL:
             raise BuildError(
@@ -117,14 +150,18 @@ def plan_layout(
             )
         if not 0 <= op.layer < num_layers:
             raise BuildError(f"operation {op} is outside the model's layers 0..{num_layers - 1}")
-    for layer in stages:
+    for layer in [*stages, *dynamic]:
         if not 0 <= layer < num_layers:
             raise BuildError(
                 f"keep stage after layer {layer} is outside the model's layers 0..{num_layers - 1}"
             )
+    if set(stages) & dynamic:
+        raise BuildError(f"layers {sorted(set(stages) & dynamic)} have both a fixed and a run-time selection")
     table = pruned_by_layer(ops, num_layers)
     # The first stage that drops tokens (one keeping at least every visual token is no stage).
-    first_stage = min((layer for layer, keep in stages.items() if keep < visual_tokens), default=num_layers)
+    first_stage = min(
+        [*(layer for layer, keep in stages.items() if keep < visual_tokens), *dynamic], default=num_layers
+    )
     split = (
         any(
             len(table[layer][m] & _VISUAL) == 1
@@ -135,23 +172,25 @@ def plan_layout(
     )
     if split:
         blocks: tuple[Block, ...] = (SYS, KEY, REST, TXT)
-        sizes = {KEY: key_tokens, REST: visual_tokens - key_tokens}
+        sizes: dict[Block, int | None] = {KEY: key_tokens, REST: visual_tokens - key_tokens}
     else:
         blocks = (SYS, IMG, TXT)
         sizes = {IMG: visual_tokens}
     in_order = not split
     layouts: list[LayerLayout] = []
     for layer in range(num_layers):
-        visual = sum(sizes[b] for b in blocks if b.visual)
+        counts = [sizes[b] for b in blocks if b.visual]
+        visual = None if None in counts else sum(c for c in counts if c is not None)
         kept = {m: _kept_blocks(blocks, table[layer][m] & _VISUAL, layer, m) for m in MODULES}
         keep = stages.get(layer)
-        keep = None if keep is None or keep >= visual else max(0, keep)
-        layouts.append(LayerLayout(blocks, visual, in_order, kept, keep))
-        if keep is not None:
+        keep = None if keep is None or (visual is not None and keep >= visual) else max(0, keep)
+        is_dynamic = layer in dynamic
+        layouts.append(LayerLayout(blocks, visual, in_order, kept, keep, is_dynamic))
+        if keep is not None or is_dynamic:
             blocks = tuple(b for b in blocks if not b.visual)
-            if keep:
+            if is_dynamic or keep:
                 blocks = (blocks[0], IMG, *blocks[1:])
-            sizes = {IMG: keep}
+            sizes = {IMG: None if is_dynamic else keep}
             in_order = True
     return split, layouts
 
@@ -195,7 +234,7 @@ def _add_rows(
     return torch.cat(parts, dim=0)
 
 
-def _rank(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _rank(scores: torch.Tensor, k: object) -> torch.Tensor:
     """Indices of the ``k`` highest scores, best first; ties go to the lower index.
 
     Eager: a stable sort (as the executor). Under export: ``TopK`` (ONNX TopK breaks ties by the lower
@@ -211,8 +250,109 @@ def _ascending(indices: torch.Tensor) -> torch.Tensor:
     return torch.topk(indices, indices.shape[0], largest=False, sorted=True).values
 
 
+def _count(value: torch.Tensor, upper: object) -> object:
+    """A run-time count from a 0-d int64 tensor, as an integer the exporter can size tensors with."""
+    n = value.item()
+    torch._check(n >= 0)
+    torch._check(n <= upper)
+    return n
+
+
+def mutual_information(attn: torch.Tensor) -> torch.Tensor:
+    """Per-head MI of text rows vs visual columns, as :func:`prune_export.autoprune.mutual_information`.
+
+    Written out again with traceable ops only (the reference raises on empty inputs); the same arithmetic in
+    the same order, so float64 results agree with the reference bit for bit.
+    """
+    tx = attn.shape[1]
+    p_xy = attn / tx
+    p_y = p_xy.sum(dim=1, keepdim=True)
+    ratio = p_xy / (p_y / tx + MI_EPS)
+    return (p_xy * torch.log2(ratio.clamp_min(MI_RATIO_FLOOR))).sum(dim=(1, 2))
+
+
+def recycle_tokens(candidates: torch.Tensor, n_clusters: object) -> torch.Tensor:
+    """DPC-KNN merge of ``candidates [n, d]`` (ascending original order) into ``n_clusters`` mean tokens.
+
+    The traceable twin of :func:`prune_export.autoprune.recycle` after its candidate choice: the same
+    density, distance-to-denser, centre ranking, nearest-centre assignment and tie rules, computed in the
+    candidates' dtype without data-dependent branches (``n = 1`` and ``n_clusters = 0`` fall out of the
+    arithmetic). Returns ``[n_clusters, d]`` ordered by centre index.
+    """
+    n, dim = candidates.shape[0], candidates.shape[1]
+    x = candidates
+    diff = x.unsqueeze(1) - x.unsqueeze(0)
+    dist = torch.sqrt((diff * diff).sum(dim=-1)) / math.sqrt(max(dim, 1))
+    idx = torch.arange(n, device=x.device)
+    eye = idx.unsqueeze(1) == idx.unsqueeze(0)
+    neighbours = torch.sym_min(DPC_NEIGHBOURS, n - 1)
+    nearest = torch.topk(
+        dist.masked_fill(eye, math.inf), neighbours, dim=1, largest=False, sorted=True
+    ).values
+    count = torch.sym_max(neighbours, 1)
+    log_rho = -(nearest * nearest).sum(dim=1) / count
+    denser = (log_rho.unsqueeze(0) > log_rho.unsqueeze(1)) | (
+        (log_rho.unsqueeze(0) == log_rho.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
+    )
+    delta = dist.masked_fill(~denser, math.inf).min(dim=1).values
+    delta = torch.where(torch.isinf(delta), dist.max(), delta)
+    score = log_rho + torch.log(delta)
+    centres = _ascending(_rank(score, n_clusters))
+    to_centre = dist.index_select(1, centres)  # [n, c]
+    own = idx.unsqueeze(1) == centres.unsqueeze(0)  # each centre joins its own cluster
+    assignment = torch.argmin(torch.where(own, -1.0, to_centre), dim=1)
+    cluster = torch.arange(centres.shape[0], device=x.device)
+    members = (assignment.unsqueeze(0) == cluster.unsqueeze(1)).to(x.dtype)  # [c, n]
+    total = (members.unsqueeze(2) * x.unsqueeze(0)).sum(dim=1)  # no MatMul: not decoder work
+    return total / members.sum(dim=1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class AutoPruneBake:
+    """An AutoPrune section bound to a model for baking: its ``N0`` and its schedule table.
+
+    ``score_dtype`` is the precision of the complexity signal, the layer-0 score and recycling: float64 by
+    default (the executor's, so graph and executor pick the same tokens and table row); float32 for
+    TensorRT, which has no float64.
+    """
+
+    section: AutoPruneSection
+    table: ScheduleTable
+    n0: int
+    score_dtype: torch.dtype = torch.float64
+
+    @classmethod
+    def for_model(
+        cls,
+        section: AutoPruneSection,
+        num_layers: int,
+        visual_tokens: int,
+        score_dtype: torch.dtype = torch.float64,
+    ) -> AutoPruneBake:
+        if num_layers < 3:
+            raise BuildError(
+                f"baking AutoPrune needs at least 3 decoder layers (layer 0, the complexity layer 1, one more), "
+                f"the model has {num_layers}"
+            )
+        table = ScheduleTable.for_section(section, num_layers, visual_tokens)
+        return cls(section, table, n0_for_budget(section.tokens, visual_tokens), score_dtype)
+
+
+class _State(NamedTuple):
+    """Rows entering a layer: hidden states, positions (and their RoPE), block lengths, visual [CLS]."""
+
+    h: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    s: object
+    vis: object
+    t: object
+    cls: torch.Tensor | None  # [CLS] attention of the visual rows in layout order (layer 0 only)
+
+
 class BakedPrefill(nn.Module):
-    """The decoder prefill of one prompt under a static plan; see the module docstring for the I/O."""
+    """The decoder prefill of one prompt under a plan; see the module docstring for the I/O."""
 
     def __init__(
         self,
@@ -220,23 +360,55 @@ class BakedPrefill(nn.Module):
         ops: Iterable[Operation] = (),
         keep_stages: Mapping[int, int] | None = None,
         key_fraction: float | None = None,
+        *,
+        positions: PositionMode = "original",
+        autoprune: AutoPruneBake | None = None,
+        part: Part = "full",
     ) -> None:
         super().__init__()
         self.adapter = adapter
         self.spec = spec = adapter.spec
         self.ops = frozenset(ops)
         self.keep_stages = dict(keep_stages or {})
+        self.autoprune = autoprune
+        if part not in PARTS:
+            raise BuildError(f"unknown graph part {part!r}; expected one of {', '.join(PARTS)}")
+        if part != "full" and autoprune is None:
+            raise BuildError(f"part={part!r} splits an AutoPrune prefill; this plan has no AutoPrune section")
+        self.part = part
+        if autoprune is not None:
+            if self.keep_stages:
+                raise BuildError("a plan holds one token section: a fixed schedule or AutoPrune, not both")
+            if (
+                autoprune.table.num_layers != spec.num_layers
+                or autoprune.table.visual_tokens != spec.visual_tokens
+            ):
+                raise BuildError("the AutoPrune schedule table was built for another model shape")
+            positions = autoprune.section.positions
+            stages = {0: autoprune.n0}
+            dynamic = range(1, spec.num_layers - 1)  # after the last layer a selection changes nothing
+        else:
+            stages, dynamic = self.keep_stages, ()
+        self.positions: PositionMode = positions
         self.key_tokens = spec.key_tokens() if key_fraction is None else spec.key_tokens(key_fraction)
         self.split_key, self.layouts = plan_layout(
-            spec.num_layers, spec.visual_tokens, self.key_tokens, self.ops, self.keep_stages
+            spec.num_layers, spec.visual_tokens, self.key_tokens, self.ops, stages, dynamic
         )
+        if autoprune is not None:
+            table = autoprune.table
+            self.register_buffer(
+                "schedule_keep", torch.tensor([list(e.keep) for e in table.entries]), persistent=False
+            )
+            self.register_buffer(
+                "schedule_merged", torch.tensor([list(e.merged) for e in table.entries]), persistent=False
+            )
         # Registered so that .to()/export see the weights as this module's own parameters.
         self.model = adapter.model
 
-    # -- helpers ---------------------------------------------------------------------------------------
+    # -- I/O -------------------------------------------------------------------------------------------
     @staticmethod
     def inputs_from_sample(sample: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The graph inputs of one prepared :class:`~exporter.sample.Sample`."""
+        """The inputs of a ``full`` or ``head`` graph for one prepared :class:`~exporter.sample.Sample`."""
         e = sample.embeds
         return (
             e[None, : sample.image_start],
@@ -245,133 +417,317 @@ class BakedPrefill(nn.Module):
             sample.cls_attention.float()[None],
         )
 
+    #: Inputs of the tail graph besides the schedule; produced by the head graph under the same names.
+    TAIL_STATE = (
+        "tail.sys_hidden",
+        "tail.visual_hidden",
+        "tail.text_hidden",
+        "tail.visual_positions",
+        "tail.visual_scores",
+    )
+    SCHEDULE_INPUTS = ("keep_counts", "merged_counts")
+
     @property
     def input_names(self) -> list[str]:
+        if self.part == "tail":
+            return [*self.TAIL_STATE, *self.SCHEDULE_INPUTS]
         return ["sys_embeds", "image_embeds", "text_embeds", "cls_attention"]
+
+    def _layers_out(self) -> range:
+        return {
+            "full": range(self.spec.num_layers),
+            "head": range(2),
+            "tail": range(2, self.spec.num_layers),
+        }[self.part]
 
     @property
     def output_names(self) -> list[str]:
-        names = ["logits"]
-        for layer in range(self.spec.num_layers):
+        names = [] if self.part == "head" else ["logits"]
+        for layer in self._layers_out():
             names += [f"present.{layer}.key", f"present.{layer}.value", f"present.{layer}.position"]
+        if self.part == "head":
+            names += ["autoprune.complexity", *self.TAIL_STATE]
+        elif self.part == "full" and self.autoprune is not None:
+            names += ["autoprune.complexity", "autoprune.keep", "autoprune.merged"]
         return names
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.reshape(x.shape[0], heads, self.spec.head_dim).transpose(0, 1)
 
     # -- forward ---------------------------------------------------------------------------------------
-    def forward(
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        spec, ap = self.spec, self.autoprune
+        outputs: list[torch.Tensor] = []
+        keep_row = merged_row = complexity = None
+        if self.part == "tail":
+            st, scores = self._tail_state(*inputs[:5])
+            keep_row, merged_row = inputs[5], inputs[6]
+            st = self._select_dynamic(1, self.layouts[1], st, scores, keep_row, merged_row)
+            first = 2
+        else:
+            st = self._initial_state(*inputs[:4])
+            first = 0
+        for layer in range(first, spec.num_layers):
+            lay = self.layouts[layer]
+            want = lay.keep_after is not None or lay.dynamic_after
+            st, vis_attn = self._layer(layer, lay, st, outputs, want)
+            if ap is not None and layer == 0:
+                if want:
+                    st = self._select_layer0(lay, st, vis_attn)
+            elif lay.keep_after is not None:
+                st = self._select_fixed(lay, st, vis_attn)
+            elif lay.dynamic_after:
+                scores = vis_attn.float().mean(dim=(0, 1))
+                if layer == 1:
+                    complexity = mutual_information(vis_attn.to(ap.score_dtype)).sum()
+                    if self.part == "head":
+                        return self._head_outputs(outputs, complexity, st, scores)
+                    keep_row, merged_row = self._table_row(complexity)
+                st = self._select_dynamic(layer, lay, st, scores, keep_row, merged_row)
+        logits = self.adapter.lm_head(self.adapter.final_norm(st.h[-1:])).float()
+        extra: list[torch.Tensor] = []
+        if self.part == "full" and ap is not None:
+            extra = [complexity.float().reshape(1), keep_row, merged_row]
+        return (logits, *outputs, *extra)
+
+    def _initial_state(
         self,
         sys_embeds: torch.Tensor,
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
         cls_attention: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        spec, adapter = self.spec, self.adapter
+    ) -> _State:
+        spec = self.spec
         dtype = next(self.model.parameters()).dtype
         sys_e, img_e, txt_e = sys_embeds[0].to(dtype), image_embeds[0].to(dtype), text_embeds[0].to(dtype)
         s, v_all, t = sys_e.shape[0], spec.visual_tokens, txt_e.shape[0]
         device = sys_e.device
-        sys_pos = torch.arange(s, device=device)
-        txt_pos = torch.arange(t, device=device) + (s + v_all)
+        cls = cls_attention[0].float()
         if self.split_key:
-            order = _rank(cls_attention[0].float(), v_all)
+            order = _rank(cls, v_all)
             key_idx = _ascending(order[: self.key_tokens])
             rest_idx = _ascending(order[self.key_tokens :])
             vis_idx = torch.cat([key_idx, rest_idx])
             img_rows = img_e.index_select(0, vis_idx)
             img_pos = vis_idx + s
+            cls = cls.index_select(0, vis_idx)
         else:
             img_rows = img_e
             img_pos = torch.arange(v_all, device=device) + s
         h = torch.cat([sys_e, img_rows, txt_e], dim=0)
-        positions = torch.cat([sys_pos, img_pos, txt_pos])
-        cos, sin = adapter.rope(positions)
+        positions = torch.cat(
+            [torch.arange(s, device=device), img_pos, torch.arange(t, device=device) + (s + v_all)]
+        )
+        cos, sin = self.adapter.rope(positions)
+        return _State(h, positions, cos, sin, s, v_all, t, cls)
 
-        gqa_rep = spec.num_heads // spec.num_kv_heads
-        outputs: list[torch.Tensor] = []
-        for parts, lay in zip(adapter.layers, self.layouts, strict=True):
-            static = {IMG: lay.visual_count, KEY: self.key_tokens, REST: v_all - self.key_tokens}
-            lengths = [s if b is SYS else t if b is TXT else static[b] for b in lay.blocks]
-            ranges = {m: _ranges(lengths, lay.kept[m]) for m in MODULES}
-
-            x = parts.attn_norm(h)
-            # K/V of the tokens that give them (post-RoPE, as cached).
-            r_kv = ranges[Module.KV]
-            xk = _take(x, r_kv)
-            pos_kv = _take(positions, r_kv)
-            k = apply_rope(
-                self._heads(parts.k_proj(xk), spec.num_kv_heads), _take(cos, r_kv), _take(sin, r_kv)
-            )
-            v = self._heads(parts.v_proj(xk), spec.num_kv_heads)
-            outputs += [k.unsqueeze(0), v.unsqueeze(0), pos_kv.unsqueeze(0)]
-
-            r_q = ranges[Module.Q]
-            xq = _take(x, r_q)
-            pos_q = _take(positions, r_q)
-            q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), _take(cos, r_q), _take(sin, r_q))
-            n_q = q.shape[1]
-            # [kv_heads, rep, n_q, hd] x [kv_heads, 1, hd, n_kv]: grouped heads without copying K/V.
-            q4 = q.reshape(spec.num_kv_heads, gqa_rep, n_q, spec.head_dim)
-            scores = torch.matmul(q4, k.unsqueeze(1).transpose(2, 3)).float() * parts.scaling
-            allowed = pos_q.unsqueeze(1) >= pos_kv.unsqueeze(0)  # causality by original position
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            attn = torch.matmul(probs.to(v.dtype), v.unsqueeze(1))  # [kv_heads, rep, n_q, hd]
-            attn = attn.reshape(spec.num_heads, n_q, spec.head_dim).transpose(0, 1).reshape(n_q, spec.q_dim)
-            h = _add_rows(h, parts.o_proj(attn), r_q)
-
-            r_mlp = ranges[Module.MLP]
-            y = _take(h, r_mlp)
-            y = parts.mlp_norm(y)
-            y = parts.down_proj(parts.act(parts.gate_proj(y)) * parts.up_proj(y))
-            h = _add_rows(h, y, r_mlp)
-
-            if lay.keep_after is not None:
-                h, positions, cos, sin = self._select(lay, lengths, probs, t, h, positions, cos, sin)
-
-        logits = adapter.lm_head(adapter.final_norm(h[-1:])).float()
-        return (logits, *outputs)
-
-    def _select(
+    def _tail_state(
         self,
-        lay: LayerLayout,
-        lengths: list,
-        probs: torch.Tensor,
-        t: object,
-        h: torch.Tensor,
-        positions: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep the top ``lay.keep_after`` visual tokens by text attention, in original order."""
-        # Text rows are the last t query rows (text is never pruned, and txt is the last block).
-        text_probs = probs[:, :, -t:, :]  # [kv_heads, rep, t, n_kv]
-        col_score = text_probs.mean(dim=(0, 1, 2))  # [n_kv]
-        # Scores of every visual row in layout order: its K/V column's score, 0 where it gave no K/V.
-        pieces, kv_offset = [], 0
+        sys_h: torch.Tensor,
+        vis_h: torch.Tensor,
+        txt_h: torch.Tensor,
+        vis_pos: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> tuple[_State, torch.Tensor]:
+        """The state entering layer 1's selection, rebuilt from the head graph's outputs.
+
+        System and text positions follow from the shapes: ``0..s-1``, and after the image block, which
+        spans ``V`` positions (original mode) or the tokens that left layer 0 (renumbered mode).
+        """
+        s, vis, t = sys_h.shape[1], vis_h.shape[1], txt_h.shape[1]
+        dev = sys_h.device
+        span = vis if self.positions == "renumbered" else self.spec.visual_tokens
+        pos = torch.cat([torch.arange(s, device=dev), vis_pos[0], torch.arange(t, device=dev) + (s + span)])
+        h = torch.cat([sys_h[0], vis_h[0], txt_h[0]], dim=0)
+        cos, sin = self.adapter.rope(pos)
+        return _State(h, pos, cos, sin, s, vis, t, None), scores[0]
+
+    def _head_outputs(
+        self, outputs: list[torch.Tensor], complexity: torch.Tensor, st: _State, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        s, vis = st.s, st.vis
+        return (
+            *outputs,
+            complexity.float().reshape(1),
+            st.h[:s].unsqueeze(0),
+            st.h[s : s + vis].unsqueeze(0),
+            st.h[s + vis :].unsqueeze(0),
+            st.positions[s : s + vis].unsqueeze(0),
+            scores.unsqueeze(0),
+        )
+
+    def _table_row(self, complexity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The schedule row for ``I1``: ``k = max(k0 - gamma*I1, 0)``, nearest grid point (halves up)."""
+        ap = self.autoprune
+        assert ap is not None
+        sec, table = ap.section, ap.table
+        k = torch.clamp(sec.k0 - sec.gamma * complexity, min=0.0, max=table.k0)
+        index = torch.floor(k / table.k_step + 0.5 + INDEX_SLACK).long().clamp(max=len(table.entries) - 1)
+        return self.schedule_keep[index], self.schedule_merged[index]
+
+    # -- one layer -------------------------------------------------------------------------------------
+    def _layer(
+        self, layer: int, lay: LayerLayout, st: _State, outputs: list[torch.Tensor], want_scores: bool
+    ) -> tuple[_State, torch.Tensor | None]:
+        spec = self.spec
+        parts = self.adapter.layers[layer]
+        h, positions, cos, sin = st.h, st.positions, st.cos, st.sin
+        static = {IMG: st.vis, KEY: self.key_tokens, REST: spec.visual_tokens - self.key_tokens}
+        lengths = [st.s if b is SYS else st.t if b is TXT else static[b] for b in lay.blocks]
+        ranges = {m: _ranges(lengths, lay.kept[m]) for m in MODULES}
+
+        x = parts.attn_norm(h)
+        # K/V of the tokens that give them (post-RoPE, as cached).
+        r_kv = ranges[Module.KV]
+        xk = _take(x, r_kv)
+        pos_kv = _take(positions, r_kv)
+        k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), _take(cos, r_kv), _take(sin, r_kv))
+        v = self._heads(parts.v_proj(xk), spec.num_kv_heads)
+        outputs += [k.unsqueeze(0), v.unsqueeze(0), pos_kv.unsqueeze(0)]
+
+        r_q = ranges[Module.Q]
+        xq = _take(x, r_q)
+        pos_q = _take(positions, r_q)
+        q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), _take(cos, r_q), _take(sin, r_q))
+        n_q = q.shape[1]
+        rep = spec.num_heads // spec.num_kv_heads
+        # [kv_heads, rep, n_q, hd] x [kv_heads, 1, hd, n_kv]: grouped heads without copying K/V.
+        q4 = q.reshape(spec.num_kv_heads, rep, n_q, spec.head_dim)
+        scores = torch.matmul(q4, k.unsqueeze(1).transpose(2, 3)).float() * parts.scaling
+        allowed = pos_q.unsqueeze(1) >= pos_kv.unsqueeze(0)  # causality by position
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        attn = torch.matmul(probs.to(v.dtype), v.unsqueeze(1))  # [kv_heads, rep, n_q, hd]
+        attn = attn.reshape(spec.num_heads, n_q, spec.head_dim).transpose(0, 1).reshape(n_q, spec.q_dim)
+        h = _add_rows(h, parts.o_proj(attn), r_q)
+
+        r_mlp = ranges[Module.MLP]
+        y = parts.mlp_norm(_take(h, r_mlp))
+        y = parts.down_proj(parts.act(parts.gate_proj(y)) * parts.up_proj(y))
+        h = _add_rows(h, y, r_mlp)
+
+        vis_attn = None
+        if want_scores:
+            vis_attn = self._visual_text_attention(lay, lengths, probs, st.t)
+        return st._replace(h=h), vis_attn
+
+    def _visual_text_attention(
+        self, lay: LayerLayout, lengths: list, probs: torch.Tensor, t: object
+    ) -> torch.Tensor:
+        """Text rows' attention to every visual row in layout order ``[heads, t, vis]`` (0: gave no K/V).
+
+        Text rows are the last ``t`` query rows (text is never pruned, and txt is the last block).
+        """
+        text = probs[:, :, -t:, :].reshape(self.spec.num_heads, t, probs.shape[-1])
+        pieces, offset = [], 0
         for block, length, kept_kv in zip(lay.blocks, lengths, lay.kept[Module.KV], strict=True):
             if block.visual:
                 if kept_kv:
-                    pieces.append(col_score[kv_offset : kv_offset + length])
+                    pieces.append(text[:, :, offset : offset + length])
                 else:
-                    pieces.append(torch.zeros(length, dtype=col_score.dtype, device=col_score.device))
+                    pieces.append(text.new_zeros(text.shape[0], text.shape[1], length))
             if kept_kv:
-                kv_offset = kv_offset + length
-        scores = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        s = lengths[0]
-        vis_end = s + lay.visual_count
-        vis_pos = positions[s:vis_end]
+                offset = offset + length
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    # -- token selection -------------------------------------------------------------------------------
+    def _in_original_order(self, lay: LayerLayout, st: _State) -> torch.Tensor | None:
+        """Permutation putting the visual rows in original order (None when they already are)."""
         if lay.visual_in_original_order:
-            rows = _ascending(_rank(scores, lay.keep_after))
-        else:
-            # Ties must go to the lower original index, as in the executor: rank in original order.
-            perm = torch.topk(vis_pos, lay.visual_count, largest=False, sorted=True).indices
-            rows = perm[_ascending(_rank(scores[perm], lay.keep_after))]
-        rows = rows + s
+            return None
+        vis_pos = st.positions[st.s : st.s + st.vis]
+        return torch.topk(vis_pos, st.vis, largest=False, sorted=True).indices
 
-        def pick(x: torch.Tensor) -> torch.Tensor:
-            kept = x.index_select(0, rows)
-            return torch.cat([x[:s], kept, x[vis_end:]], dim=0)
+    def _keep(self, lay: LayerLayout, st: _State, scores: torch.Tensor, k: object) -> torch.Tensor:
+        """Visual rows (indices within the visual block) of the top ``k`` scores, in original order."""
+        perm = self._in_original_order(lay, st)
+        if perm is None:
+            return _ascending(_rank(scores, k))
+        return perm[_ascending(_rank(scores[perm], k))]
 
-        return pick(h), pick(positions), pick(cos), pick(sin)
+    def _rebuild(self, st: _State, rows: torch.Tensor, merged: torch.Tensor | None = None) -> _State:
+        """The state with the visual block replaced by ``rows`` of it (then ``merged`` tokens)."""
+        s, vis_end = st.s, st.s + st.vis
+        kept = rows + s
+
+        def pick(x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+            pieces = [x[:s], x.index_select(0, kept)]
+            if extra is not None:
+                pieces.append(extra)
+            pieces.append(x[vis_end:])
+            return torch.cat(pieces, dim=0)
+
+        vis = rows.shape[0] if merged is None else rows.shape[0] + merged.shape[0]
+        if self.positions == "renumbered":
+            positions = torch.arange(s + vis + st.t, device=st.h.device)
+            cos, sin = self.adapter.rope(positions)
+            h = pick(st.h, None if merged is None else merged.to(st.h.dtype))
+            return _State(h, positions, cos, sin, s, vis, st.t, None)
+        if merged is None:
+            return _State(pick(st.h), pick(st.positions), pick(st.cos), pick(st.sin), s, vis, st.t, None)
+        # Merged tokens take the last visual position, so causality still reads "image, then text".
+        last = st.positions[s:vis_end].max()
+        m_pos = last.expand(merged.shape[0])
+        m_cos, m_sin = self.adapter.rope(m_pos)
+        return _State(
+            pick(st.h, merged.to(st.h.dtype)),
+            pick(st.positions, m_pos),
+            pick(st.cos, m_cos),
+            pick(st.sin, m_sin),
+            s,
+            vis,
+            st.t,
+            None,
+        )
+
+    def _select_fixed(self, lay: LayerLayout, st: _State, vis_attn: torch.Tensor) -> _State:
+        """A fixed stage: keep the top ``lay.keep_after`` visual tokens by text attention."""
+        scores = vis_attn.float().mean(dim=(0, 1))
+        return self._rebuild(st, self._keep(lay, st, scores, lay.keep_after))
+
+    def _select_layer0(self, lay: LayerLayout, st: _State, vis_attn: torch.Tensor) -> _State:
+        """AutoPrune after layer 0: top ``N0`` by ``0.3 * I0 * txt_attn + cls_attn`` (no recycling)."""
+        ap = self.autoprune
+        assert ap is not None and st.cls is not None
+        attn = vis_attn.to(ap.score_dtype)
+        i0 = mutual_information(attn).mean()
+        scores = LAYER0_TEXT_WEIGHT * i0 * attn.mean(dim=(0, 1)) + st.cls.to(ap.score_dtype)
+        n0 = min(ap.n0, self.spec.visual_tokens)
+        if n0 >= self.spec.visual_tokens:
+            return st._replace(cls=None)
+        return self._rebuild(st, self._keep(lay, st, scores, n0))
+
+    def _select_dynamic(
+        self,
+        layer: int,
+        lay: LayerLayout,
+        st: _State,
+        scores: torch.Tensor,
+        keep_row: torch.Tensor,
+        merged_row: torch.Tensor,
+    ) -> _State:
+        """AutoPrune after layer ``l >= 1``: keep ``min(K_l, current)``, recycle into ``c_l`` tokens."""
+        ap = self.autoprune
+        assert ap is not None
+        vis = st.vis
+        kc = torch.clamp(keep_row[layer - 1], max=vis)
+        k = _count(kc, vis)
+        perm = self._in_original_order(lay, st)
+        ranked = scores if perm is None else scores[perm]
+        order = _rank(ranked, vis)  # every visual row, best first
+        kept = _ascending(order[:k])
+        if perm is not None:
+            kept = perm[kept]
+        if not ap.section.recycle:
+            return self._rebuild(st, kept)
+        # floor(0.3*D) + 1 candidates (capped at D), of which c_l = min(merged_l, candidates) clusters.
+        dropped = vis - kc
+        n_cand = torch.minimum(torch.div(3 * dropped, 10, rounding_mode="floor") + 1, dropped)
+        cand = _count(n_cand, vis - k)
+        c = _count(torch.minimum(merged_row[layer - 1], n_cand), cand)
+        chosen = _ascending(order[k : k + cand])  # ascending original order
+        if perm is not None:
+            chosen = perm[chosen]
+        x = st.h[st.s : st.s + vis].index_select(0, chosen).to(ap.score_dtype)
+        merged = recycle_tokens(x, c)
+        return self._rebuild(st, kept, merged)

@@ -27,7 +27,8 @@ from prune_export.errors import BuildError
 from prune_export.ops import Operation
 
 from .adapters.base import VLMAdapter
-from .baked import BakedPrefill
+from .baked import AutoPruneBake, BakedPrefill, Part
+from .executor import PositionMode
 
 #: onnxruntime 1.31 reads at most IR version 13.
 IR_VERSION = 10
@@ -129,10 +130,11 @@ def _export(
 
 
 class OnnxFromPlan:
-    """Export the prefill of ``adapter`` under a static plan (ops + fixed keep stages) to ONNX.
+    """Export the prefill of ``adapter`` under a plan (ops + fixed keep stages or AutoPrune) to ONNX.
 
     The graph's dynamic dimensions are the system-prefix length ``sys_len`` and the text length
-    ``text_len``; the image length is the model's constant ``visual_tokens``.
+    ``text_len``; the image length is the model's constant ``visual_tokens``. ``part`` picks the whole
+    prefill or, for AutoPrune, its head or tail (see :mod:`exporter.baked`).
     """
 
     def __init__(
@@ -146,6 +148,9 @@ class OnnxFromPlan:
         max_sys_tokens: int = 1024,
         max_text_tokens: int = 4096,
         inline_limit: int = INLINE_LIMIT,
+        positions: PositionMode = "original",
+        autoprune: AutoPruneBake | None = None,
+        part: Part = "full",
     ) -> None:
         if dtype not in _DTYPES:
             raise BuildError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
@@ -161,9 +166,19 @@ class OnnxFromPlan:
         self.max_sys_tokens = max_sys_tokens
         self.max_text_tokens = max_text_tokens
         self.inline_limit = inline_limit
+        self.positions: PositionMode = positions
+        self.autoprune = autoprune
+        self.part: Part = part
 
-    def module(self) -> BakedPrefill:
-        return BakedPrefill(self.adapter, self.ops, self.keep_stages).eval()
+    def module(self, part: Part | None = None) -> BakedPrefill:
+        return BakedPrefill(
+            self.adapter,
+            self.ops,
+            self.keep_stages,
+            positions=self.positions,
+            autoprune=self.autoprune,
+            part=self.part if part is None else part,
+        ).eval()
 
     def example_inputs(self, sys_tokens: int = 5, text_tokens: int = 7) -> tuple[torch.Tensor, ...]:
         spec, dtype = self.adapter.spec, self.adapter.dtype
@@ -176,14 +191,33 @@ class OnnxFromPlan:
             torch.rand(1, v, generator=gen),
         )
 
+    def example_tail_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Inputs of the tail graph: the head's outputs on :meth:`example_inputs`, the k=0 schedule row."""
+        head = self.module("head")
+        with torch.no_grad():
+            out = dict(zip(head.output_names, head(*self.example_inputs()), strict=True))
+        assert self.autoprune is not None
+        row = self.autoprune.table.entries[0]
+        return (
+            *(out[name] for name in BakedPrefill.TAIL_STATE),
+            torch.tensor(row.keep, dtype=torch.int64),
+            torch.tensor(row.merged, dtype=torch.int64),
+        )
+
     def __call__(self, path: str | os.PathLike[str]) -> ExportReport:
         module = self.module()
         sys_len = torch.export.Dim("sys_len", min=1, max=self.max_sys_tokens)
         text_len = torch.export.Dim("text_len", min=1, max=self.max_text_tokens)
-        dynamic = ({1: sys_len}, None, {1: text_len}, None)
+        if self.part == "tail":
+            dynamic: tuple[object, ...] = ({1: sys_len}, None, {1: text_len}, None, None, None, None)
+            args = self.example_tail_inputs()
+        else:
+            dynamic = ({1: sys_len}, None, {1: text_len}, None)
+            args = self.example_inputs()
+        dynamic = (dynamic,)  # BakedPrefill.forward takes *inputs: one entry for the whole tuple
         return _export(
             module,
-            self.example_inputs(),
+            args,
             Path(path),
             module.input_names,
             module.output_names,

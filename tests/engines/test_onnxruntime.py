@@ -1,0 +1,184 @@
+"""ONNX Runtime loader and runner: provider reporting, session options, and feed checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, SessionFromOnnx, active_provider, session_from_onnx
+from prune_export.errors import BuildError
+
+#: IR version written for onnxruntime (1.31 reads at most 13; onnx 1.23 writes 14 by default).
+ORT_IR_VERSION = 10
+
+WEIGHT = np.arange(12, dtype=np.float32).reshape(4, 3) / 10.0
+BIAS = np.array([1.0, -2.0, 0.5], dtype=np.float32)
+
+
+def matmul_add_model(path: Path) -> Path:
+    """Write a two-node graph with a dynamic batch dim and return its path.
+
+    ::
+
+        x [n, 4] ──► MatMul ◄── W [4, 3]
+                        │
+                        ▼
+                       Add ◄── b [3]
+                        │
+                        ▼
+                    y [n, 3]
+    """
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "matmul_add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [onnx.numpy_helper.from_array(WEIGHT, "W"), onnx.numpy_helper.from_array(BIAS, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = ORT_IR_VERSION
+    onnx.save(model, path)
+    return path
+
+
+def two_input_model(path: Path) -> Path:
+    """Write a one-node graph with a float input and an int64 input and return its path.
+
+    ::
+
+        x [n, 4] (float) ──► Mul ◄── s [] (float, from Cast of k)
+        k [] (int64)  ──► Cast ─┘
+                          │
+                          ▼
+                      y [n, 4]
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["k"], ["s"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "s"], ["y"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = ORT_IR_VERSION
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return matmul_add_model(tmp_path / "matmul_add.onnx")
+
+
+def test_cpu_session_matches_numpy(model_path: Path) -> None:
+    session = session_from_onnx(model_path, provider="cpu", threads=1)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ WEIGHT + BIAS, rtol=1e-5, atol=1e-6)
+    assert active_provider(session) == "CPUExecutionProvider"
+
+
+def test_session_options_disable_spinning_and_set_threads(model_path: Path) -> None:
+    session = SessionFromOnnx(model_path, provider="cpu", threads=2, optimization="disabled")()
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
+
+
+def test_auto_reports_a_provider_the_session_really_has(model_path: Path) -> None:
+    session = session_from_onnx(model_path, provider="auto", threads=1)
+    assert active_provider(session) in session.get_providers()
+    assert active_provider(session) == session.get_providers()[0]
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_cuda_raises_when_cuda_is_not_active(model_path: Path) -> None:
+    probe = session_from_onnx(model_path, provider="auto", threads=1)
+    if active_provider(probe) == CUDA_PROVIDER:
+        pytest.skip("CUDA is really active on this machine")
+    with pytest.raises(BuildError, match="provider 'cuda'") as info:
+        session_from_onnx(model_path, provider="cuda", threads=1)
+    assert str(model_path) in str(info.value)
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "model.onnx"
+    with pytest.raises(BuildError, match="not found") as info:
+        session_from_onnx(missing, provider="cpu")
+    assert str(missing) in str(info.value)
+
+
+def test_invalid_model_names_the_path(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"this is not a protobuf")
+    with pytest.raises(BuildError, match="could not load") as info:
+        session_from_onnx(broken, provider="cpu")
+    assert str(broken) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"provider": "tpu"}, "unknown provider 'tpu'"),
+        ({"optimization": "extreme"}, "unknown optimization 'extreme'"),
+        ({"threads": 0}, "threads must be a positive integer"),
+    ],
+)
+def test_bad_settings_are_rejected(model_path: Path, kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(BuildError, match=match):
+        SessionFromOnnx(model_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_runner_metadata_and_infer(model_path: Path) -> None:
+    runner = OrtRunner(SessionFromOnnx(model_path, provider="cpu", threads=1))
+    with runner:
+        assert runner.input_metadata() == {"x": (np.dtype(np.float32), ("n", 4))}
+        assert runner.provider == "CPUExecutionProvider"
+        x = np.ones((2, 4), dtype=np.float32)
+        outputs = runner.infer({"x": x})
+        assert list(outputs) == ["y"]
+        np.testing.assert_allclose(outputs["y"], x @ WEIGHT + BIAS, rtol=1e-5)
+
+
+def test_runner_accepts_a_session(tmp_path: Path) -> None:
+    session = session_from_onnx(two_input_model(tmp_path / "two.onnx"), provider="cpu", threads=1)
+    runner = OrtRunner(session)
+    assert runner.input_metadata() == {
+        "x": (np.dtype(np.float32), ("n", 4)),
+        "k": (np.dtype(np.int64), ()),
+    }
+    outputs = runner.infer({"x": np.ones((3, 4), np.float32), "k": np.array(3, dtype=np.int64)})
+    np.testing.assert_allclose(outputs["y"], np.full((3, 4), 3.0, np.float32))
+
+
+def test_runner_missing_feed_lists_expected_names(tmp_path: Path) -> None:
+    runner = OrtRunner(session_from_onnx(two_input_model(tmp_path / "two.onnx"), provider="cpu", threads=1))
+    with pytest.raises(BuildError, match=r"missing k.*expected exactly x, k"):
+        runner.infer({"x": np.ones((3, 4), np.float32)})
+
+
+def test_runner_unknown_feed_lists_expected_names(model_path: Path) -> None:
+    runner = OrtRunner(session_from_onnx(model_path, provider="cpu", threads=1))
+    with pytest.raises(BuildError, match=r"unknown z.*expected exactly x"):
+        runner.infer({"x": np.ones((3, 4), np.float32), "z": np.ones(1, np.float32)})
+
+
+def test_runner_dtype_mismatch_names_input_and_dtypes(model_path: Path) -> None:
+    runner = OrtRunner(session_from_onnx(model_path, provider="cpu", threads=1))
+    with pytest.raises(BuildError, match=r"input 'x' expects dtype float32, received float64"):
+        runner.infer({"x": np.ones((3, 4), np.float64)})
+
+
+def test_runner_shape_mismatch_names_input_and_shapes(model_path: Path) -> None:
+    runner = OrtRunner(session_from_onnx(model_path, provider="cpu", threads=1))
+    with pytest.raises(BuildError, match=r"input 'x' expects shape \[n, 4\], received \[3, 5\]"):
+        runner.infer({"x": np.ones((3, 5), np.float32)})
