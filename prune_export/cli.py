@@ -527,5 +527,150 @@ def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | Non
         click.echo(f"{layer:>5}  {kept:>5}  {merged:>6}  {leaving:>7}")
 
 
+# -- build / inspect / bench ----------------------------------------------------------------------------
+@main.command("build")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Build directory to write.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="Plan file (GSOP operations and/or a token section). No plan: the dense model.")
+@click.option("--budget", type=float, default=None, help="Fraction of dense prefill FLOPs kept, in (0, 1].")
+@click.option("--keep-schedule", default=None, help="Fixed visual-token schedule LAYER:TOKENS[,...] (FastV, PDrop).")
+@click.option("--autoprune-tokens", type=float, default=None,
+              help="AutoPrune budget T (average visual tokens per layer); overrides a plan's T.")
+@click.option("--autoprune-positions", type=click.Choice(["renumbered", "original"]), default=None,
+              help="AutoPrune positions after a prune [default: the plan's, else renumbered].")
+@click.option("--no-recycle", is_flag=True, help="AutoPrune: drop tokens without merging them.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Precision written into the graphs.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: lint for TensorRT, bound every dynamic shape, split AutoPrune at the complexity signal.")
+@click.option("--max-text-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--max-sys-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX Runtime provider of the parity check.")
+@click.option("--skip-check", is_flag=True, help="Do not check the graphs against the PyTorch executor.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing build directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: float | None,
+              keep_schedule: str | None, autoprune_tokens: float | None, autoprune_positions: str | None,
+              no_recycle: bool, dtype: str, target: str, max_text_tokens: int, max_sys_tokens: int,
+              provider: str, skip_check: bool, overwrite: bool, as_json: bool) -> None:
+    """Bake a plan into vision.onnx + prefill.onnx, optimize them, check them, write manifest.json.
+
+    Static GSOP operations are removed from the graph; token selection (fixed schedule, AutoPrune) is TopK
+    inside it. The build directory appears only when everything passed.
+    """
+    import hashlib
+
+    from .build import BuildSettings, PlanChoice, build
+    from .plan import check_budget
+
+    if budget is not None:
+        check_budget(budget)
+        if plan_path is None:
+            raise PruneExportError("--budget needs --plan (the budget selects a prefix of the plan's steps)")
+    from exporter.adapters import load_spec
+
+    spec = load_spec(model_dir)
+    ops: frozenset[Operation] = frozenset()
+    token_section = None
+    info: dict[str, Any] = {"path": None, "hash": None, "budget": budget, "steps": 0, "operations": 0,
+                            "flops_ratio": 1.0}
+    if plan_path is not None:
+        from .plan import Plan
+
+        p = Plan.load(plan_path)
+        p.check_model(spec, str(model_dir))
+        selection = p.select(budget)
+        ops, token_section = selection.ops, p.tokens
+        info.update(path=str(plan_path), hash="sha256:" + hashlib.sha256(plan_path.read_bytes()).hexdigest(),
+                    steps=selection.num_steps, operations=len(ops), flops_ratio=selection.flops_ratio,
+                    ops=[str(op) for op in sorted(ops)])
+    stages = parse_keep_schedule(keep_schedule) if keep_schedule else None
+    autoprune = {"tokens": autoprune_tokens, "positions": autoprune_positions, "recycle": False if no_recycle else None}
+    policy = _token_policy(spec, stages, token_section, autoprune)
+    tokens = _section_of(policy)
+    info["tokens"] = None if tokens is None else tokens.model_dump()
+    settings = BuildSettings(target=target, dtype=dtype, max_text_tokens=max_text_tokens,
+                             max_sys_tokens=max_sys_tokens, check=not skip_check, provider=provider,
+                             overwrite=overwrite)
+    manifest = build(model_dir, out_dir, PlanChoice(ops, tokens, info), settings, _log_err)
+    if as_json:
+        _echo_json(manifest.model_dump(mode="json"))
+        return
+    click.echo(f"wrote {out_dir}: {', '.join(g.file for g in manifest.graphs.values())}, manifest.json")
+    click.echo(f"target {manifest.target}, {manifest.dtype}, prefill {manifest.prefill_layout}; check {manifest.check.status}"
+               + (f" on {manifest.check.provider}" if manifest.check.provider else ""))
+    for row in manifest.flops.get("check_prompts", []):
+        click.echo(f"  check prompt of {row['tokens']} tokens: executed FLOPs ratio {row['ratio']:.4f}")
+
+
+def _log_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _section_of(policy: Any) -> Any:
+    """The plan token section a token policy runs (None for no policy)."""
+    from .plan import FixedScheduleSection
+
+    if policy is None:
+        return None
+    section = getattr(policy, "section", None)
+    if section is not None:
+        return section
+    return FixedScheduleSection(stages=sorted(policy.keep_after.items()), positions=policy.positions)
+
+
+@main.command("inspect")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--text-tokens", type=click.IntRange(min=1), default=None,
+              help="Count for a prompt with this many text tokens [default: the build's check prompt].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_cmd(build_dir: Path, text_tokens: int | None, as_json: bool) -> None:
+    """Node counts by op type and matmul FLOPs of the prefill graph, computed from the graph itself."""
+    from .build import inspect_build
+
+    doc = inspect_build(build_dir, text_tokens)
+    if as_json:
+        _echo_json(doc)
+        return
+    p = doc["prompt"]
+    click.echo(f"{build_dir}: {doc['target']}, {doc['dtype']}, prefill {doc['prefill_layout']}")
+    click.echo(f"prompt        {p['sys_tokens']} sys + {p['visual_tokens']} visual + {p['text_tokens']} text tokens")
+    click.echo(f"matmul FLOPs  {_tflops(doc['matmul_flops'])}")
+    click.echo("KV tokens     " + " ".join(str(n) for n in doc["kv_tokens_per_layer"]))
+    if "autoprune" in doc:
+        a = doc["autoprune"]
+        click.echo(f"AutoPrune     I1 {a['complexity']:.5f}, keep {a['keep']}, merged {a['merged']}")
+    click.echo("op counts     " + ", ".join(f"{k} {v}" for k, v in sorted(doc["op_counts"].items(), key=lambda kv: -kv[1])))
+
+
+@main.command("bench")
+@click.argument("pruned_dir", type=click.Path(path_type=Path))
+@click.option("--baseline", "dense_dir", type=click.Path(path_type=Path), required=True,
+              help="Build directory of the dense model (prune-export build MODEL --out DIR, no plan).")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Measured runs of each.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--text-tokens", type=click.IntRange(min=1), default=None,
+              help="Text tokens of the measured prompt [default: the pruned build's check prompt].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provider: str, threads: int | None,
+              text_tokens: int | None, as_json: bool) -> None:
+    """Prefill latency of a pruned build against a dense one on ONNX Runtime, interleaved, with FLOPs ratios."""
+    from tqdm import tqdm
+
+    from .build import bench_builds
+
+    with tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, disable=None) as bar:
+        report = bench_builds(pruned_dir, dense_dir, runs=runs, warmup=warmup, provider=provider, threads=threads,
+                              text_tokens=text_tokens, progress=lambda done, total: bar.update(1))
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    click.echo(report.format_table())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,91 @@
+"""Run a build's prefill on ONNX Runtime, single graph or split (the AutoPrune runtime contract).
+
+A ``single`` build has one ``prefill`` graph. A ``split`` build (AutoPrune for TensorRT, where the per-layer
+keep counts must reach TopK as an int64 shape tensor) has ``prefill_head`` and ``prefill_tail``; between
+them the host does what the in-graph table lookup does for ONNX Runtime (docs/build.md, "Runtime
+contract"):
+
+1. run ``prefill_head`` on the prompt inputs;
+2. read ``autoprune.complexity`` (``I1``), compute ``k = max(k0 - gamma*I1, 0)`` and take the nearest row of
+   the build's schedule table (:meth:`prune_export.autoprune.ScheduleTable.lookup`);
+3. run ``prefill_tail`` on the head's ``tail.*`` outputs plus ``keep_counts`` / ``merged_counts`` (the
+   row's ``K_l`` and ``c_l``, int64 ``[L-1]``).
+
+:class:`PrefillRunner` does exactly that, so a split build can be checked and measured on CPU, and the
+outputs it returns are those of the single graph (``autoprune.keep``/``autoprune.merged`` included).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from engines.onnxruntime import OrtRunner, Provider, SessionFromOnnx
+from prune_export.autoprune import ScheduleTable, steepness
+from prune_export.errors import BuildError
+from prune_export.manifest import Manifest
+
+TABLE_NAME = "schedule_table.json"
+
+
+class PrefillRunner:
+    """The prefill of one build directory as one call: ``infer(feeds) -> outputs by name``."""
+
+    def __init__(
+        self,
+        build_dir: str | Path,
+        *,
+        provider: Provider = "auto",
+        threads: int | None = None,
+        manifest: Manifest | None = None,
+    ) -> None:
+        self.build_dir = Path(build_dir)
+        self.manifest = manifest or Manifest.load(self.build_dir)
+        m = self.manifest
+
+        def runner(name: str) -> OrtRunner:
+            return OrtRunner(SessionFromOnnx(m.graph_path(self.build_dir, name), provider=provider, threads=threads)())
+
+        if m.prefill_layout == "single":
+            self.runners = {"prefill": runner("prefill")}
+            self.table: ScheduleTable | None = None
+        else:
+            self.runners = {"head": runner("prefill_head"), "tail": runner("prefill_tail")}
+            path = self.build_dir / TABLE_NAME
+            try:
+                self.table = ScheduleTable.from_dict(json.loads(path.read_text()), source=str(path))
+            except OSError as exc:
+                raise BuildError(f"cannot read the schedule table {path}: {exc}; rebuild the directory") from None
+            if m.autoprune is None:
+                raise BuildError(f"{self.build_dir}: a split prefill needs the manifest's autoprune section")
+
+    @property
+    def provider(self) -> str:
+        return next(iter(self.runners.values())).provider
+
+    @property
+    def input_names(self) -> list[str]:
+        first = self.runners.get("prefill") or self.runners["head"]
+        return list(first.input_metadata())
+
+    def schedule_for(self, complexity: float) -> tuple[np.ndarray, np.ndarray]:
+        """``keep_counts``/``merged_counts`` for a prompt whose layer-1 complexity is ``complexity``."""
+        assert self.table is not None and self.manifest.autoprune is not None
+        section = self.manifest.autoprune
+        row = self.table.lookup(steepness(float(complexity), section["k0"], section["gamma"]))
+        return np.asarray(row.keep, dtype=np.int64), np.asarray(row.merged, dtype=np.int64)
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "prefill" in self.runners:
+            return self.runners["prefill"].infer(feeds)
+        head = self.runners["head"].infer(feeds)
+        keep, merged = self.schedule_for(float(head["autoprune.complexity"].reshape(-1)[0]))
+        tail_feeds = {name: head[name] for name in head if name.startswith("tail.")}
+        tail = self.runners["tail"].infer({**tail_feeds, "keep_counts": keep, "merged_counts": merged})
+        out = {name: value for name, value in head.items() if not name.startswith("tail.")}
+        out.update(tail)
+        out["autoprune.keep"], out["autoprune.merged"] = keep, merged
+        return out

@@ -1,0 +1,534 @@
+"""The wiring behind ``prune-export build``, ``inspect`` and ``bench`` (part of the CLI layer).
+
+This is the one module besides :mod:`prune_export.cli` that imports all of exporter, graph_passes and
+engines: it exports the graphs (exporter), runs the pass pipeline and census (graph_passes), runs them
+(engines) and checks them against the PyTorch executor (exporter). Every default lives in
+:class:`BuildSettings`.
+
+A build is written into ``.<name>.partial-<pid>`` next to the output directory and renamed into place only
+once every graph is exported, optimized and checked and ``manifest.json`` is written, so a failed build
+never leaves a directory that looks complete. A build that fails its parity check is kept as
+``<name>.failed`` (graphs plus ``check_report.json``, no manifest) for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BuildError
+from .manifest import CheckOutput, CheckReport, GraphEntry, Manifest, TensorSpec
+from .ops import Operation
+from .plan import AutoPruneSection, FixedScheduleSection
+
+Log = Callable[[str], None]
+
+#: Parity tolerance (max abs difference of logits and KV caches) per precision.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2e-1}
+#: Prompts of the parity check: two images and two question lengths, run by one graph without re-export.
+CHECK_PROMPTS = (
+    (0, "What color is the square?"),
+    (1, "How many dogs are there in this picture, and where are they standing? Answer in one sentence."),
+)
+CHECK_INPUTS = "check_inputs.npz"
+CHECK_REPORT = "check_report.json"
+PREFILL_INPUTS = ("sys_embeds", "image_embeds", "text_embeds", "cls_attention")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Every default of a build.
+
+    Attributes:
+        target: ``onnxruntime`` or ``tensorrt`` (TensorRT graphs are linted; AutoPrune is split so the keep
+            counts reach TopK as a shape tensor).
+        dtype: precision written into the files (``fp16``/``bf16`` via the cast pass, fp32 islands kept).
+        opset: ONNX opset of the export.
+        max_sys_tokens / max_text_tokens: upper bounds of the two dynamic prompt lengths (TensorRT
+            profiles, manifest shape ranges).
+        opt_text_tokens: the profile's optimum text length.
+        max_batch: largest image batch of the vision graph.
+        check: run the parity check (``--skip-check`` turns it off).
+        provider: ONNX Runtime provider of the check (``auto``: CUDA when it really runs, else CPU).
+        overwrite: replace an existing build directory.
+    """
+
+    target: str = "onnxruntime"
+    dtype: str = "fp32"
+    opset: int = 20
+    max_sys_tokens: int = 1024
+    max_text_tokens: int = 4096
+    opt_text_tokens: int = 64
+    max_batch: int = 16
+    check: bool = True
+    provider: str = "auto"
+    overwrite: bool = False
+    check_prompts: tuple[tuple[int, str], ...] = field(default=CHECK_PROMPTS)
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    """What gets baked: static operations, the token section, and where they came from."""
+
+    ops: frozenset[Operation] = frozenset()
+    tokens: AutoPruneSection | FixedScheduleSection | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("prune-export", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime-gpu",
+                 "onnxruntime", "polygraphy"):  # fmt: skip
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    from engines.tensorrt import tensorrt_version
+
+    out["tensorrt"] = tensorrt_version()
+    return out
+
+
+def _tensor_specs(values: Any) -> list[TensorSpec]:
+    import onnx
+
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims: list[int | str] = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        out.append(TensorSpec(name=v.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, shape=dims))
+    return out
+
+
+def _graph_entry(path: Path) -> GraphEntry:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    data = path.with_name(path.name + ".data")
+    return GraphEntry(
+        file=path.name,
+        inputs=_tensor_specs(model.graph.input),
+        outputs=_tensor_specs(model.graph.output),
+        external_data=data.name if data.exists() else None,
+    )
+
+
+def _optimize(path: Path, target: str, dtype: str, bounds: Mapping[str, Any], log: Log) -> list[dict[str, Any]]:
+    """Run the graph_passes pipeline on ``path`` in place; return one report line per pass."""
+    import onnx_ir as ir
+
+    from exporter.onnx_export import save_for_ort
+    from graph_passes import PassManager, default_pipeline
+
+    model = ir.load(str(path))
+    used = {d.value for v in model.graph.inputs for d in (v.shape or []) if isinstance(d, ir.SymbolicDim)}
+    used |= {v.name for v in model.graph.inputs}
+    result = PassManager(default_pipeline(target, dtype, {k: b for k, b in bounds.items() if k in used})).run(model)
+    save_for_ort(ir.serde.serialize_model(result.model), path)
+    changed = [r.name for r in result.reports if r.modified]
+    log(f"  passes on {path.name}: {', '.join(r.name for r in result.reports)} (changed: {', '.join(changed) or 'none'})")
+    return [{"graph": path.stem, "pass": r.name, "modified": r.modified, "seconds": round(r.seconds, 3)}
+            for r in result.reports]  # fmt: skip
+
+
+def _check_image(seed: int) -> Any:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(90, 120, 3) * 255).astype("uint8"))
+
+
+def _policy(choice: PlanChoice, spec: Any) -> Any:
+    from exporter.autoprune_policy import AutoPrunePolicy
+    from exporter.executor import FixedKeepPolicy
+
+    tokens = choice.tokens
+    if isinstance(tokens, AutoPruneSection):
+        return AutoPrunePolicy(tokens, spec, mode="table")  # what the graph does: the schedule table
+    if isinstance(tokens, FixedScheduleSection):
+        return FixedKeepPolicy.from_stages([tuple(s) for s in tokens.stages], tokens.positions)
+    return None
+
+
+def _sorted_cache(out: Mapping[str, np.ndarray], layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's K and V from the graph in position order (the executor's order; stable for merged ties)."""
+    order = np.argsort(out[f"present.{layer}.position"][0], kind="stable")
+    return out[f"present.{layer}.key"][0][:, order], out[f"present.{layer}.value"][0][:, order]
+
+
+# -- build ---------------------------------------------------------------------------------------------
+def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSettings, log: Log) -> Manifest:
+    """Export, optimize, check and write one build directory; returns its manifest."""
+    from exporter.adapters import load_adapter
+    from graph_passes import TARGETS
+    from graph_passes.cast import FLOAT_DTYPES
+
+    if settings.target not in TARGETS:
+        raise BuildError(f"unknown target {settings.target!r}; expected one of {list(TARGETS)}")
+    if settings.dtype not in FLOAT_DTYPES:
+        raise BuildError(f"unknown dtype {settings.dtype!r}; expected one of {sorted(FLOAT_DTYPES)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not settings.overwrite:
+        raise BuildError(
+            f"{out_dir} already exists and is not empty; pass --overwrite to replace it, or choose another --out"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        manifest = _build_into(model_dir, work, out_dir, choice, settings, log, load_adapter)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(work, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out_dir)
+    return manifest
+
+
+def _build_into(
+    model_dir: Path, work: Path, out_dir: Path, choice: PlanChoice, settings: BuildSettings, log: Log,
+    load_adapter: Callable[..., Any],
+) -> Manifest:  # fmt: skip
+    import torch
+
+    from exporter.baked import AutoPruneBake
+    from exporter.onnx_export import OnnxFromPlan, VisionOnnxFromAdapter
+
+    start = time.perf_counter()
+    adapter = load_adapter(model_dir)
+    spec = adapter.spec
+    tokens = choice.tokens
+    bake = None
+    keep_stages: dict[int, int] = {}
+    positions = "original"
+    if isinstance(tokens, AutoPruneSection):
+        score_dtype = torch.float32 if settings.target == "tensorrt" else torch.float64
+        bake = AutoPruneBake.for_model(tokens, spec.num_layers, spec.visual_tokens, score_dtype)
+    elif isinstance(tokens, FixedScheduleSection):
+        keep_stages = {int(layer): int(count) for layer, count in tokens.stages}
+        positions = tokens.positions
+    split = bake is not None and settings.target == "tensorrt"
+
+    def exporter(part: str) -> OnnxFromPlan:
+        return OnnxFromPlan(
+            adapter, choice.ops, keep_stages, opset=settings.opset, max_sys_tokens=settings.max_sys_tokens,
+            max_text_tokens=settings.max_text_tokens, positions=positions, autoprune=bake, part=part,
+        )  # fmt: skip
+
+    parts = {"prefill_head": "head", "prefill_tail": "tail"} if split else {"prefill": "full"}
+    log(f"exporting vision.onnx (vision tower + projector, dynamic batch up to {settings.max_batch})")
+    VisionOnnxFromAdapter(adapter, opset=settings.opset, max_batch=settings.max_batch)(work / "vision.onnx")
+    for name, part in parts.items():
+        t0 = time.perf_counter()
+        log(f"exporting {name}.onnx ({len(choice.ops)} pruned operations, token section: "
+            f"{tokens.kind if tokens else 'none'})")  # fmt: skip
+        exporter(part)(work / f"{name}.onnx")
+        log(f"  exported in {time.perf_counter() - t0:.1f} s")
+
+    bounds: dict[str, Any] = {
+        "batch": (1, 1, settings.max_batch),
+        "sys_len": (1, min(35, settings.max_sys_tokens), settings.max_sys_tokens),
+        "text_len": (1, min(settings.opt_text_tokens, settings.max_text_tokens), settings.max_text_tokens),
+    }
+    if split:
+        bounds["keep_counts"] = (0, spec.visual_tokens, spec.visual_tokens)
+        bounds["merged_counts"] = (0, spec.visual_tokens, spec.visual_tokens)
+    passes: list[dict[str, Any]] = []
+    for name in ["vision", *parts]:
+        passes += _optimize(work / f"{name}.onnx", settings.target, settings.dtype, bounds, log)
+
+    autoprune_doc = None
+    if bake is not None:
+        from prune_export.io import atomic_write_json
+
+        atomic_write_json(work / "schedule_table.json", bake.table.to_dict())
+        autoprune_doc = {**bake.section.model_dump(), "n0": bake.n0, "table": "schedule_table.json",
+                         "score_dtype": str(bake.score_dtype).removeprefix("torch.")}  # fmt: skip
+    graphs = {name: _graph_entry(work / f"{name}.onnx") for name in ["vision", *parts]}
+    manifest_base = dict(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model={"path": str(Path(model_dir).resolve()), "fingerprint": spec.fingerprint(), **spec.__dict__},
+        plan=choice.info,
+        dtype=settings.dtype,
+        target=settings.target,
+        prefill_layout="split" if split else "single",
+        graphs=graphs,
+        shape_ranges={k: list(v) for k, v in bounds.items()},
+        autoprune=autoprune_doc,
+        passes=passes,
+        versions=_versions(),
+    )
+    provisional = Manifest(flops={}, check=CheckReport(status="skipped"), **manifest_base)
+    provisional.save(work)  # engines read the graph list from it; replaced below, renamed in last
+    check, flops = _check(adapter, work, provisional, choice, settings, log)
+    manifest = Manifest(flops=flops, check=check, **manifest_base)
+    if check.status == "failed":
+        (work / "manifest.json").unlink()
+        (work / CHECK_REPORT).write_text(json.dumps(check.model_dump(mode="json"), indent=2) + "\n")
+        failed = out_dir.with_name(out_dir.name + ".failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(work, failed)
+        work.mkdir()  # build() removes it
+        bad = [o for o in check.outputs if not o.ok]
+        lines = "\n".join(f"  {o.name}: max abs diff {o.max_abs_diff:.3g} > tolerance {o.tolerance:g}" for o in bad[:12])
+        more = f"\n  ... and {len(bad) - 12} more" if len(bad) > 12 else ""
+        token = "" if check.same_next_token else "\n  the greedy next token differs"
+        raise BuildError(
+            f"the exported graphs do not match the PyTorch executor ({settings.dtype}, provider {check.provider}):\n"
+            f"{lines}{more}{token}\nthe graphs and {CHECK_REPORT} are kept in {failed} for inspection; "
+            "rebuild with --skip-check only if you know why they differ"
+        )
+    manifest.save(work)
+    log(f"build finished in {time.perf_counter() - start:.1f} s")
+    return manifest
+
+
+def _check(
+    adapter: Any, work: Path, manifest: Manifest, choice: PlanChoice, settings: BuildSettings, log: Log
+) -> tuple[CheckReport, dict[str, Any]]:
+    """Parity of vision and prefill against the executor, and census FLOPs against the cost model."""
+    import torch
+
+    from engines.onnxruntime import OrtRunner, SessionFromOnnx
+    from engines.prefill import PrefillRunner
+    from exporter.baked import BakedPrefill
+    from exporter.executor import PlanExecutor
+    from exporter.sample import build_sample
+
+    spec = adapter.spec
+    tolerance = TOLERANCE[settings.dtype]
+    lm_head = 2 * spec.hidden_size * spec.vocab_size  # the graph's one logits row; the cost model leaves it out
+    executor = PlanExecutor(adapter)
+    policy = _policy(choice, spec)
+    samples = []
+    pixels = []
+    for seed, question in settings.check_prompts:
+        tokens = adapter.tokenize(_check_image(seed), question)
+        vision = adapter.vision(tokens.pixel_values)
+        pixels.append(tokens.pixel_values)
+        samples.append(build_sample(adapter, tokens.input_ids, tokens.image_start, tokens.image_end,
+                                    vision.features[0], vision.cls_attention[0]))  # fmt: skip
+    feeds = [
+        dict(zip(PREFILL_INPUTS, (x.float().numpy() for x in BakedPrefill.inputs_from_sample(s)), strict=True))
+        for s in samples
+    ]
+    np.savez(work / CHECK_INPUTS, pixel_values=pixels[0].float().numpy(), **feeds[0])
+    flops = _flops_doc(spec, choice, samples, executor, policy, lm_head)
+    if not settings.check:
+        log("parity check skipped (--skip-check)")
+        return CheckReport(status="skipped"), flops
+
+    log(f"checking against the PyTorch executor on {len(samples)} prompts (tolerance {tolerance:g})")
+    results: dict[str, float] = {}
+
+    def record(name: str, diff: float) -> None:
+        results[name] = max(results.get(name, 0.0), diff)
+
+    vision = OrtRunner(SessionFromOnnx(work / "vision.onnx", provider=settings.provider)())
+    batch = torch.cat(pixels)
+    ref = adapter.vision(batch)
+    got = vision.infer({"pixel_values": batch.float().numpy().astype(_input_dtype(vision, "pixel_values"))})
+    record("vision.image_features", float(np.abs(got["image_features"].astype(np.float64) - ref.features.double().numpy()).max()))
+    record("vision.cls_attention", float(np.abs(got["cls_attention"].astype(np.float64) - ref.cls_attention.double().numpy()).max()))
+
+    prefill = PrefillRunner(work, provider=settings.provider, manifest=manifest)
+    same_token = True
+    graph_flops = []
+    for sample, feed in zip(samples, feeds, strict=True):
+        result = executor.prefill(sample, choice.ops, policy)
+        out = prefill.infer(_cast_feeds(prefill, feed))
+        logits = out["logits"][0].astype(np.float64)
+        record("logits", float(np.abs(logits - result.logits.double().numpy()).max()))
+        same_token &= int(logits.argmax()) == int(result.logits.argmax())
+        assert result.cache is not None
+        for layer, cache in enumerate(result.cache):
+            keys, values = _sorted_cache(out, layer)
+            if keys.shape != tuple(cache.keys.shape):
+                record(f"present.{layer}.key", float("inf"))
+                continue
+            record(f"present.{layer}.key", float(np.abs(keys.astype(np.float64) - cache.keys.double().numpy()).max()))
+            record(f"present.{layer}.value", float(np.abs(values.astype(np.float64) - cache.values.double().numpy()).max()))
+        if policy is not None and hasattr(result.policy, "decision"):
+            decision = result.policy.decision
+            if list(out["autoprune.keep"]) != list(decision.schedule.keep):
+                record("autoprune.keep", float("inf"))
+        graph_flops.append(_graph_flops(work, prefill, manifest, feed))
+        expected = result.flops + lm_head
+        record("census_flops_relative", abs(graph_flops[-1] - expected) / expected)
+    outputs = [
+        CheckOutput(name=name, max_abs_diff=diff, tolerance=0.01 if name == "census_flops_relative" else tolerance,
+                    ok=diff <= (0.01 if name == "census_flops_relative" else tolerance))
+        for name, diff in results.items()
+    ]  # fmt: skip
+    ok = all(o.ok for o in outputs) and same_token
+    worst = max((o for o in outputs if o.name != "census_flops_relative"), key=lambda o: o.max_abs_diff)
+    log(f"  {'passed' if ok else 'FAILED'} on {prefill.provider}: logits max abs diff {results['logits']:.3g}, "
+        f"worst output {worst.name} {worst.max_abs_diff:.3g}, same next token: {same_token}")  # fmt: skip
+    flops["graph_per_check_prompt"] = graph_flops
+    report = CheckReport(
+        status="passed" if ok else "failed", provider=prefill.provider, samples=len(samples),
+        tolerance=tolerance, same_next_token=same_token, outputs=outputs,
+    )  # fmt: skip
+    return report, flops
+
+
+def _input_dtype(runner: Any, name: str) -> Any:
+    return runner.input_metadata()[name][0]
+
+
+def _cast_feeds(prefill: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds in the dtypes the (possibly fp16/bf16) graph declares."""
+    first = prefill.runners.get("prefill") or prefill.runners["head"]
+    meta = first.input_metadata()
+    return {k: v.astype(meta[k][0]) if k in meta else v for k, v in feed.items()}
+
+
+def _flops_doc(spec: Any, choice: PlanChoice, samples: list[Any], executor: Any, policy: Any, lm_head: int) -> dict[str, Any]:
+    """What the plan promises: the ladder ratio at the reference prompt, and the executed check prompts."""
+    from prune_export.cost import prefill_flops
+
+    doc: dict[str, Any] = {"static_ratio": choice.info.get("flops_ratio", 1.0), "lm_head_row": lm_head}
+    per = []
+    for s in samples:
+        result = executor.prefill(s, choice.ops, policy, with_cache=False)
+        dense = prefill_flops(spec, s.sizes)
+        per.append({"tokens": s.num_tokens, "dense": dense, "executed": result.flops, "ratio": result.flops / dense})
+    doc["check_prompts"] = per
+    return doc
+
+
+def _graph_flops(build_dir: Path, prefill: Any, manifest: Manifest, feed: Mapping[str, np.ndarray]) -> int:
+    """Matmul FLOPs of the prefill graph(s) for these inputs, counted from the graph itself."""
+    from graph_passes import census
+
+    feed = _cast_feeds(prefill, feed)
+    if manifest.prefill_layout == "single":
+        return census(build_dir / "prefill.onnx", input_values=feed).matmul_flops
+    head_out = prefill.runners["head"].infer(feed)
+    keep, merged = prefill.schedule_for(float(head_out["autoprune.complexity"].reshape(-1)[0]))
+    tail_feed = {k: v for k, v in head_out.items() if k.startswith("tail.")}
+    tail_feed.update(keep_counts=keep, merged_counts=merged)
+    return (census(build_dir / "prefill_head.onnx", input_values=feed).matmul_flops
+            + census(build_dir / "prefill_tail.onnx", input_values=tail_feed).matmul_flops)  # fmt: skip
+
+
+# -- inspect -------------------------------------------------------------------------------------------
+def load_check_inputs(build_dir: Path) -> dict[str, np.ndarray]:
+    path = Path(build_dir) / CHECK_INPUTS
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except OSError as exc:
+        raise BuildError(f"cannot read {path}: {exc}; rebuild the directory with `prune-export build`") from None
+
+
+def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Prefill inputs: the build's check prompt, or with ``text_tokens`` text rows drawn like its embeddings."""
+    base = load_check_inputs(build_dir)
+    feed = {k: base[k] for k in PREFILL_INPUTS}
+    if text_tokens is not None:
+        if text_tokens < 1:
+            raise BuildError(f"--text-tokens must be >= 1, got {text_tokens}")
+        rng = np.random.default_rng(seed)
+        txt = feed["text_embeds"]
+        std = float(txt.std()) or 1.0
+        feed["text_embeds"] = (rng.standard_normal((1, text_tokens, txt.shape[2])) * std).astype(txt.dtype)
+    return feed
+
+
+def inspect_build(build_dir: Path, text_tokens: int | None = None) -> dict[str, Any]:
+    """Op counts and matmul FLOPs of the prefill graph(s) for one prompt, computed from the graphs."""
+    import onnx
+
+    from engines.prefill import PrefillRunner
+
+    manifest = Manifest.load(build_dir)
+    feed = prompt_feeds(build_dir, text_tokens)
+    prefill = PrefillRunner(build_dir, provider="cpu", manifest=manifest)
+    names = ["prefill"] if manifest.prefill_layout == "single" else ["prefill_head", "prefill_tail"]
+    op_counts: dict[str, dict[str, int]] = {}
+    counts_total: dict[str, int] = {}
+    flops = _graph_flops(Path(build_dir), prefill, manifest, feed)
+    for name in names:
+        model = onnx.load(str(manifest.graph_path(build_dir, name)), load_external_data=False)
+        counts: dict[str, int] = {}
+        for node in model.graph.node:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            counts[key] = counts.get(key, 0) + 1
+        op_counts[name] = dict(sorted(counts.items()))
+        for k, v in counts.items():
+            counts_total[k] = counts_total.get(k, 0) + v
+    out = prefill.infer(_cast_feeds(prefill, feed))
+    kv = [int(out[f"present.{layer}.key"].shape[2]) for layer in range(manifest.model["num_layers"])]
+    sys_len, txt_len = feed["sys_embeds"].shape[1], feed["text_embeds"].shape[1]
+    doc: dict[str, Any] = {
+        "build": str(build_dir),
+        "target": manifest.target,
+        "dtype": manifest.dtype,
+        "prefill_layout": manifest.prefill_layout,
+        "prompt": {"sys_tokens": int(sys_len), "visual_tokens": int(feed["image_embeds"].shape[1]),
+                   "text_tokens": int(txt_len)},  # fmt: skip
+        "matmul_flops": int(flops),
+        "kv_tokens_per_layer": kv,
+        "op_counts": dict(sorted(counts_total.items())),
+        "op_counts_per_graph": op_counts,
+        "plan": manifest.plan,
+    }
+    if "autoprune.keep" in out:
+        doc["autoprune"] = {"complexity": float(out["autoprune.complexity"].reshape(-1)[0]),
+                            "keep": [int(x) for x in out["autoprune.keep"]],
+                            "merged": [int(x) for x in out["autoprune.merged"]]}  # fmt: skip
+    return doc
+
+
+# -- bench ---------------------------------------------------------------------------------------------
+def bench_builds(
+    pruned_dir: Path, dense_dir: Path, *, runs: int, warmup: int, provider: str, threads: int | None,
+    text_tokens: int | None, progress: Callable[[int, int], None] | None = None,
+) -> Any:  # fmt: skip
+    """Interleaved prefill latency of two builds on the same inputs, next to their graph FLOPs."""
+    from engines.benchmark import SpeedupReport, compare_latency
+    from engines.prefill import PrefillRunner
+
+    pruned_m, dense_m = Manifest.load(pruned_dir), Manifest.load(dense_dir)
+    if pruned_m.model["fingerprint"] != dense_m.model["fingerprint"]:
+        raise BuildError(
+            f"{pruned_dir} and {dense_dir} were built from different models (fingerprints "
+            f"{pruned_m.model['fingerprint']} and {dense_m.model['fingerprint']}); build the baseline from the same model"
+        )
+    feed = prompt_feeds(pruned_dir, text_tokens)
+    pruned = PrefillRunner(pruned_dir, provider=provider, threads=threads, manifest=pruned_m)  # type: ignore[arg-type]
+    dense = PrefillRunner(dense_dir, provider=provider, threads=threads, manifest=dense_m)  # type: ignore[arg-type]
+    if pruned.provider != dense.provider:
+        raise BuildError(f"the two builds run on different providers ({pruned.provider} vs {dense.provider})")
+    pruned_feed, dense_feed = _cast_feeds(pruned, feed), _cast_feeds(dense, feed)
+    dense_flops = _graph_flops(Path(dense_dir), dense, dense_m, feed)
+    pruned_flops = _graph_flops(Path(pruned_dir), pruned, pruned_m, feed)
+    dense_stats, pruned_stats = compare_latency(
+        lambda: dense.infer(dense_feed), lambda: pruned.infer(pruned_feed), runs=runs, warmup=warmup, progress=progress
+    )
+    meta = {
+        "prompt_tokens": int(feed["sys_embeds"].shape[1] + feed["image_embeds"].shape[1] + feed["text_embeds"].shape[1]),
+        "threads": threads,
+        "pruned_build": str(pruned_dir),
+        "dense_build": str(dense_dir),
+        "dtype": pruned_m.dtype,
+    }
+    return SpeedupReport(dense_stats, pruned_stats, dense_flops, pruned_flops, pruned.provider, meta)
