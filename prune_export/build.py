@@ -502,8 +502,13 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None) -> dict[str, 
 def bench_builds(
     pruned_dir: Path, dense_dir: Path, *, runs: int, warmup: int, provider: str, threads: int | None,
     text_tokens: int | None, progress: Callable[[int, int], None] | None = None,
+    feed: Mapping[str, np.ndarray] | None = None,
 ) -> Any:  # fmt: skip
-    """Interleaved prefill latency of two builds on the same inputs, next to their graph FLOPs."""
+    """Interleaved prefill latency of two builds on the same inputs, next to their graph FLOPs.
+
+    The inputs are ``feed`` when given, else the pruned build's check prompt (``text_tokens``: with that many
+    text rows instead).
+    """
     from engines.benchmark import SpeedupReport, compare_latency
     from engines.prefill import PrefillRunner
 
@@ -513,7 +518,7 @@ def bench_builds(
             f"{pruned_dir} and {dense_dir} were built from different models (fingerprints "
             f"{pruned_m.model['fingerprint']} and {dense_m.model['fingerprint']}); build the baseline from the same model"
         )
-    feed = prompt_feeds(pruned_dir, text_tokens)
+    feed = dict(feed) if feed is not None else prompt_feeds(pruned_dir, text_tokens)
     pruned = PrefillRunner(pruned_dir, provider=provider, threads=threads, manifest=pruned_m)  # type: ignore[arg-type]
     dense = PrefillRunner(dense_dir, provider=provider, threads=threads, manifest=dense_m)  # type: ignore[arg-type]
     if pruned.provider != dense.provider:

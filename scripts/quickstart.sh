@@ -35,3 +35,16 @@ prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --keep-schedule 1:4
 echo "== 8. AutoPrune: the schedule for T=4 at k=0.2, then eval with per-sample schedules"
 prune-export autoprune-schedule "$OUT/model" --tokens 4 --k 0.2
 prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --autoprune-tokens 4 --max-new-tokens 4
+
+echo "== 9. bake: dense and pruned builds (export, graph passes, parity check against the executor)"
+prune-export build "$OUT/model" --out "$OUT/build-dense" --overwrite
+prune-export build "$OUT/model" --out "$OUT/build-plan" --plan "$OUT/plan.json" --budget 0.8 --overwrite
+prune-export build "$OUT/model" --out "$OUT/build-autoprune" --autoprune-tokens 4 --overwrite
+prune-export build "$OUT/model" --out "$OUT/build-autoprune-trt" --autoprune-tokens 4 --target tensorrt --overwrite
+
+echo "== 10. what is in a build, counted from the graph"
+prune-export inspect "$OUT/build-plan"
+prune-export inspect "$OUT/build-autoprune-trt"
+
+echo "== 11. measured prefill latency, pruned vs dense, on ONNX Runtime (tiny model: overhead-bound)"
+prune-export bench "$OUT/build-autoprune" --baseline "$OUT/build-dense" --runs 5
