@@ -276,8 +276,9 @@ def recycle_tokens(candidates: torch.Tensor, n_clusters: object) -> torch.Tensor
 
     The traceable twin of :func:`prune_export.autoprune.recycle` after its candidate choice: the same
     density, distance-to-denser, centre ranking, nearest-centre assignment and tie rules, computed in the
-    candidates' dtype without data-dependent branches (``n = 1`` and ``n_clusters = 0`` fall out of the
-    arithmetic). Returns ``[n_clusters, d]`` ordered by centre index.
+    candidates' dtype without data-dependent branches: ``n = 0``, ``n = 1`` and ``n_clusters = 0`` fall out
+    of the arithmetic (an extra column of +inf stands for "no denser point" and "no centre", so no
+    reduction runs over an empty axis). Returns ``[n_clusters, d]`` ordered by centre index.
     """
     n, dim = candidates.shape[0], candidates.shape[1]
     x = candidates
@@ -285,7 +286,7 @@ def recycle_tokens(candidates: torch.Tensor, n_clusters: object) -> torch.Tensor
     dist = torch.sqrt((diff * diff).sum(dim=-1)) / math.sqrt(max(dim, 1))
     idx = torch.arange(n, device=x.device)
     eye = idx.unsqueeze(1) == idx.unsqueeze(0)
-    neighbours = torch.sym_min(DPC_NEIGHBOURS, n - 1)
+    neighbours = torch.sym_max(torch.sym_min(DPC_NEIGHBOURS, n - 1), 0)
     nearest = torch.topk(
         dist.masked_fill(eye, math.inf), neighbours, dim=1, largest=False, sorted=True
     ).values
@@ -294,13 +295,15 @@ def recycle_tokens(candidates: torch.Tensor, n_clusters: object) -> torch.Tensor
     denser = (log_rho.unsqueeze(0) > log_rho.unsqueeze(1)) | (
         (log_rho.unsqueeze(0) == log_rho.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
     )
-    delta = dist.masked_fill(~denser, math.inf).min(dim=1).values
-    delta = torch.where(torch.isinf(delta), dist.max(), delta)
+    inf_column = dist.new_full((n, 1), math.inf)
+    delta = torch.cat([dist.masked_fill(~denser, math.inf), inf_column], dim=1).min(dim=1).values
+    largest = torch.cat([dist.reshape(-1), dist.new_zeros(1)]).max()  # distances are >= 0
+    delta = torch.where(torch.isinf(delta), largest, delta)
     score = log_rho + torch.log(delta)
     centres = _ascending(_rank(score, n_clusters))
     to_centre = dist.index_select(1, centres)  # [n, c]
     own = idx.unsqueeze(1) == centres.unsqueeze(0)  # each centre joins its own cluster
-    assignment = torch.argmin(torch.where(own, -1.0, to_centre), dim=1)
+    assignment = torch.argmin(torch.cat([torch.where(own, -1.0, to_centre), inf_column], dim=1), dim=1)
     cluster = torch.arange(centres.shape[0], device=x.device)
     members = (assignment.unsqueeze(0) == cluster.unsqueeze(1)).to(x.dtype)  # [c, n]
     total = (members.unsqueeze(2) * x.unsqueeze(0)).sum(dim=1)  # no MatMul: not decoder work
@@ -576,17 +579,16 @@ class BakedPrefill(nn.Module):
         lengths = [st.s if b is SYS else st.t if b is TXT else static[b] for b in lay.blocks]
         ranges = {m: _ranges(lengths, lay.kept[m]) for m in MODULES}
 
-        x = parts.attn_norm(h)
-        # K/V of the tokens that give them (post-RoPE, as cached).
-        r_kv = ranges[Module.KV]
-        xk = _take(x, r_kv)
+        # K/V of the tokens that give them (post-RoPE, as cached). The norm is per row: normalise only
+        # the rows some projection reads.
+        r_kv, r_q = ranges[Module.KV], ranges[Module.Q]
+        xk = parts.attn_norm(_take(h, r_kv))
         pos_kv = _take(positions, r_kv)
         k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), _take(cos, r_kv), _take(sin, r_kv))
         v = self._heads(parts.v_proj(xk), spec.num_kv_heads)
         outputs += [k.unsqueeze(0), v.unsqueeze(0), pos_kv.unsqueeze(0)]
 
-        r_q = ranges[Module.Q]
-        xq = _take(x, r_q)
+        xq = xk if lay.kept[Module.Q] == lay.kept[Module.KV] else parts.attn_norm(_take(h, r_q))
         pos_q = _take(positions, r_q)
         q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), _take(cos, r_q), _take(sin, r_q))
         n_q = q.shape[1]
