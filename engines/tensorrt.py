@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from prune_export.errors import BuildError
+from prune_export.io import atomic_write_bytes
 
 __all__ = [
     "EngineFromOnnx",
@@ -271,21 +271,6 @@ def engine_from_onnx(
     )()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the whole new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class SaveEngine:
     """Loader: write a serialized engine to ``path`` atomically and pass the engine on.
 
@@ -302,7 +287,7 @@ class SaveEngine:
         data = self.engine() if callable(self.engine) else self.engine
         if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
             raise BuildError(f"refusing to write an empty or non-bytes engine to {self.path}")
-        _atomic_write_bytes(self.path, bytes(data))
+        atomic_write_bytes(self.path, bytes(data))
         return bytes(data)
 
 

@@ -13,7 +13,6 @@ never leaves a directory that looks complete. A build that fails its parity chec
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BuildError
+from .io import atomic_write_json
 from .manifest import CheckOutput, CheckReport, GraphEntry, Manifest, TensorSpec
 from .ops import Operation
 from .plan import AutoPruneSection, FixedScheduleSection
@@ -256,8 +256,6 @@ def _build_into(
 
     autoprune_doc = None
     if bake is not None:
-        from prune_export.io import atomic_write_json
-
         atomic_write_json(work / "schedule_table.json", bake.table.to_dict())
         autoprune_doc = {**bake.section.model_dump(), "n0": bake.n0, "table": "schedule_table.json",
                          "score_dtype": str(bake.score_dtype).removeprefix("torch.")}  # fmt: skip
@@ -281,7 +279,7 @@ def _build_into(
     manifest = Manifest(flops=flops, check=check, **manifest_base)
     if check.status == "failed":
         (work / "manifest.json").unlink()
-        (work / CHECK_REPORT).write_text(json.dumps(check.model_dump(mode="json"), indent=2) + "\n")
+        atomic_write_json(work / CHECK_REPORT, check.model_dump(mode="json"))
         failed = out_dir.with_name(out_dir.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)
         os.replace(work, failed)
