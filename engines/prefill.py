@@ -68,8 +68,12 @@ class PrefillRunner:
 
     @property
     def input_names(self) -> list[str]:
+        return list(self.input_metadata())
+
+    def input_metadata(self) -> dict[str, tuple[np.dtype, tuple[int | str, ...]]]:
+        """The prompt inputs (of ``prefill``, or of ``prefill_head`` for a split build)."""
         first = self.runners.get("prefill") or self.runners["head"]
-        return list(first.input_metadata())
+        return first.input_metadata()
 
     def schedule_for(self, complexity: float) -> tuple[np.ndarray, np.ndarray]:
         """``keep_counts``/``merged_counts`` for a prompt whose layer-1 complexity is ``complexity``."""
@@ -78,14 +82,19 @@ class PrefillRunner:
         row = self.table.lookup(steepness(float(complexity), section["k0"], section["gamma"]))
         return np.asarray(row.keep, dtype=np.int64), np.asarray(row.merged, dtype=np.int64)
 
+    def run_head(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Steps 1-2 of the split contract: the head's outputs, and the tail's feeds (state plus schedule)."""
+        head = self.runners["head"].infer(feeds)
+        keep, merged = self.schedule_for(float(head["autoprune.complexity"].reshape(-1)[0]))
+        tail_feeds = {name: value for name, value in head.items() if name.startswith("tail.")}
+        tail_feeds.update(keep_counts=keep, merged_counts=merged)
+        return head, tail_feeds
+
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "prefill" in self.runners:
             return self.runners["prefill"].infer(feeds)
-        head = self.runners["head"].infer(feeds)
-        keep, merged = self.schedule_for(float(head["autoprune.complexity"].reshape(-1)[0]))
-        tail_feeds = {name: head[name] for name in head if name.startswith("tail.")}
-        tail = self.runners["tail"].infer({**tail_feeds, "keep_counts": keep, "merged_counts": merged})
+        head, tail_feeds = self.run_head(feeds)
         out = {name: value for name, value in head.items() if not name.startswith("tail.")}
-        out.update(tail)
-        out["autoprune.keep"], out["autoprune.merged"] = keep, merged
+        out.update(self.runners["tail"].infer(tail_feeds))
+        out["autoprune.keep"], out["autoprune.merged"] = tail_feeds["keep_counts"], tail_feeds["merged_counts"]
         return out

@@ -42,6 +42,8 @@ CHECK_PROMPTS = (
 )
 CHECK_INPUTS = "check_inputs.npz"
 CHECK_REPORT = "check_report.json"
+#: Largest relative difference between the graph's census FLOPs and the executor's count.
+CENSUS_TOLERANCE = 0.01
 PREFILL_INPUTS = ("sys_embeds", "image_embeds", "text_embeds", "cls_attention")
 
 
@@ -132,9 +134,8 @@ def _optimize(path: Path, target: str, dtype: str, bounds: Mapping[str, Any], lo
     from graph_passes import PassManager, default_pipeline
 
     model = ir.load(str(path))
-    used = {d.value for v in model.graph.inputs for d in (v.shape or []) if isinstance(d, ir.SymbolicDim)}
-    used |= {v.name for v in model.graph.inputs}
-    result = PassManager(default_pipeline(target, dtype, {k: b for k, b in bounds.items() if k in used})).run(model)
+    # One bounds dict serves every graph: the bound-shapes pass ignores names a graph does not use.
+    result = PassManager(default_pipeline(target, dtype, bounds)).run(model)
     save_for_ort(ir.serde.serialize_model(result.model), path)
     changed = [r.name for r in result.reports if r.modified]
     log(f"  passes on {path.name}: {', '.join(r.name for r in result.reports)} (changed: {', '.join(changed) or 'none'})")
@@ -262,7 +263,7 @@ def _build_into(
     graphs = {name: _graph_entry(work / f"{name}.onnx") for name in ["vision", *parts]}
     manifest_base = dict(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        model={"path": str(Path(model_dir).resolve()), "fingerprint": spec.fingerprint(), **spec.__dict__},
+        model={"path": str(Path(model_dir).resolve()), "fingerprint": spec.fingerprint(), **spec.to_json()},
         plan=choice.info,
         dtype=settings.dtype,
         target=settings.target,
@@ -328,7 +329,8 @@ def _check(
         for s in samples
     ]
     np.savez(work / CHECK_INPUTS, pixel_values=pixels[0].float().numpy(), **feeds[0])
-    flops = _flops_doc(spec, choice, samples, executor, policy, lm_head)
+    references = [executor.prefill(s, choice.ops, policy) for s in samples]
+    flops = _flops_doc(spec, choice, samples, references, lm_head)
     if not settings.check:
         log("parity check skipped (--skip-check)")
         return CheckReport(status="skipped"), flops
@@ -342,15 +344,15 @@ def _check(
     vision = OrtRunner(SessionFromOnnx(work / "vision.onnx", provider=settings.provider)())
     batch = torch.cat(pixels)
     ref = adapter.vision(batch)
-    got = vision.infer({"pixel_values": batch.float().numpy().astype(_input_dtype(vision, "pixel_values"))})
+    pixel_dtype = vision.input_metadata()["pixel_values"][0]
+    got = vision.infer({"pixel_values": batch.float().numpy().astype(pixel_dtype)})
     record("vision.image_features", float(np.abs(got["image_features"].astype(np.float64) - ref.features.double().numpy()).max()))
     record("vision.cls_attention", float(np.abs(got["cls_attention"].astype(np.float64) - ref.cls_attention.double().numpy()).max()))
 
     prefill = PrefillRunner(work, provider=settings.provider, manifest=manifest)
     same_token = True
     graph_flops = []
-    for sample, feed in zip(samples, feeds, strict=True):
-        result = executor.prefill(sample, choice.ops, policy)
+    for result, feed in zip(references, feeds, strict=True):
         out = prefill.infer(_cast_feeds(prefill, feed))
         logits = out["logits"][0].astype(np.float64)
         record("logits", float(np.abs(logits - result.logits.double().numpy()).max()))
@@ -367,14 +369,14 @@ def _check(
             decision = result.policy.decision
             if list(out["autoprune.keep"]) != list(decision.schedule.keep):
                 record("autoprune.keep", float("inf"))
-        graph_flops.append(_graph_flops(work, prefill, manifest, feed))
+        graph_flops.append(_graph_flops(prefill, feed))
         expected = result.flops + lm_head
         record("census_flops_relative", abs(graph_flops[-1] - expected) / expected)
+    limits = {name: CENSUS_TOLERANCE if name == "census_flops_relative" else tolerance for name in results}
     outputs = [
-        CheckOutput(name=name, max_abs_diff=diff, tolerance=0.01 if name == "census_flops_relative" else tolerance,
-                    ok=diff <= (0.01 if name == "census_flops_relative" else tolerance))
+        CheckOutput(name=name, max_abs_diff=diff, tolerance=limits[name], ok=diff <= limits[name])
         for name, diff in results.items()
-    ]  # fmt: skip
+    ]
     ok = all(o.ok for o in outputs) and same_token
     worst = max((o for o in outputs if o.name != "census_flops_relative"), key=lambda o: o.max_abs_diff)
     log(f"  {'passed' if ok else 'FAILED'} on {prefill.provider}: logits max abs diff {results['logits']:.3g}, "
@@ -387,44 +389,36 @@ def _check(
     return report, flops
 
 
-def _input_dtype(runner: Any, name: str) -> Any:
-    return runner.input_metadata()[name][0]
-
-
 def _cast_feeds(prefill: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Feeds in the dtypes the (possibly fp16/bf16) graph declares."""
-    first = prefill.runners.get("prefill") or prefill.runners["head"]
-    meta = first.input_metadata()
+    meta = prefill.input_metadata()
     return {k: v.astype(meta[k][0]) if k in meta else v for k, v in feed.items()}
 
 
-def _flops_doc(spec: Any, choice: PlanChoice, samples: list[Any], executor: Any, policy: Any, lm_head: int) -> dict[str, Any]:
+def _flops_doc(spec: Any, choice: PlanChoice, samples: list[Any], results: list[Any], lm_head: int) -> dict[str, Any]:
     """What the plan promises: the ladder ratio at the reference prompt, and the executed check prompts."""
     from prune_export.cost import prefill_flops
 
     doc: dict[str, Any] = {"static_ratio": choice.info.get("flops_ratio", 1.0), "lm_head_row": lm_head}
     per = []
-    for s in samples:
-        result = executor.prefill(s, choice.ops, policy, with_cache=False)
+    for s, result in zip(samples, results, strict=True):
         dense = prefill_flops(spec, s.sizes)
         per.append({"tokens": s.num_tokens, "dense": dense, "executed": result.flops, "ratio": result.flops / dense})
     doc["check_prompts"] = per
     return doc
 
 
-def _graph_flops(build_dir: Path, prefill: Any, manifest: Manifest, feed: Mapping[str, np.ndarray]) -> int:
-    """Matmul FLOPs of the prefill graph(s) for these inputs, counted from the graph itself."""
+def _graph_flops(prefill: Any, feed: Mapping[str, np.ndarray]) -> int:
+    """Matmul FLOPs of a build's prefill graph(s) for these inputs, counted from the graph itself."""
     from graph_passes import census
 
     feed = _cast_feeds(prefill, feed)
-    if manifest.prefill_layout == "single":
-        return census(build_dir / "prefill.onnx", input_values=feed).matmul_flops
-    head_out = prefill.runners["head"].infer(feed)
-    keep, merged = prefill.schedule_for(float(head_out["autoprune.complexity"].reshape(-1)[0]))
-    tail_feed = {k: v for k, v in head_out.items() if k.startswith("tail.")}
-    tail_feed.update(keep_counts=keep, merged_counts=merged)
-    return (census(build_dir / "prefill_head.onnx", input_values=feed).matmul_flops
-            + census(build_dir / "prefill_tail.onnx", input_values=tail_feed).matmul_flops)  # fmt: skip
+    graph = prefill.manifest.graph_path
+    if prefill.manifest.prefill_layout == "single":
+        return census(graph(prefill.build_dir, "prefill"), input_values=feed).matmul_flops
+    _, tail_feeds = prefill.run_head(feed)
+    return (census(graph(prefill.build_dir, "prefill_head"), input_values=feed).matmul_flops
+            + census(graph(prefill.build_dir, "prefill_tail"), input_values=tail_feeds).matmul_flops)  # fmt: skip
 
 
 # -- inspect -------------------------------------------------------------------------------------------
@@ -463,7 +457,7 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None) -> dict[str, 
     names = ["prefill"] if manifest.prefill_layout == "single" else ["prefill_head", "prefill_tail"]
     op_counts: dict[str, dict[str, int]] = {}
     counts_total: dict[str, int] = {}
-    flops = _graph_flops(Path(build_dir), prefill, manifest, feed)
+    flops = _graph_flops(prefill, feed)
     for name in names:
         model = onnx.load(str(manifest.graph_path(build_dir, name)), load_external_data=False)
         counts: dict[str, int] = {}
@@ -522,8 +516,8 @@ def bench_builds(
     if pruned.provider != dense.provider:
         raise BuildError(f"the two builds run on different providers ({pruned.provider} vs {dense.provider})")
     pruned_feed, dense_feed = _cast_feeds(pruned, feed), _cast_feeds(dense, feed)
-    dense_flops = _graph_flops(Path(dense_dir), dense, dense_m, feed)
-    pruned_flops = _graph_flops(Path(pruned_dir), pruned, pruned_m, feed)
+    dense_flops = _graph_flops(dense, feed)
+    pruned_flops = _graph_flops(pruned, feed)
     dense_stats, pruned_stats = compare_latency(
         lambda: dense.infer(dense_feed), lambda: pruned.infer(pruned_feed), runs=runs, warmup=warmup, progress=progress
     )
