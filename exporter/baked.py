@@ -57,9 +57,9 @@ from torch import nn
 from prune_export.autoprune import (
     DPC_NEIGHBOURS,
     INDEX_SLACK,
-    MI_EPS,
-    MI_RATIO_FLOOR,
     ScheduleTable,
+    complexity_i0,
+    complexity_i1,
     n0_for_budget,
 )
 from prune_export.errors import BuildError
@@ -256,19 +256,6 @@ def _count(value: torch.Tensor, upper: object) -> object:
     torch._check(n >= 0)
     torch._check(n <= upper)
     return n
-
-
-def mutual_information(attn: torch.Tensor) -> torch.Tensor:
-    """Per-head MI of text rows vs visual columns, as :func:`prune_export.autoprune.mutual_information`.
-
-    Written out again with traceable ops only (the reference raises on empty inputs); the same arithmetic in
-    the same order, so float64 results agree with the reference bit for bit.
-    """
-    tx = attn.shape[1]
-    p_xy = attn / tx
-    p_y = p_xy.sum(dim=1, keepdim=True)
-    ratio = p_xy / (p_y / tx + MI_EPS)
-    return (p_xy * torch.log2(ratio.clamp_min(MI_RATIO_FLOOR))).sum(dim=(1, 2))
 
 
 def recycle_tokens(candidates: torch.Tensor, n_clusters: object) -> torch.Tensor:
@@ -482,7 +469,7 @@ class BakedPrefill(nn.Module):
             elif lay.dynamic_after:
                 scores = vis_attn.float().mean(dim=(0, 1))
                 if layer == 1:
-                    complexity = mutual_information(vis_attn.to(ap.score_dtype)).sum()
+                    complexity = complexity_i1(vis_attn, ap.score_dtype)
                     if self.part == "head":
                         return self._head_outputs(outputs, complexity, st, scores)
                     keep_row, merged_row = self._table_row(complexity)
@@ -692,12 +679,10 @@ class BakedPrefill(nn.Module):
         ap = self.autoprune
         assert ap is not None and st.cls is not None
         attn = vis_attn.to(ap.score_dtype)
-        i0 = mutual_information(attn).mean()
+        i0 = complexity_i0(attn, ap.score_dtype)
         scores = LAYER0_TEXT_WEIGHT * i0 * attn.mean(dim=(0, 1)) + st.cls.to(ap.score_dtype)
-        n0 = min(ap.n0, self.spec.visual_tokens)
-        if n0 >= self.spec.visual_tokens:
-            return st._replace(cls=None)
-        return self._rebuild(st, self._keep(lay, st, scores, n0))
+        # Only called when N0 < V: plan_layout puts no stage after layer 0 otherwise.
+        return self._rebuild(st, self._keep(lay, st, scores, ap.n0))
 
     def _select_dynamic(
         self,
