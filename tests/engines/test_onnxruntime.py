@@ -7,42 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from engine_graphs import BIAS, IR_VERSION, WEIGHT, matmul_add_model
 from onnx import TensorProto, helper
 
 from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, SessionFromOnnx, active_provider, session_from_onnx
 from prune_export.errors import BuildError
-
-#: IR version written for onnxruntime (1.31 reads at most 13; onnx 1.23 writes 14 by default).
-ORT_IR_VERSION = 10
-
-WEIGHT = np.arange(12, dtype=np.float32).reshape(4, 3) / 10.0
-BIAS = np.array([1.0, -2.0, 0.5], dtype=np.float32)
-
-
-def matmul_add_model(path: Path) -> Path:
-    """Write a two-node graph with a dynamic batch dim and return its path.
-
-    ::
-
-        x [n, 4] ──► MatMul ◄── W [4, 3]
-                        │
-                        ▼
-                       Add ◄── b [3]
-                        │
-                        ▼
-                    y [n, 3]
-    """
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
-        "matmul_add",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
-        [onnx.numpy_helper.from_array(WEIGHT, "W"), onnx.numpy_helper.from_array(BIAS, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = ORT_IR_VERSION
-    onnx.save(model, path)
-    return path
 
 
 def two_input_model(path: Path) -> Path:
@@ -69,7 +38,7 @@ def two_input_model(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = ORT_IR_VERSION
+    model.ir_version = IR_VERSION
     onnx.save(model, path)
     return path
 

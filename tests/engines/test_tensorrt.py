@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from engine_graphs import IR_VERSION, matmul_add_model
 from onnx import TensorProto, helper
 
 from engines.tensorrt import (
@@ -31,36 +32,6 @@ from engines.tensorrt import (
 from prune_export.errors import BuildError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: IR version TensorRT 10's parser and onnxruntime both read.
-IR_VERSION = 10
-
-
-def matmul_add_model(path: Path) -> Path:
-    """Write a two-node graph with a dynamic batch dim and return its path.
-
-    ::
-
-        x [n, 4] ──► MatMul ◄── W [4, 3]
-                        │
-                        ▼
-                       Add ◄── b [3]
-                        │
-                        ▼
-                    y [n, 3]
-    """
-    weight = np.arange(12, dtype=np.float32).reshape(4, 3) / 10.0
-    bias = np.array([1.0, -2.0, 0.5], dtype=np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
-        "matmul_add",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
-        [onnx.numpy_helper.from_array(weight, "W"), onnx.numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = IR_VERSION
-    onnx.save(model, path)
-    return path
 
 
 def slice_by_k_model(path: Path) -> Path:

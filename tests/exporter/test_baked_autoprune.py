@@ -20,6 +20,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from ort_session import cpu_session
 from PIL import Image
 
 from exporter.adapters import load_adapter
@@ -273,14 +274,6 @@ def test_recycle_tokens_with_no_cluster_gives_no_token(candidates: int) -> None:
 # -- ONNX: one full graph, three prompts ---------------------------------------------------------------------
 
 
-def _session(path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    assert sess.get_providers() == ["CPUExecutionProvider"]
-    return sess
-
-
 def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, feeds), strict=True))
@@ -295,7 +288,7 @@ def full_graph(adapter, tmp_path_factory: pytest.TempPathFactory):
 def test_onnx_autoprune_graph_matches_executor_on_three_prompts(full_graph, executor, samples) -> None:
     model = onnx.load(str(full_graph.path))
     assert not {n.op_type for n in model.graph.node} & {"NonZero", "Compress", "Unique", "Loop", "If"}
-    sess = _session(full_graph.path)
+    sess = cpu_session(full_graph.path)
     rows = []
     for sample in samples:  # one graph: three prompt lengths, images and schedule rows, no re-export
         ref = _reference(executor, sample, SECTION)
@@ -373,7 +366,7 @@ def test_split_graphs_pass_the_tensorrt_lint(split_graphs) -> None:
 
 
 def test_split_graphs_match_executor_through_the_host_lookup(split_graphs, executor, samples) -> None:
-    head, tail = _session(split_graphs["head"].path), _session(split_graphs["tail"].path)
+    head, tail = cpu_session(split_graphs["head"].path), cpu_session(split_graphs["tail"].path)
     table = _bake(TRT_SECTION, torch.float32).table
     rows = []
     for sample in samples:

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from ort_session import cpu_session
 from PIL import Image
 
 from exporter.baked import BakedPrefill
@@ -15,8 +16,6 @@ from exporter.sample import prepare_sample
 from prune_export.cost import prefill_flops
 from prune_export.errors import BuildError
 from prune_export.ops import Group, Module, Operation
-
-ort = pytest.importorskip("onnxruntime")
 
 G, M = Group, Module
 #: Key and rest pruned apart before the stage (in-graph key TopK + layout split, tie-broken selection),
@@ -39,14 +38,6 @@ PROMPTS = [
 def _image(seed: int) -> Image.Image:
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
-
-
-def _session(path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    assert sess.get_providers() == ["CPUExecutionProvider"]
-    return sess
 
 
 def _feeds(sample) -> dict[str, np.ndarray]:
@@ -74,7 +65,7 @@ def exported(tiny_adapter, tmp_path_factory):
 def test_exported_prefill_matches_executor_in_onnxruntime(plan: str, exported, tiny_adapter, samples) -> None:
     ops, keep = PLANS[plan]
     report = exported[plan]
-    sess = _session(report.path)
+    sess = cpu_session(report.path)
     executor = PlanExecutor(tiny_adapter)
     for sample in samples:  # one graph, two sequence lengths and images: no re-export
         ref = executor.prefill(sample, ops, FixedKeepPolicy(keep))
@@ -133,7 +124,7 @@ def test_exported_graph_passes_the_tensorrt_lint(exported) -> None:
 def test_vision_graph_matches_adapter_with_dynamic_batch(tiny_adapter, tmp_path) -> None:
     report = export_vision(tiny_adapter, tmp_path / "vision.onnx")
     assert onnx.load(str(report.path)).ir_version <= 13
-    sess = _session(report.path)
+    sess = cpu_session(report.path)
     pixels = torch.cat([tiny_adapter.tokenize(_image(s), "?").pixel_values for s in (1, 2, 3)])
     for batch in (pixels[:1], pixels):
         ref = tiny_adapter.vision(batch)
