@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from engine_graphs import BIAS, IR_VERSION, WEIGHT, matmul_add_model
+from engine_graphs import BIAS, WEIGHT, save_graph
 from onnx import TensorProto, helper
 
 from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, SessionFromOnnx, active_provider, session_from_onnx
@@ -37,15 +36,7 @@ def two_input_model(path: Path) -> Path:
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = IR_VERSION
-    onnx.save(model, path)
-    return path
-
-
-@pytest.fixture
-def model_path(tmp_path: Path) -> Path:
-    return matmul_add_model(tmp_path / "matmul_add.onnx")
+    return save_graph(graph, path)
 
 
 def test_cpu_session_matches_numpy(model_path: Path) -> None:

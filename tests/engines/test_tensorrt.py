@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from engine_graphs import IR_VERSION, matmul_add_model
+from engine_graphs import IR_VERSION, save_graph
 from onnx import TensorProto, helper
 
 from engines.tensorrt import (
@@ -58,15 +58,7 @@ def slice_by_k_model(path: Path) -> Path:
             onnx.numpy_helper.from_array(np.array([0], np.int64), "axes"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = IR_VERSION
-    onnx.save(model, path)
-    return path
-
-
-@pytest.fixture
-def model_path(tmp_path: Path) -> Path:
-    return matmul_add_model(tmp_path / "matmul_add.onnx")
+    return save_graph(graph, path)
 
 
 # ── without TensorRT ──────────────────────────────────────────────────────────────────────────────────────
