@@ -22,28 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_QUESTION, DEFAULT_BENCH_MODEL, bench_image, ensure_bench_model  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_QUESTION,
+    DEFAULT_BENCH_MODEL,
+    bench_image,
+    ensure_bench_model,
+    heuristic_plan,
+)
 
 from exporter.adapters import load_adapter, load_spec  # noqa: E402
 from exporter.baked import BakedPrefill  # noqa: E402
 from exporter.sample import prepare_sample  # noqa: E402
 from prune_export.build import PREFILL_INPUTS, BuildSettings, PlanChoice, bench_builds, build  # noqa: E402
 from prune_export.manifest import MANIFEST_NAME  # noqa: E402
-from prune_export.ops import Group, Module, Operation  # noqa: E402
-from prune_export.plan import AutoPruneSection, Plan  # noqa: E402
-from prune_export.spec import GroupSizes  # noqa: E402
+from prune_export.plan import AutoPruneSection  # noqa: E402
 
 OUT = Path("out/bench-builds")
-
-
-def heuristic_plan(model: Path) -> Plan:
-    """Image-group ops from the last layer down: mlp, then q, then kv of both image groups per step."""
-    spec = load_spec(model)
-    steps = []
-    for layer in range(spec.num_layers - 1, 0, -1):
-        for module in (Module.MLP, Module.Q, Module.KV):
-            steps.append({Operation(layer, g, module) for g in (Group.IMG_KEY, Group.IMG_REST)})
-    return Plan.new(spec, GroupSizes.default(spec), steps)
 
 
 def ensure_build(name: str, model: Path, choice: PlanChoice, rebuild: bool) -> Path:
@@ -69,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = ensure_bench_model(args.model)
-    plan = heuristic_plan(model)
+    plan = heuristic_plan(load_spec(model))
     OUT.mkdir(parents=True, exist_ok=True)
     plan_path = OUT / "heuristic-plan.json"
     plan.save(plan_path)

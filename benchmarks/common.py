@@ -53,3 +53,18 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmu
 
 def setup_threads(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+def heuristic_plan(spec):
+    """A GSOP plan that is not searched: image-group ops from the last layer down, per step the mlp, then
+    the q, then the kv op of both image groups. A search on a big model takes hours; latency depends on which
+    operations are gone, not on how well they were chosen, so benchmarks use this ordering."""
+    from prune_export.ops import Group, Module, Operation
+    from prune_export.plan import Plan
+    from prune_export.spec import GroupSizes
+
+    steps = []
+    for layer in range(spec.num_layers - 1, 0, -1):
+        for module in (Module.MLP, Module.Q, Module.KV):
+            steps.append({Operation(layer, g, module) for g in (Group.IMG_KEY, Group.IMG_REST)})
+    return Plan.new(spec, GroupSizes.default(spec), steps)

@@ -260,7 +260,7 @@ class AutoPruneRun:
         if self.policy.section.recycle and dropped > 0:
             c = min(schedule.merged[ctx.layer - 1], recycle_candidates(dropped))
             if c > 0:
-                gone = torch.ones(v, dtype=torch.bool)
+                gone = torch.ones(v, dtype=torch.bool, device=keep.device)
                 gone[keep] = False
                 merged = recycle(ctx.visual_hidden[gone], scores[gone], n_clusters=c)
         self.decision.kept[ctx.layer], self.decision.merged[ctx.layer] = keep_count, c
@@ -272,7 +272,7 @@ class AutoPruneRun:
 def _text_scores(text_attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Mean over heads and text rows of the text rows' attention to each visual token (zeros: no text rows)."""
     if text_attention.shape[1] == 0:
-        return torch.zeros(text_attention.shape[2], dtype=dtype)
+        return torch.zeros(text_attention.shape[2], dtype=dtype, device=text_attention.device)
     return text_attention.to(dtype).mean(dim=(0, 1))
 
 

@@ -51,12 +51,16 @@ class DemoPreset:
     layers: int
     heads: int
     kv_heads: int
-    vocab: int
+    vocab: int  # target size of the BPE tokenizer trained in code (the small corpus may give fewer)
+    lm_vocab: int | None = None  # decoder vocabulary, padded past the tokenizer; None: the tokenizer's size
 
 
 PRESETS: dict[str, DemoPreset] = {
     "tiny": DemoPreset(56, 14, 32, 64, 3, 4, 64, 128, 4, 4, 4, 400),
     "bench": DemoPreset(336, 14, 256, 1024, 4, 4, 1024, 2816, 8, 16, 16, 2000),
+    # LLaVA-1.5-7B's shapes (CLIP ViT-L/336, Vicuna-7B): ~7.1B parameters, 14 GB in fp16. Meant for
+    # random_llava() on a GPU; saving it in fp32 needs ~28 GB of memory and disk.
+    "llava-1.5-7b": DemoPreset(336, 14, 1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, 2000, lm_vocab=32064),
 }
 
 
@@ -87,20 +91,24 @@ def _train_tokenizer(vocab_size: int):
     )
 
 
-def build_demo_model(
-    out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False, **overrides: int
-) -> Path:
-    """Write a random LLaVA-1.5-architecture model with tokenizer and processor to ``out_dir``.
+def random_llava(
+    preset: str = "tiny",
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **overrides: int,
+):
+    """A random LLaVA-1.5-architecture ``(model, processor)`` built in memory, directly on ``device`` in
+    ``dtype`` (a 7B-shaped model never passes through fp32 host memory).
 
-    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model). The folder is written
-    atomically: built in a temporary sibling folder, then renamed.
+    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model). The vision tower uses eager
+    attention (it must return the [CLS] attention), the decoder sdpa, as :meth:`LlavaAdapter.load` sets them.
+    Weights depend on ``seed`` and the device's random generator.
     """
     if preset not in PRESETS:
         raise PruneExportError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = replace(PRESETS[preset], **overrides)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PruneExportError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
     from .adapters.llava import _quiet_transformers
 
     _quiet_transformers()
@@ -129,7 +137,7 @@ def build_demo_model(
         num_hidden_layers=p.layers,
         num_attention_heads=p.heads,
         num_key_value_heads=p.kv_heads,
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), p.lm_vocab or 0),
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,
@@ -144,12 +152,19 @@ def build_demo_model(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    config.vision_config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "sdpa"
     generator_state = torch.random.get_rng_state()
+    default_dtype = torch.get_default_dtype()
     try:
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
     finally:
+        torch.set_default_dtype(default_dtype)
         torch.random.set_rng_state(generator_state)
+    model.requires_grad_(False)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -163,6 +178,21 @@ def build_demo_model(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's [CLS]; "default" drops it again
     )
+    return model, processor
+
+
+def build_demo_model(
+    out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False, **overrides: int
+) -> Path:
+    """Write a random LLaVA-1.5-architecture model with tokenizer and processor to ``out_dir``.
+
+    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model). The folder is written
+    atomically: built in a temporary sibling folder, then renamed.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PruneExportError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
+    model, processor = random_llava(preset, seed, **overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

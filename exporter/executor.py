@@ -303,7 +303,7 @@ class PlanExecutor:
     @torch.no_grad()
     def decode_step(self, token_id: int, cache: list[LayerCache], step: int) -> torch.Tensor:
         """Run one generated token through every layer (never pruned), appending to ``cache``."""
-        h = self.adapter.embed_tokens(torch.tensor([token_id]))
+        h = self.adapter.embed_tokens(torch.tensor([token_id], device=self.adapter.device))
         for layer, parts in enumerate(self.adapter.layers):
             c = cache[layer]
             pos = torch.tensor([c.next_position + step], device=h.device)

@@ -69,7 +69,7 @@ def build_sample(
     n = int(input_ids.shape[0])
     groups = torch.full((n,), GROUP_INDEX[Group.TXT], dtype=torch.long)
     groups[:image_start] = GROUP_INDEX[Group.SYS]
-    key = key_token_mask(cls_attention, adapter.spec.key_tokens(key_fraction))
+    key = key_token_mask(cls_attention.cpu(), adapter.spec.key_tokens(key_fraction))
     groups[image_start:image_end] = torch.where(
         key, GROUP_INDEX[Group.IMG_KEY], GROUP_INDEX[Group.IMG_REST]
     )

@@ -557,12 +557,13 @@ def dpc_knn(
         raise ValueError(f"n_clusters must be in [1, {n}], got {n_clusters}")
     x = points.to(torch.float64)
     if n == 1:
-        return torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        zero = torch.zeros(1, dtype=torch.long, device=points.device)
+        return zero, zero.clone()
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(max(dim, 1))
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
     nearest = torch.sort(dist.masked_fill(eye, math.inf), dim=1).values[:, : min(neighbours, n - 1)]
     log_rho = -(nearest**2).mean(dim=1)
-    idx = torch.arange(n)
+    idx = torch.arange(n, device=x.device)
     # denser[i, j]: point j is denser than point i (ties broken by index).
     denser = (log_rho[None, :] > log_rho[:, None]) | (
         (log_rho[None, :] == log_rho[:, None]) & (idx[None, :] < idx[:, None])
@@ -573,7 +574,7 @@ def dpc_knn(
     ranked = torch.sort(score, descending=True, stable=True).indices
     centres = torch.sort(ranked[:n_clusters]).values
     assignment = dist[:, centres].argmin(dim=1)
-    assignment[centres] = torch.arange(n_clusters)
+    assignment[centres] = torch.arange(n_clusters, device=x.device)
     return centres, assignment
 
 
@@ -605,7 +606,7 @@ def recycle(
     chosen = select_topk_preserving_order(scores, n_candidates)
     x = hidden[chosen].to(torch.float64)
     _, assignment = dpc_knn(x, n_clusters)
-    members = torch.zeros(n_clusters, x.shape[0], dtype=torch.float64)
-    members[assignment, torch.arange(x.shape[0])] = 1.0
+    members = torch.zeros(n_clusters, x.shape[0], dtype=torch.float64, device=x.device)
+    members[assignment, torch.arange(x.shape[0], device=x.device)] = 1.0
     means = (members @ x) / members.sum(dim=1, keepdim=True)
     return means.to(hidden.dtype)

@@ -90,7 +90,11 @@ class LlavaAdapter(VLMAdapter):
 
     @classmethod
     def spec_from_config(cls, folder: Path, config: dict[str, Any]) -> ModelSpec:
-        cfg = cls._hf_config(folder)
+        return cls.spec_from_hf_config(cls._hf_config(folder), str(folder))
+
+    @classmethod
+    def spec_from_hf_config(cls, cfg: Any, folder: str = "the model") -> ModelSpec:
+        """The architecture of a loaded ``LlavaConfig`` (``folder`` names it in errors)."""
         tc, vc = cfg.text_config, cfg.vision_config
         if not isinstance(cfg.vision_feature_layer, int):
             raise ModelLoadError(
@@ -168,6 +172,14 @@ class LlavaAdapter(VLMAdapter):
         model = model.to(device).eval()
         model.requires_grad_(False)
         return cls(folder, model, processor, spec)
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, folder: Path | None = None) -> LlavaAdapter:
+        """Wrap a ``LlavaForConditionalGeneration`` already in memory (its vision tower must use eager
+        attention, which returns the [CLS] attention), e.g. a random model built on a GPU for benchmarks."""
+        spec = cls.spec_from_hf_config(model.config)
+        model.eval().requires_grad_(False)
+        return cls(folder or Path("<in memory>"), model, processor, spec)
 
     # -- prompt ----------------------------------------------------------------------------------------
     def prompt_text(self, question: str) -> str:
