@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import nn
@@ -328,8 +328,13 @@ class AutoPruneBake:
         return cls(section, table, n0_for_budget(section.tokens, visual_tokens), score_dtype)
 
 
-class _State(NamedTuple):
-    """Rows entering a layer: hidden states, positions (and their RoPE), block lengths, visual [CLS]."""
+@dataclass
+class _State:  # never mutated; not frozen, which dynamo traces less well
+    """Rows entering a layer: hidden states, positions (and their RoPE), block lengths, visual [CLS].
+
+    A dataclass, not a NamedTuple: torch 2.11's dynamo fails (IndexError inside its variable builder) when
+    a NamedTuple of tensors and sizes enters a frame it compiles after a graph break.
+    """
 
     h: torch.Tensor
     positions: torch.Tensor
@@ -598,7 +603,7 @@ class BakedPrefill(nn.Module):
         vis_attn = None
         if want_scores:
             vis_attn = self._visual_text_attention(lay, lengths, probs, st.t)
-        return st._replace(h=h), vis_attn
+        return _State(h, st.positions, st.cos, st.sin, st.s, st.vis, st.t, st.cls), vis_attn
 
     def _visual_text_attention(
         self, lay: LayerLayout, lengths: list, probs: torch.Tensor, t: object
