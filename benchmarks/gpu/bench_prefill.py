@@ -188,6 +188,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile phases")
+    ap.add_argument("--configs", default="dense,gsop,autoprune",
+                    help="comma list of dense, gsop, autoprune (dense is always measured); the compile order")
+    ap.add_argument("--one-phase", action="store_true",
+                    help="compile every configuration (in --configs order), then time them in one phase")
     ap.add_argument("--deadline-s", type=float, default=1e9,
                     help="start no compile after this many seconds (a device lease is short)")
     ap.add_argument("--out", type=Path, default=Path("out/gpu-prefill.json"))
@@ -223,17 +227,27 @@ def main() -> None:
     plan = heuristic_plan(spec)
     selection = plan.select(args.budget)
     section = AutoPruneSection(tokens=args.tokens)
-    configs = {
-        "dense": {"ops": frozenset(), "policy": None, "module": BakedPrefill(adapter)},
-        f"gsop-{args.budget:g}": {"ops": selection.ops, "policy": None,
-                                  "module": BakedPrefill(adapter, selection.ops)},
-        f"autoprune-T{args.tokens:g}": {
+    gsop_name, ap_name = f"gsop-{args.budget:g}", f"autoprune-T{args.tokens:g}"
+    available = {
+        "dense": lambda: {"ops": frozenset(), "policy": None, "module": BakedPrefill(adapter)},
+        "gsop": lambda: {"ops": selection.ops, "policy": None, "module": BakedPrefill(adapter, selection.ops)},
+        "autoprune": lambda: {
             "ops": frozenset(),
             "policy": AutoPrunePolicy(section, spec, mode="table"),  # the graph's schedule table
             "module": BakedPrefill(adapter, autoprune=AutoPruneBake.for_model(
                 section, spec.num_layers, spec.visual_tokens)),
         },
     }
+    names = {"dense": "dense", "gsop": gsop_name, "autoprune": ap_name}
+    wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; choose from {sorted(available)}")
+    if "dense" not in wanted:
+        wanted.append("dense")
+    # dense first for the reference runs (FLOPs ratios), the compile order as given
+    configs = {names[c]: available[c]() for c in ["dense", *(c for c in wanted if c != "dense")]}
+    compile_order = [names[c] for c in wanted]
     executor = PlanExecutor(adapter)
     inputs = tuple(t.to(device) for t in BakedPrefill.inputs_from_sample(sample))
     lm = model.model.language_model
@@ -347,17 +361,24 @@ def main() -> None:
             save()
             report(results)
 
-        static = [n for n in configs if not n.startswith("autoprune")]
-        for mode in modes:
-            for name in static:
-                compile_one(name, mode)
-        timed_phase("compiled", ["baked/dense", *(f"{engines[m]}/{n}" for m in modes for n in static)])
-        dynamic = [n for n in configs if n.startswith("autoprune")]
-        for mode in modes:
-            for name in dynamic:
-                compile_one(name, mode)
-        dense_keys = ["baked/dense", *(f"{engines[m]}/dense" for m in modes)]
-        timed_phase("compiled-autoprune", [*dense_keys, *(f"{engines[m]}/{n}" for m in modes for n in dynamic)])
+        if args.one_phase:  # compile in --configs order, then time everything together
+            for name in compile_order:
+                for mode in modes:
+                    compile_one(name, mode)
+            timed_phase("compiled", ["baked/dense", *(f"{engines[m]}/{n}" for n in compile_order for m in modes)])
+        else:
+            static = [n for n in configs if not n.startswith("autoprune")]
+            for mode in modes:
+                for name in static:
+                    compile_one(name, mode)
+            timed_phase("compiled", ["baked/dense", *(f"{engines[m]}/{n}" for m in modes for n in static)])
+            dynamic = [n for n in configs if n.startswith("autoprune")]
+            for mode in modes:
+                for name in dynamic:
+                    compile_one(name, mode)
+            dense_keys = ["baked/dense", *(f"{engines[m]}/dense" for m in modes)]
+            timed_phase("compiled-autoprune",
+                        [*dense_keys, *(f"{engines[m]}/{n}" for m in modes for n in dynamic)])
     log(f"done; results in {args.out}")
 
 
