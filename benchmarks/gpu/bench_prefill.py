@@ -14,7 +14,8 @@ vision tower on a random image, the text tokens are random ids. Configurations:
 Each configuration runs through
 ``executor`` (the PyTorch plan executor, the reference: eager, host-side bookkeeping),
 ``baked`` (the baked prefill module the ONNX graph is exported from, eager) and
-``compiled`` (that module through ``torch.compile``), plus ``hf`` (the HuggingFace decoder forward with
+``compiled`` (that module through ``torch.compile``), ``cudagraphs`` (the same with
+``mode="reduce-overhead"``, CUDA only), plus ``hf`` (the HuggingFace decoder forward with
 sdpa, dense only) as the reference for the dense rows. A prefill here is the decoder layers with their KV
 caches, the final norm and the LM head of the last token.
 
@@ -23,6 +24,9 @@ token, same KV length per layer). Timing: CUDA events around each call, all engi
 (the order reversed every other round) after warm-up, medians and p90. FLOPs are the decoder matmul FLOPs
 the executor counts on this prompt; ``efficiency`` = measured speedup over the same engine's dense run
 divided by the FLOPs speedup.
+
+Dense and GSOP are compiled and timed in one phase, AutoPrune (run-time counts, graph breaks) in a later one
+(``--one-phase`` compiles in ``--configs`` order and times everything together).
 
 Results go to ``--out`` (JSON, rewritten after each phase, so a run cut short keeps what it measured) and
 stdout (a markdown table).
