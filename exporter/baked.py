@@ -5,8 +5,8 @@ prompt under a plan's static GSOP operations plus its token section (a fixed kee
 curve), but with every static row set decided at build time and every dynamic one decided by TopK nodes
 inside the graph, so the exported graph has no NonZero, no boolean masking and no host round trip:
 
-* the prompt is laid out as ``[sys | img_key | img_rest | txt]`` (../shared/METHODS.md, "What is static
-  for export"). Key tokens are the top ``K = spec.key_tokens()`` visual tokens by the vision tower's [CLS]
+* the prompt is laid out as ``[sys | img_key | img_rest | txt]`` (docs/methods.md: what is static for
+  export). Key tokens are the top ``K = spec.key_tokens()`` visual tokens by the vision tower's [CLS]
   attention, picked in-graph by a sort with a constant K; within each block tokens keep their original
   order. RoPE and the causal mask use every token's position, so the layout changes no result. Where no
   layer distinguishes ``img_key`` from ``img_rest`` the image block simply stays in its original order and
@@ -46,8 +46,9 @@ and ``autoprune.keep`` / ``autoprune.merged`` (the table row used, int64 ``[L-1]
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -297,6 +298,29 @@ def recycle_tokens(candidates: torch.Tensor, n_clusters: object) -> torch.Tensor
     return total / members.sum(dim=1, keepdim=True)
 
 
+class Float32Region(nn.Module):
+    """Runs ``fn`` so that the exported nodes keep float32 when a build lowers precision.
+
+    torch.onnx records this class in each node's metadata; the precision pass keeps such nodes in fp32
+    (:mod:`prune_export.precision`). Used for AutoPrune's complexity signal, token scores and recycling,
+    whose small differences and ``1e-6`` floors change which tokens survive when computed in fp16.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: object) -> torch.Tensor:
+        return self.fn(*args)
+
+
+def layer0_scores(attn: torch.Tensor, cls: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """AutoPrune's layer-0 token score ``0.3 * I0 * txt_attn + cls_attn`` in ``dtype``."""
+    attn = attn.to(dtype)
+    i0 = complexity_i0(attn, dtype)
+    return LAYER0_TEXT_WEIGHT * i0 * attn.mean(dim=(0, 1)) + cls.to(dtype)
+
+
 @dataclass(frozen=True)
 class AutoPruneBake:
     """An AutoPrune section bound to a model for baking: its ``N0`` and its schedule table.
@@ -397,6 +421,10 @@ class BakedPrefill(nn.Module):
             self.register_buffer(
                 "schedule_merged", torch.tensor([list(e.merged) for e in table.entries]), persistent=False
             )
+            dtype = autoprune.score_dtype
+            self.layer0_scores = Float32Region(functools.partial(layer0_scores, dtype=dtype))
+            self.complexity = Float32Region(functools.partial(complexity_i1, dtype=dtype))
+            self.recycle = Float32Region(recycle_tokens)
         # Registered so that .to()/export see the weights as this module's own parameters.
         self.model = adapter.model
 
@@ -421,6 +449,10 @@ class BakedPrefill(nn.Module):
         "tail.visual_scores",
     )
     SCHEDULE_INPUTS = ("keep_counts", "merged_counts")
+    #: Inputs/outputs that stay float32 in fp16/bf16 builds: scores that rank tokens (the vision tower's
+    #: [CLS] attention, the layer-1 scores the head hands to the tail; rounded to fp16, near-equal scores
+    #: tie and other tokens are kept or recycled) and the complexity signal (it picks the schedule row).
+    FLOAT32_IO = ("cls_attention", "autoprune.complexity", "tail.visual_scores")
 
     @property
     def input_names(self) -> list[str]:
@@ -474,7 +506,7 @@ class BakedPrefill(nn.Module):
             elif lay.dynamic_after:
                 scores = vis_attn.float().mean(dim=(0, 1))
                 if layer == 1:
-                    complexity = complexity_i1(vis_attn, ap.score_dtype)
+                    complexity = self.complexity(vis_attn)
                     if self.part == "head":
                         return self._head_outputs(outputs, complexity, st, scores)
                     keep_row, merged_row = self._table_row(complexity)
@@ -683,9 +715,7 @@ class BakedPrefill(nn.Module):
         """AutoPrune after layer 0: top ``N0`` by ``0.3 * I0 * txt_attn + cls_attn`` (no recycling)."""
         ap = self.autoprune
         assert ap is not None and st.cls is not None
-        attn = vis_attn.to(ap.score_dtype)
-        i0 = complexity_i0(attn, ap.score_dtype)
-        scores = LAYER0_TEXT_WEIGHT * i0 * attn.mean(dim=(0, 1)) + st.cls.to(ap.score_dtype)
+        scores = self.layer0_scores(vis_attn, st.cls)
         # Only called when N0 < V: plan_layout puts no stage after layer 0 otherwise.
         return self._rebuild(st, self._keep(lay, st, scores, ap.n0))
 
@@ -721,5 +751,5 @@ class BakedPrefill(nn.Module):
         if perm is not None:
             chosen = perm[chosen]
         x = st.h[st.s : st.s + vis].index_select(0, chosen).to(ap.score_dtype)
-        merged = recycle_tokens(x, c)
+        merged = self.recycle(x, c)
         return self._rebuild(st, kept, merged)

@@ -22,6 +22,7 @@ import onnx_ir.passes.common as common_passes
 
 from graph_passes.base import GraphPass, node_label
 from prune_export.errors import BuildError
+from prune_export.precision import in_fp32_region
 
 __all__ = [
     "DEFAULT_KEEP_FP32_OPS",
@@ -61,6 +62,8 @@ _FOLLOW_OPS: frozenset[str] = frozenset(
         "Abs", "Add", "Concat", "Cos", "Div", "Exp", "Expand", "Flatten", "Gather", "Identity",
         "Log", "Max", "Min", "Mul", "Neg", "Reciprocal", "Reshape", "Sin", "Slice", "Sqrt",
         "Squeeze", "Sub", "Tile", "Transpose", "Unsqueeze",
+        # Selections: ranking fp32 scores in fp16 turns near-equal scores into ties that pick other tokens.
+        "TopK", "ArgMax", "ArgMin",
     }
 )  # fmt: skip
 
@@ -115,10 +118,13 @@ class CastPrecisionPass(GraphPass):
 
     * ops in ``keep_fp32_ops`` (default :data:`DEFAULT_KEEP_FP32_OPS`):
       ``Softmax(x) -> Cast(Softmax(Cast(x, FLOAT)), L)``;
+    * every float op the exporter traced inside a float32 region (node metadata names the class
+      :data:`prune_export.precision.FP32_REGION_CLASS`): AutoPrune's scores and DPC-KNN recycling;
     * ``Cast(int, to=FLOAT)`` (positions, counts): fp16 holds integers exactly only up to 2048,
       bf16 up to 256, so rotary angles computed from them would be off by radians;
-    * an island grows through cheap elementwise/layout ops whose float inputs all come from the
-      island or from constants (``Pow -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal`` stays fp32
+    * an island grows through cheap elementwise/layout ops and selections (``TopK``, ``ArgMin``,
+      ``ArgMax``) whose float inputs all come from the island, from float32-kept graph inputs or from
+      constants (``Pow -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal`` stays fp32
       as one island, no casts inside), and through ``MatMul`` only after an integer cast;
     * constants (and constant-only subgraphs such as ``Expand(inv_freq, shape)``) used only inside
       islands stay fp32; ``Cast(.., to=FLOAT)`` feeding only an island stays an fp32 entry;
@@ -139,6 +145,9 @@ class CastPrecisionPass(GraphPass):
         keep_fp32_ops: op types computed in fp32; pass ``frozenset()`` to lower everything
             except integer casts and schema-forced inputs.
         keep_int_casts_fp32: keep ``Cast(int -> float)`` and what follows it in fp32.
+        keep_fp32_io: names of graph inputs/outputs that stay float32 (a split prefill's token scores
+            and complexity signal cross from one graph to the next without rounding to fp16; names a
+            graph does not have are ignored, so one set serves every graph of a build).
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class CastPrecisionPass(GraphPass):
         *,
         keep_fp32_ops: Iterable[str] = DEFAULT_KEEP_FP32_OPS,
         keep_int_casts_fp32: bool = True,
+        keep_fp32_io: Iterable[str] = (),
     ) -> None:
         super().__init__()
         if dtype not in FLOAT_DTYPES:
@@ -155,6 +165,7 @@ class CastPrecisionPass(GraphPass):
         self.target = FLOAT_DTYPES[dtype]
         self.keep_fp32_ops = frozenset(keep_fp32_ops)
         self.keep_int_casts_fp32 = keep_int_casts_fp32
+        self.keep_fp32_io = frozenset(keep_fp32_io)
         self.stats = CastStats()
 
     def __repr__(self) -> str:
@@ -250,16 +261,20 @@ class CastPrecisionPass(GraphPass):
                 island.add(node)
                 labels[node] = "position"
                 continue
-            if float_ins and node.op_type in self.keep_fp32_ops:
+            if float_ins and (node.op_type in self.keep_fp32_ops or in_fp32_region(node.metadata_props)):
                 island.add(node)
                 labels[node] = "numeric"
                 continue
             if not float_ins or node.op_type not in _FOLLOW_OPS | _POSITION_ONLY_FOLLOW_OPS:
                 continue
             from_island = [v.producer() for v in float_ins if v.producer() in island]
-            if not from_island:
+            kept_inputs = [v for v in float_ins if v.is_graph_input() and v.name in self.keep_fp32_io]
+            if not from_island and not kept_inputs:
                 continue
-            if not all(v.producer() in island or _is_const_derived(v, const_derived) for v in float_ins):
+            if not all(
+                v.producer() in island or v in kept_inputs or _is_const_derived(v, const_derived)
+                for v in float_ins
+            ):
                 continue
             label = "position" if any(labels.get(p) == "position" for p in from_island) else "numeric"
             if node.op_type in _POSITION_ONLY_FOLLOW_OPS and label != "position":
@@ -315,7 +330,7 @@ class CastPrecisionPass(GraphPass):
         io = set(graph.inputs) | set(graph.outputs)
         for value in graph.inputs:
             if _is_fp32(value):
-                precision[value] = _LOW
+                precision[value] = _HIGH if value.name in self.keep_fp32_io else _LOW
         for value in graph.initializers.values():
             if not _is_fp32(value) or value in precision:
                 continue
@@ -467,21 +482,26 @@ class CastPrecisionPass(GraphPass):
                     node.replace_input_with(index, cast_of(value, want, node))
 
         for position, value in enumerate(graph.outputs):
-            if precision.get(value) != _HIGH:
+            if value not in precision:
                 continue
-            # The output keeps its name and gets the target type through a final Cast.
+            # The output keeps its name and gets its I/O type (float32 where kept, else the target)
+            # through a final Cast, where the value's precision differs from it.
+            io_high = value.name in self.keep_fp32_io
+            if precision[value] == (_HIGH if io_high else _LOW):
+                continue
+            to, suffix = (_FP32, "fp32") if io_high else (self.target, self.dtype)
             name = value.name
-            value.name = fresh(f"{name}_fp32")
+            value.name = fresh(f"{name}_{'low' if io_high else 'fp32'}")
             cast = ir.Node(
                 "",
                 "Cast",
                 [value],
-                attributes=[ir.AttrInt64("to", int(self.target))],
-                name=fresh(f"{name}_to_{self.dtype}"),
+                attributes=[ir.AttrInt64("to", int(to))],
+                name=fresh(f"{name}_to_{suffix}"),
             )
             out = cast.outputs[0]
             out.name = name
-            out.dtype = self.target
+            out.dtype = to
             out.shape = value.shape
             graph.append(cast)
             graph.outputs[position] = out
@@ -498,7 +518,7 @@ class CastPrecisionPass(GraphPass):
         if self.target is None:
             return
         for value in [*model.graph.inputs, *model.graph.outputs]:
-            if _is_fp32(value):
+            if _is_fp32(value) and value.name not in self.keep_fp32_io:
                 raise ir.passes.PostconditionError(f"float32 graph input/output left: {value}")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import onnx_ir as ir
 
@@ -108,6 +108,7 @@ def default_pipeline(
     *,
     ir_version: int = DEFAULT_IR_VERSION,
     min_opset: int = DEFAULT_MIN_OPSET,
+    keep_fp32_io: Iterable[str] = (),
 ) -> list[ir.passes.PassBase]:
     """The ordered passes for a runtime and precision; the whole pipeline order lives here.
 
@@ -117,7 +118,8 @@ def default_pipeline(
        readable by the target runtime.
     2. :class:`CleanupPass`: fold and prune before deciding precisions (fewer values to cast,
        types filled by inference).
-    3. :class:`CastPrecisionPass` (fp16/bf16 only): precision goes into the file.
+    3. :class:`CastPrecisionPass` (fp16/bf16 only): precision goes into the file (``keep_fp32_io``: graph
+       inputs/outputs that stay float32).
     4. :class:`CleanupPass` again after casting (drops dead nodes a cast left, folds casts of
        constants).
     5. :class:`BoundShapesPass`: always for TensorRT (an engine needs a profile for every dynamic
@@ -136,7 +138,7 @@ def default_pipeline(
         CleanupPass(),
     ]
     if FLOAT_DTYPES[dtype] is not None:
-        passes += [CastPrecisionPass(dtype), CleanupPass()]
+        passes += [CastPrecisionPass(dtype, keep_fp32_io=keep_fp32_io), CleanupPass()]
     if target == "tensorrt":
         passes.append(BoundShapesPass(shape_bounds or {}, require_value_bounds=True))
         passes.append(TensorRTLintPass())
