@@ -29,7 +29,7 @@ def bench_image(seed: int = 0) -> Image.Image:
     return Image.fromarray((rng.rand(336, 336, 3) * 255).astype("uint8"))
 
 
-#: A question of ~100 tokens after the image, like METHODS.md's reference prompt.
+#: A question of ~100 tokens after the image, like the reference prompt of docs/methods.md (35 + 576 + 100).
 BENCH_QUESTION = (
     "Look at the picture carefully and describe the objects you can see, their colors, their shapes, "
     "how many of each there are, and where they are placed relative to each other in the scene. "

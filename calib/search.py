@@ -1,6 +1,6 @@
 """GSOP search: order the image-token operations of a VLM decoder from "free to prune" to "costly".
 
-This is the search of *Greedily Sorted Operation Pruning* (../shared/METHODS.md, section GSOP), written
+This is the search of *Greedily Sorted Operation Pruning* (docs/methods.md, section 3), written
 against an abstract :class:`Evaluator` (run the model on the calibration set with a set of operations
 pruned, return one number). Its output, a list of steps, is a plan: any compute budget is later met by
 walking the steps, without searching again.

@@ -2,7 +2,7 @@
 
 The arithmetic (mutual information, curve, budget solve, schedule table, TopK, recycling) lives in
 :mod:`prune_export.autoprune`; this module decides *when* each piece runs inside a prefill
-(../shared/METHODS.md, "AutoPrune"):
+(docs/methods.md, sections 4 and 5):
 
 * **after layer 0** (which ran on every token): ``I0`` = mean over heads of the layer-0 mutual information
   between text rows and all visual columns; score = ``0.3 * I0 * txt_attn + cls_attn`` (``txt_attn``: layer-0
@@ -47,7 +47,7 @@ a run that starts afresh at every layer-0 call (fine for sequential use only).
   combined plan is below the ladder's and differs per prompt (``eval`` reports its mean).
 * Text and system tokens are never pruned, by either method.
 
-The MI and DPC-KNN work, like the vision tower, is not in the FLOPs count (METHODS counts decoder matmuls).
+The MI and DPC-KNN work, like the vision tower, is not in the FLOPs count (it counts decoder matmuls only).
 """
 
 from __future__ import annotations

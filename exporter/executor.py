@@ -1,7 +1,7 @@
 """The PyTorch executor of a plan: the single source of truth for what a pruned model computes.
 
 It runs the decoder of one prompt under a set of pruned GSOP operations and an optional token-selection
-policy, computing only what the plan keeps (../shared/METHODS.md):
+policy, computing only what the plan keeps (docs/methods.md, docs/executor.md):
 
 * a token whose ``q`` op is pruned at a layer forms no query there and keeps its hidden state (the
   residual carries it); a token whose ``mlp`` op is pruned skips the MLP;

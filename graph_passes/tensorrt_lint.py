@@ -3,7 +3,7 @@
 An engine build takes minutes on a GPU and fails with one error at a time, often deep inside Myelin
 for a data-dependent shape. This lint runs on CPU in milliseconds and lists every offending node at
 once, with the reason and the usual fix. The constraints come from onnx-tensorrt's operator table
-and the TensorRT docs (see ``TOOLCHAIN-NOTES.md``).
+and the TensorRT docs; docs/build.md, section "TensorRT constraints", explains each of them.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class TensorRTLintPass(GraphPass):
             raise BuildError(
                 f"the graph has {len(findings)} TensorRT incompatibilit"
                 f"{'y' if len(findings) == 1 else 'ies'}:\n  {listing}\n"
-                "Fix the exporter (see TOOLCHAIN-NOTES.md, TensorRT constraints) or build for "
+                "Fix the exporter (see docs/build.md, section \"TensorRT constraints\") or build for "
                 "onnxruntime instead (target='onnxruntime')."
             )
         return False

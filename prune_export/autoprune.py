@@ -1,6 +1,6 @@
 """AutoPrune's arithmetic: complexity signal, retention curve, budget solve, schedule table, TopK, recycling.
 
-AutoPrune (../shared/METHODS.md, "AutoPrune") keeps a prompt-dependent number of visual tokens after every
+AutoPrune (docs/methods.md, section 4) keeps a prompt-dependent number of visual tokens after every
 decoder layer ``l >= 1``. The whole schedule hangs on one scalar: the steepness ``k`` of a logistic
 retention curve, which falls as the text-to-image mutual information ``I1`` at layer 1 rises (a harder
 question spreads attention, so pruning starts earlier and goes on gently). Given ``k``, the curve is scaled
@@ -214,7 +214,9 @@ class Simulation:
 
 
 def simulate(s: float, r: Sequence[float], n0: int, visual_tokens: int) -> Simulation:
-    """The schedule produced by scale ``s`` on curve ``r`` (METHODS step 4), starting from ``N0`` tokens.
+    """The schedule produced by scale ``s`` on curve ``r``, starting from ``N0`` tokens.
+
+    This is step 4 of AutoPrune in docs/methods.md, section 4.
 
     ``K_l = min(ceil((N0-1) * min(1, s*r_l)), N_vis)``, capped by the current count as the run-time TopK is
     (never binding for a non-increasing curve, see the module docstring); ``D = cur - K_l``;

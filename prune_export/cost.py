@@ -1,4 +1,4 @@
-"""The FLOPs cost model of ../shared/METHODS.md: prefill matmul FLOPs of the decoder layers.
+"""The FLOPs cost model (docs/methods.md, section 2): prefill matmul FLOPs of the decoder layers.
 
 Per layer, with ``n_q`` query tokens, ``n_kv`` key/value tokens and ``n_mlp`` MLP tokens::
 

@@ -3,7 +3,7 @@
 An operation names one slice of prefill work: at decoder layer ``layer``, the tokens of ``group`` do
 ``module`` (``kv``: are projected to keys/values, can be attended to and are cached; ``q``: form
 queries and receive the attention output; ``mlp``: pass through the MLP). Pruning an operation removes
-exactly that work (see ../shared/METHODS.md).
+exactly that work (see docs/methods.md).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ class StepSection(_Strict):
 
 
 class AutoPruneSection(_Strict):
-    """AutoPrune curve settings (../shared/METHODS.md, defaults from the paper)."""
+    """AutoPrune curve settings (docs/methods.md, section 4; defaults from the paper)."""
 
     kind: Literal["autoprune"] = "autoprune"
     tokens: float = Field(gt=0, description="T: average visual tokens per layer")
