@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
@@ -63,6 +64,7 @@ _ORT_TO_NUMPY: dict[str, np.dtype] = {
     for name, dtype in {
         "float": np.float32,
         "float16": np.float16,
+        "bfloat16": ml_dtypes.bfloat16,
         "double": np.float64,
         "int8": np.int8,
         "int16": np.int16,
@@ -149,8 +151,16 @@ class SessionFromOnnx:
         try:
             session = ort.InferenceSession(str(self.path), self._options(), providers=providers)
         except Exception as err:  # ORT raises its own Exception subclasses (Fail, InvalidGraph, ...).
+            text = str(err)
+            if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
+                raise BuildError(
+                    f"ONNX Runtime has no kernel for an operator of {self.path} on "
+                    f"{', '.join(providers)} ({text.strip()}); that provider does not run this graph's "
+                    "precision or operator: build with another --dtype (the CPU provider runs fp32 and fp16, "
+                    "not bf16) or run it on a provider that has the kernel"
+                ) from err
             raise BuildError(
-                f"ONNX Runtime could not load {self.path}: {err}; check that the file is a complete ONNX "
+                f"ONNX Runtime could not load {self.path}: {text}; check that the file is a complete ONNX "
                 "model in an IR version this onnxruntime reads (re-export it; external data files must sit "
                 "next to it)"
             ) from err

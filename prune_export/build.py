@@ -170,6 +170,30 @@ def _sorted_cache(out: Mapping[str, np.ndarray], layer: int) -> tuple[np.ndarray
     return out[f"present.{layer}.key"][0][:, order], out[f"present.{layer}.value"][0][:, order]
 
 
+def check_dtype_target(settings: BuildSettings) -> None:
+    """Refuse, before any export, a precision the build could not check or run.
+
+    ONNX Runtime's CPU provider has no bf16 kernels for several operators the graphs use (``Expand``,
+    ``Gather`` of bf16 tensors, ...), so a bf16 graph neither runs there nor can be checked there. TensorRT
+    runs bf16, but the parity check runs on ONNX Runtime; a bf16 TensorRT build is therefore made only
+    when the user turns the check off.
+    """
+    if settings.dtype != "bf16":
+        return
+    if settings.target == "onnxruntime":
+        raise BuildError(
+            "--dtype bf16 is not available for --target onnxruntime: ONNX Runtime's CPU provider has no bf16 "
+            "kernels for operators these graphs use, so the build could neither run nor check them; use "
+            "--dtype fp16 (or fp32) for ONNX Runtime, or --target tensorrt for bf16"
+        )
+    if settings.check:
+        raise BuildError(
+            "--dtype bf16 --target tensorrt cannot be checked here: the parity check runs the graphs on ONNX "
+            "Runtime, which has no bf16 kernels for them; pass --skip-check to build unchecked bf16 graphs for "
+            "TensorRT (check the engine yourself), or use --dtype fp16, which is checked"
+        )
+
+
 # -- build ---------------------------------------------------------------------------------------------
 def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSettings, log: Log) -> Manifest:
     """Export, optimize, check and write one build directory; returns its manifest."""
@@ -181,6 +205,7 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
         raise BuildError(f"unknown target {settings.target!r}; expected one of {list(TARGETS)}")
     if settings.dtype not in FLOAT_DTYPES:
         raise BuildError(f"unknown dtype {settings.dtype!r}; expected one of {sorted(FLOAT_DTYPES)}")
+    check_dtype_target(settings)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not settings.overwrite:
         raise BuildError(
