@@ -18,15 +18,32 @@ from prune_export.spec import DEFAULT_KEY_FRACTION
 
 from .data import DataRow
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+#: Removed outright: apostrophes ("don't" == "dont"; the VQA evaluation maps contractions instead), and as
+#: there a comma inside a number ("1,000" == "1000") and a period not followed by a digit ("U.S.A." == "usa";
+#: "3.5" stays).
+_REMOVED = re.compile(r"['\u2018\u2019`]|(?<=\d),(?=\d)|\.(?!\d)")
+#: Every other ASCII punctuation mark separates words ("red-white" == "red white").
+_SPACED = re.compile("[" + re.escape(string.punctuation.replace(".", "").replace("'", "").replace("`", "")) + "]")
+_ARTICLES = frozenset({"a", "an", "the"})
+#: Number words as digits, as the VQA evaluation maps them ("none" counts as 0 there too).
+_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
 
 
 def normalize_answer(text: str) -> str:
-    """Case- and punctuation-insensitive form of an answer (whitespace collapsed)."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+    """The form exact match compares, after the VQA evaluation: lower case; apostrophes, commas inside numbers
+    and periods not followed by a digit removed; other punctuation turned into spaces; the articles
+    a/an/the dropped (unless the answer is nothing but articles: "A" stays "a"); number words none/zero..ten
+    as digits; whitespace collapsed."""
+    words = _SPACED.sub(" ", _REMOVED.sub("", text.lower())).split()
+    content = [w for w in words if w not in _ARTICLES]
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in (content or words))
 
 
 def exact_match(prediction: str, answer: str) -> bool:
+    """Whether ``prediction`` equals ``answer`` after :func:`normalize_answer` of both."""
     return normalize_answer(prediction) == normalize_answer(answer)
 
 

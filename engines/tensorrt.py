@@ -21,13 +21,17 @@ from typing import Any
 
 from prune_export.errors import BuildError
 from prune_export.io import atomic_write_bytes
+from prune_export.manifest import Manifest
 
 __all__ = [
     "EngineFromOnnx",
+    "EnginesFromBuild",
     "SaveEngine",
     "ShapeRange",
     "ValueRange",
+    "engine_file",
     "engine_from_onnx",
+    "profile_for_graph",
     "require_tensorrt",
     "save_engine",
     "tensorrt_version",
@@ -119,6 +123,18 @@ def _describe_parser_error(error: Any) -> str:
     return str(desc)
 
 
+def _set(setter: Callable[..., Any], name: str, triple: _Triple, what: str, path: Path) -> None:
+    """One profile entry; TensorRT's bindings raise on an inconsistent one, which becomes one clear line."""
+    try:
+        setter(name, *triple)
+    except (RuntimeError, ValueError, TypeError) as err:
+        low, opt, high = (list(t) for t in triple)
+        raise BuildError(
+            f"TensorRT refused the {what} for {name!r} of {path.name} (min {low}, opt {opt}, max {high}): {err}; "
+            "the ranges come from the build's manifest: rebuild it, or check them against the graph's inputs"
+        ) from err
+
+
 class EngineFromOnnx:
     """Loader: build a serialized TensorRT engine from an ONNX file, with one optimization profile.
 
@@ -204,7 +220,7 @@ class EngineFromOnnx:
                             f"shape values for {name!r} have {len(values[0])} value(s), but the input holds "
                             f"{count} (shape {list(shape)})"
                         )
-                    profile.set_shape_input(name, *values)
+                    _set(profile.set_shape_input, name, values, "shape values", self.onnx_path)
                     entries += 1
                 if not dynamic:
                     continue
@@ -218,7 +234,7 @@ class EngineFromOnnx:
                         f"profile shapes for {name!r} ({list(low)}, {list(opt)}, {list(high)}) do not fit its "
                         f"shape {list(shape)} in {self.onnx_path} (-1 marks the dynamic dimensions)"
                     )
-                profile.set_shape(name, low, opt, high)
+                _set(profile.set_shape, name, (low, opt, high), "profile shapes", self.onnx_path)
                 entries += 1
             elif dynamic:
                 missing.append(f"{name} (shape {list(shape)}: give min/opt/max shapes in profile)")
@@ -295,3 +311,92 @@ def save_engine(engine: bytes, path: str | os.PathLike[str]) -> Path:
     """Write ``engine`` to ``path`` atomically at once; returns the path."""
     SaveEngine(engine, path)()
     return Path(path)
+
+
+# -- engines of a build directory ------------------------------------------------------------------------
+def profile_for_graph(manifest: Manifest, graph: str) -> tuple[dict[str, ShapeRange], dict[str, ValueRange]]:
+    """The optimization profile of one graph of a build, derived from its manifest.
+
+    Each input with named (dynamic) dimensions gets ``(min, opt, max)`` shapes from ``shape_ranges``; each
+    input listed in ``shape_values`` (int64 vectors TensorRT reads as sizes) gets its per-element value
+    vectors. Whether TensorRT treats an input as a shape tensor is decided when it parses the graph;
+    :class:`EngineFromOnnx` then asks for exactly the entries it needs, and an entry for an input that turns
+    out not to be a shape tensor is not used.
+    """
+    try:
+        entry = manifest.graphs[graph]
+    except KeyError:
+        raise BuildError(f"the build has no {graph!r} graph (it has {', '.join(sorted(manifest.graphs))})") from None
+    profile: dict[str, ShapeRange] = {}
+    values: dict[str, ValueRange] = {}
+    for spec in entry.inputs:
+        if spec.name in manifest.shape_values:
+            low, opt, high = manifest.shape_values[spec.name]
+            values[spec.name] = (low, opt, high)
+        if all(isinstance(dim, int) for dim in spec.shape):
+            continue
+        triples: list[tuple[int, int, int]] = []
+        for dim in spec.shape:
+            if isinstance(dim, int):
+                triples.append((dim, dim, dim))
+                continue
+            if dim not in manifest.shape_ranges:
+                raise BuildError(
+                    f"input {spec.name!r} of {entry.file} has the dynamic dimension {dim!r}, which the manifest's "
+                    f"shape_ranges do not bound (they bound {', '.join(sorted(manifest.shape_ranges))}); rebuild "
+                    "the directory with `prune-export build --target tensorrt`"
+                )
+            low, opt, high = manifest.shape_ranges[dim]
+            triples.append((low, opt, high))
+        profile[spec.name] = tuple(tuple(t[i] for t in triples) for i in range(3))  # type: ignore[assignment]
+    return profile, values
+
+
+def engine_file(graph: str) -> str:
+    """The engine file of a graph in a build directory: ``<graph>.plan``."""
+    return f"{graph}.plan"
+
+
+class EnginesFromBuild:
+    """Loader: one TensorRT engine per graph of a ``--target tensorrt`` build directory.
+
+    Profiles come from the manifest (:func:`profile_for_graph`); each engine is written atomically next to
+    its ONNX file as ``<graph>.plan``. On call it returns ``{graph: engine file name}``; the first graph
+    TensorRT refuses raises a :class:`BuildError` naming the graph, and engines already written stay.
+    """
+
+    def __init__(
+        self,
+        build_dir: str | os.PathLike[str],
+        manifest: Manifest,
+        *,
+        workspace_gb: float | None = None,
+        verbose: bool = False,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        if manifest.target != "tensorrt":
+            raise BuildError(
+                f"{build_dir} was built for --target {manifest.target}; TensorRT engines need a build made with "
+                "--target tensorrt (its graphs are linted and every dynamic shape is bounded)"
+            )
+        self.build_dir = Path(build_dir)
+        self.manifest = manifest
+        self.workspace_gb = workspace_gb
+        self.verbose = verbose
+        self.log = log
+
+    def __call__(self) -> dict[str, str]:
+        files: dict[str, str] = {}
+        for graph in self.manifest.graphs:
+            profile, values = profile_for_graph(self.manifest, graph)
+            onnx_path = self.manifest.graph_path(self.build_dir, graph)
+            self.log(f"building the TensorRT engine of {onnx_path.name}")
+            loader = EngineFromOnnx(
+                onnx_path, profile=profile, shape_values=values, workspace_gb=self.workspace_gb, verbose=self.verbose
+            )
+            try:
+                SaveEngine(loader, self.build_dir / engine_file(graph))()
+            except BuildError as err:
+                raise BuildError(f"graph {graph!r}: {err}") from err
+            files[graph] = engine_file(graph)
+        return files

@@ -388,6 +388,23 @@ class ScheduleTable:
         """The schedule solved at the grid point nearest to ``k``."""
         return self.entries[self.index(k)]
 
+    def count_ranges(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Per-layer ``[min, typical, max]`` of the keep counts and of the merged counts over every row.
+
+        An engine that receives the counts as shape-tensor inputs only ever sees table rows, so these are
+        exact value ranges for its optimization profile; the typical vector is the middle row's.
+        """
+        middle = self.entries[len(self.entries) // 2]
+
+        def ranges(rows: list[tuple[int, ...]], typical: tuple[int, ...]) -> list[list[int]]:
+            columns = list(zip(*rows, strict=True))
+            return [[min(c) for c in columns], list(typical), [max(c) for c in columns]]
+
+        return (
+            ranges([e.keep for e in self.entries], middle.keep),
+            ranges([e.merged for e in self.entries], middle.merged),
+        )
+
     def keep_rows(self) -> list[list[int]]:
         """``K_l`` per grid row and layer ``1..L-1``: the constant an exported graph gathers from."""
         return [list(e.keep) for e in self.entries]

@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import BuildError
 from .io import atomic_write_json
-from .manifest import CheckOutput, CheckReport, GraphEntry, Manifest, TensorSpec
+from .manifest import CheckOutput, CheckReport, EngineReport, GraphEntry, Manifest, TensorSpec
 from .ops import Operation
 from .plan import AutoPruneSection, FixedScheduleSection
 
@@ -63,6 +63,7 @@ class BuildSettings:
         check: run the parity check (``--skip-check`` turns it off).
         provider: ONNX Runtime provider of the check (``auto``: CUDA when it really runs, else CPU).
         overwrite: replace an existing build directory.
+        workspace_gb: TensorRT builder scratch memory cap (``None``: TensorRT's default, the whole GPU).
     """
 
     target: str = "onnxruntime"
@@ -75,6 +76,7 @@ class BuildSettings:
     check: bool = True
     provider: str = "auto"
     overwrite: bool = False
+    workspace_gb: float | None = None
     check_prompts: tuple[tuple[int, str], ...] = field(default=CHECK_PROMPTS)
 
 
@@ -227,6 +229,11 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(work, out_dir)
+    if manifest.engines is not None and manifest.engines.status == "failed":
+        raise BuildError(
+            f"{out_dir} holds the checked graphs and manifest.json, but TensorRT could not build an engine: "
+            f"{manifest.engines.reason}; fix the cause and run `prune-export engines {out_dir}`"
+        )
     return manifest
 
 
@@ -275,9 +282,12 @@ def _build_into(
         "sys_len": (1, min(35, settings.max_sys_tokens), settings.max_sys_tokens),
         "text_len": (1, min(settings.opt_text_tokens, settings.max_text_tokens), settings.max_text_tokens),
     }
+    shape_values: dict[str, list[list[int]]] = {}
     if split:
-        bounds["keep_counts"] = (0, spec.visual_tokens, spec.visual_tokens)
-        bounds["merged_counts"] = (0, spec.visual_tokens, spec.visual_tokens)
+        assert bake is not None
+        shape_values["keep_counts"], shape_values["merged_counts"] = bake.table.count_ranges()
+    for name, (low, _, high) in shape_values.items():  # one range for every value, for the passes' lint
+        bounds[name] = (min(low), max(high), max(high))
     passes: list[dict[str, Any]] = []
     for name in ["vision", *parts]:
         passes += _optimize(work / f"{name}.onnx", settings.target, settings.dtype, bounds, log)
@@ -296,7 +306,8 @@ def _build_into(
         target=settings.target,
         prefill_layout="split" if split else "single",
         graphs=graphs,
-        shape_ranges={k: list(v) for k, v in bounds.items()},
+        shape_ranges={k: list(v) for k, v in bounds.items() if k not in shape_values},
+        shape_values=shape_values,
         autoprune=autoprune_doc,
         passes=passes,
         versions=_versions(),
@@ -321,9 +332,30 @@ def _build_into(
             f"{lines}{more}{token}\nthe graphs and {CHECK_REPORT} are kept in {failed} for inspection; "
             "rebuild with --skip-check only if you know why they differ"
         )
+    if settings.target == "tensorrt":
+        manifest = manifest.model_copy(update={"engines": _tensorrt_engines(work, manifest, settings, log)})
     manifest.save(work)
     log(f"build finished in {time.perf_counter() - start:.1f} s")
     return manifest
+
+
+def _tensorrt_engines(work: Path, manifest: Manifest, settings: BuildSettings, log: Log) -> EngineReport:
+    """Build the engines where TensorRT is installed; otherwise say why there are none (the graphs stand)."""
+    from engines.tensorrt import EnginesFromBuild, require_tensorrt, tensorrt_version
+
+    try:
+        require_tensorrt()
+    except BuildError as err:
+        reason = f"{err}".split(":")[0]  # "TensorRT is not installed (...)"
+        log(f"no TensorRT engine built: {reason}. The checked graphs are complete; build the engines on a machine "
+            "with TensorRT with `prune-export engines BUILD_DIR`")  # fmt: skip
+        return EngineReport(status="not_built", reason=str(err))
+    try:
+        files = EnginesFromBuild(work, manifest, workspace_gb=settings.workspace_gb, log=log)()
+    except BuildError as err:
+        log(f"TensorRT engine build failed: {err}")
+        return EngineReport(status="failed", reason=str(err), tensorrt=tensorrt_version())
+    return EngineReport(status="built", files=files, tensorrt=tensorrt_version())
 
 
 def _check(
@@ -396,6 +428,8 @@ def _check(
             decision = result.policy.decision
             if list(out["autoprune.keep"]) != list(decision.schedule.keep):
                 record("autoprune.keep", float("inf"))
+            if list(out["autoprune.merged"]) != list(decision.schedule.merged):
+                record("autoprune.merged", float("inf"))
         graph_flops.append(_graph_flops(prefill, feed))
         expected = result.flops + lm_head
         record("census_flops_relative", abs(graph_flops[-1] - expected) / expected)
@@ -446,6 +480,28 @@ def _graph_flops(prefill: Any, feed: Mapping[str, np.ndarray]) -> int:
     _, tail_feeds = prefill.run_head(feed)
     return (census(graph(prefill.build_dir, "prefill_head"), input_values=feed).matmul_flops
             + census(graph(prefill.build_dir, "prefill_tail"), input_values=tail_feeds).matmul_flops)  # fmt: skip
+
+
+def build_engines(
+    build_dir: Path, *, workspace_gb: float | None = None, verbose: bool = False, log: Log = lambda message: None
+) -> EngineReport:
+    """TensorRT engines for an existing ``--target tensorrt`` build; the manifest records them (atomically).
+
+    Raises :class:`BuildError` when TensorRT is missing or refuses a graph (the manifest then says so).
+    """
+    from engines.tensorrt import EnginesFromBuild, require_tensorrt, tensorrt_version
+
+    manifest = Manifest.load(build_dir)
+    loader = EnginesFromBuild(build_dir, manifest, workspace_gb=workspace_gb, verbose=verbose, log=log)
+    require_tensorrt()
+    try:
+        report = EngineReport(status="built", files=loader(), tensorrt=tensorrt_version())
+    except BuildError as err:
+        failed = EngineReport(status="failed", reason=str(err), tensorrt=tensorrt_version())
+        manifest.model_copy(update={"engines": failed}).save(build_dir)
+        raise
+    manifest.model_copy(update={"engines": report}).save(build_dir)
+    return report
 
 
 # -- inspect -------------------------------------------------------------------------------------------

@@ -603,6 +603,32 @@ def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: fl
                + (f" on {manifest.check.provider}" if manifest.check.provider else ""))
     for row in manifest.flops.get("check_prompts", []):
         click.echo(f"  check prompt of {row['tokens']} tokens: executed FLOPs ratio {row['ratio']:.4f}")
+    if manifest.engines is not None:
+        _echo_engines(manifest.engines)
+
+
+def _echo_engines(report: Any) -> None:
+    if report.status == "built":
+        click.echo(f"TensorRT {report.tensorrt} engines: {', '.join(report.files.values())}")
+    else:
+        click.echo("no TensorRT engines: TensorRT is not installed here; run `prune-export engines BUILD_DIR` "
+                   "where it is" if report.status == "not_built" else f"TensorRT engines failed: {report.reason}")
+
+
+@main.command("engines")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--workspace-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Cap on TensorRT's builder scratch memory [default: TensorRT's, the whole GPU].")
+@click.option("--verbose", is_flag=True, help="TensorRT's verbose log (where the reason for a failed build is).")
+def engines_cmd(build_dir: Path, workspace_gb: float | None, verbose: bool) -> None:
+    """Build the TensorRT engines of a --target tensorrt build directory (one <graph>.plan per graph).
+
+    Profiles come from the build's manifest; the manifest then records the engines. Needs TensorRT and an
+    NVIDIA GPU; a build made elsewhere carries everything else.
+    """
+    from .build import build_engines
+
+    _echo_engines(build_engines(build_dir, workspace_gb=workspace_gb, verbose=verbose, log=_log_err))
 
 
 def _log_err(message: str) -> None:

@@ -67,6 +67,20 @@ class CheckReport(_Strict):
     outputs: list[CheckOutput] = Field(default_factory=list)
 
 
+class EngineReport(_Strict):
+    """TensorRT engines of a ``--target tensorrt`` build: one ``<graph>.plan`` per graph, or why there is none.
+
+    ``status``: ``built``; ``not_built`` (TensorRT is not installed where the build ran: the checked graphs
+    are complete, and ``prune-export engines BUILD_DIR`` builds the engines on a machine with TensorRT);
+    ``failed`` (TensorRT refused a graph; ``reason`` says why).
+    """
+
+    status: Literal["built", "not_built", "failed"]
+    reason: str | None = None
+    files: dict[str, str] = Field(default_factory=dict)
+    tensorrt: str | None = None
+
+
 class Manifest(_Strict):
     format: Literal["prune-export-build"] = MANIFEST_FORMAT
     version: Literal[1] = MANIFEST_VERSION
@@ -78,13 +92,18 @@ class Manifest(_Strict):
     #: ``single``: one ``prefill`` graph; ``split``: ``prefill_head`` + host table lookup + ``prefill_tail``.
     prefill_layout: Literal["single", "split"]
     graphs: dict[str, GraphEntry]
-    #: dimension name or shape-tensor input -> ``[min, opt, max]``
+    #: dynamic dimension name -> ``[min, opt, max]``
     shape_ranges: dict[str, list[int]]
+    #: shape-tensor input (an int64 vector a TensorRT engine reads as sizes) -> ``[min, opt, max]`` value
+    #: vectors, one value per element (a split AutoPrune prefill's ``keep_counts``/``merged_counts``: the
+    #: smallest, a typical and the largest count of every layer over the schedule table's rows)
+    shape_values: dict[str, list[list[int]]] = Field(default_factory=dict)
     autoprune: dict[str, Any] | None = None
     flops: dict[str, Any]
     check: CheckReport
     passes: list[dict[str, Any]] = Field(default_factory=list)
     versions: dict[str, str | None]
+    engines: EngineReport | None = None  # --target tensorrt only
 
     def graph_path(self, build_dir: str | Path, name: str) -> Path:
         try:

@@ -19,17 +19,20 @@ from cli_helpers import assert_clean_error, run
 from click.testing import CliRunner
 
 import prune_export.build as build_module
+from engines.benchmark import LatencyStats
 from exporter.adapters import load_spec
+from exporter.autoprune_policy import AutoPrunePolicy
 from exporter.demo import build_demo_model
-from prune_export.autoprune import ScheduleTable, steepness
+from exporter.executor import PlanExecutor
+from exporter.sample import GROUP_INDEX, Sample, key_token_mask
+from prune_export.autoprune import ScheduleTable
 from prune_export.build import CHECK_INPUTS, CHECK_REPORT
 from prune_export.cli import main
+from prune_export.cost import prefill_flops
 from prune_export.manifest import Manifest
 from prune_export.ops import Group, Module, Operation
-from prune_export.plan import Plan
-from prune_export.spec import GroupSizes
-
-pytest.importorskip("onnxruntime")
+from prune_export.plan import AutoPruneSection, Plan
+from prune_export.spec import DEFAULT_KEY_FRACTION, GroupSizes
 
 G, M = Group, Module
 #: GSOP steps on image tokens only: img_rest entirely at layer 3, then both image MLPs at layer 2, then more.
@@ -181,14 +184,52 @@ def test_gsop_build_records_the_plan_and_inspect_counts_less_work(gsop: Path, de
     assert "autoprune" not in pruned_doc
 
 
-def test_bench_reports_speedup_and_flops_speedup(gsop: Path, dense: Path) -> None:
+def _check_prompt_flops(build: Path, spec, ops=()) -> int:
+    """Cost-model FLOPs of a build's check prompt (what bench measures) plus the graph's one LM-head row."""
+    with np.load(build / CHECK_INPUTS) as data:
+        sys_len, txt_len = data["sys_embeds"].shape[1], data["text_embeds"].shape[1]
+    sizes = GroupSizes.for_prompt(spec, sys_len, txt_len)
+    return prefill_flops(spec, sizes, ops) + 2 * spec.hidden_size * spec.vocab_size
+
+
+def test_bench_measures_both_builds_and_counts_their_flops(gsop: Path, dense: Path, plan, tiny_model: Path) -> None:
+    _, p, budget = plan
+    spec = load_spec(tiny_model)
     doc = _json("bench", gsop, "--baseline", dense, "--runs", 3, "--warmup", 1, "--json")
     assert {"dense_ms", "pruned_ms", "speedup", "flops_speedup", "efficiency", "provider"} <= set(doc)
     _assert_provider(doc["provider"])
     assert doc["runs"] == 3 and doc["dense_ms"] > 0 and doc["pruned_ms"] > 0
-    assert doc["flops_speedup"] > 1
-    assert doc["flops_speedup"] == pytest.approx(doc["dense_flops"] / doc["pruned_flops"])
-    assert doc["speedup"] == pytest.approx(doc["dense_ms"] / doc["pruned_ms"])
+    # FLOPs counted from the graphs equal the cost model's for the same prompt and the plan's operations.
+    dense_flops = _check_prompt_flops(dense, spec)
+    pruned_flops = _check_prompt_flops(gsop, spec, p.select(budget).ops)
+    assert pruned_flops < dense_flops
+    assert (doc["dense_flops"], doc["pruned_flops"]) == (dense_flops, pruned_flops)
+    assert doc["flops_speedup"] == pytest.approx(dense_flops / pruned_flops, rel=1e-12)
+
+
+def test_bench_speedup_and_efficiency_from_known_timings(
+    gsop: Path, dense: Path, plan, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timings are fixed (dense 20 ms, pruned 8 ms median): speedup 2.5, efficiency 2.5 / FLOPs speedup."""
+    ran: list[str] = []
+
+    def fake_compare(dense_fn, pruned_fn, *, runs, warmup, progress=None):
+        dense_fn()  # both graphs really run, once each
+        pruned_fn()
+        ran.extend(["dense", "pruned"])
+        return (LatencyStats(median_ms=20.0, mean_ms=21.0, min_ms=19.0, p90_ms=24.0, runs=runs),
+                LatencyStats(median_ms=8.0, mean_ms=8.5, min_ms=7.5, p90_ms=9.0, runs=runs))  # fmt: skip
+
+    monkeypatch.setattr("engines.benchmark.compare_latency", fake_compare)
+    _, p, budget = plan
+    spec = load_spec(tiny_model)
+    flops_speedup = _check_prompt_flops(dense, spec) / _check_prompt_flops(gsop, spec, p.select(budget).ops)
+    doc = _json("bench", gsop, "--baseline", dense, "--runs", 5, "--warmup", 0, "--json")
+    assert ran == ["dense", "pruned"]
+    assert (doc["dense_ms"], doc["pruned_ms"], doc["runs"]) == (20.0, 8.0, 5)
+    assert (doc["dense_p90_ms"], doc["pruned_p90_ms"]) == (24.0, 9.0)
+    assert doc["speedup"] == pytest.approx(2.5)
+    assert doc["efficiency"] == pytest.approx(2.5 / flops_speedup)
 
 
 # -- token sections ------------------------------------------------------------------------------------------
@@ -207,7 +248,22 @@ def test_fixed_keep_schedule_builds_and_passes_the_check(fixed: Path, dense: Pat
     assert doc["op_counts"]["TopK"] >= 1
 
 
-def test_autoprune_for_tensorrt_builds_a_split_prefill(autoprune_trt: Path) -> None:
+def _check_prompt_sample(build: Path, spec) -> Sample:
+    """The executor's input for a build's check prompt, rebuilt from the embeddings in its check inputs."""
+    with np.load(build / CHECK_INPUTS) as data:
+        sys_e, img_e, txt_e = (torch.from_numpy(data[k][0]) for k in ("sys_embeds", "image_embeds", "text_embeds"))
+        cls = torch.from_numpy(data["cls_attention"][0]).float()
+    start, end = sys_e.shape[0], sys_e.shape[0] + img_e.shape[0]
+    n = end + txt_e.shape[0]
+    groups = torch.full((n,), GROUP_INDEX[Group.TXT], dtype=torch.long)
+    groups[:start] = GROUP_INDEX[Group.SYS]
+    key = key_token_mask(cls, spec.key_tokens(DEFAULT_KEY_FRACTION))
+    groups[start:end] = torch.where(key, GROUP_INDEX[Group.IMG_KEY], GROUP_INDEX[Group.IMG_REST])
+    embeds = torch.cat([sys_e, img_e, txt_e])
+    return Sample(torch.zeros(n, dtype=torch.long), embeds, groups, start, end, cls)
+
+
+def test_autoprune_for_tensorrt_builds_a_split_prefill(autoprune_trt: Path, tiny_adapter) -> None:
     names = {p.name for p in autoprune_trt.iterdir()}
     assert {
         "vision.onnx",
@@ -223,7 +279,8 @@ def test_autoprune_for_tensorrt_builds_a_split_prefill(autoprune_trt: Path) -> N
     assert m.autoprune is not None
     assert m.autoprune["tokens"] == 4 and m.autoprune["n0"] == 10 and m.autoprune["score_dtype"] == "float32"
     assert m.autoprune["table"] == "schedule_table.json"
-    assert m.shape_ranges["keep_counts"] == [0, 16, 16]
+    assert "keep_counts" not in m.shape_ranges  # dimensions only; per-layer value ranges in shape_values
+    assert [len(v) for v in m.shape_values["keep_counts"]] == [3, 3, 3]
     tail_inputs = {t.name: t for t in m.graphs["prefill_tail"].inputs}
     assert tail_inputs["keep_counts"].dtype == "int64" and tail_inputs["keep_counts"].shape == [3]
     table = ScheduleTable.from_dict(json.loads((autoprune_trt / "schedule_table.json").read_text()))
@@ -233,14 +290,25 @@ def test_autoprune_for_tensorrt_builds_a_split_prefill(autoprune_trt: Path) -> N
     assert doc["prefill_layout"] == "split"
     assert set(doc["op_counts_per_graph"]) == {"prefill_head", "prefill_tail"}
     assert "NonZero" not in doc["op_counts"]
+    # The graphs' schedule row (head -> host lookup -> tail) against the executor's own AutoPrune decision on
+    # the same check prompt (its I1 from the PyTorch attention, its table row, its executed counts).
     ap = doc["autoprune"]
-    row = table.lookup(steepness(ap["complexity"], m.autoprune["k0"], m.autoprune["gamma"]))
-    assert ap["keep"] == list(row.keep) and ap["merged"] == list(row.merged) and len(ap["keep"]) == 3
+    section = AutoPruneSection.model_validate({k: m.autoprune[k] for k in AutoPruneSection.model_fields})
+    assert section.tokens == 4
+    spec = tiny_adapter.spec
+    sample = _check_prompt_sample(autoprune_trt, spec)
+    result = PlanExecutor(tiny_adapter).prefill(sample, (), AutoPrunePolicy(section, spec, mode="table"))
+    decision = result.policy.decision
+    assert ap["complexity"] == pytest.approx(decision.i1, abs=1e-5)
+    assert ap["keep"] == list(decision.schedule.keep) and len(ap["keep"]) == 3
+    assert ap["merged"] == list(decision.schedule.merged)
     p = doc["prompt"]
     kv = doc["kv_tokens_per_layer"]
+    assert kv == [t.tokens_in for t in result.trace]  # every layer caches the tokens that entered it
     assert kv[0] == p["sys_tokens"] + 16 + p["text_tokens"]
     assert kv[1] == p["sys_tokens"] + 10 + p["text_tokens"]  # N0 = floor(2.5 * 4) leave layer 0
-    assert kv[2] == p["sys_tokens"] + row.keep[0] + row.merged[0] + p["text_tokens"]
+    for layer in (1, 2):  # selections after layers 1 and 2 (none after the last): kept plus merged tokens
+        assert kv[layer + 1] == p["sys_tokens"] + decision.kept[layer] + decision.merged[layer] + p["text_tokens"]
     assert doc["matmul_flops"] == m.flops["check_prompts"][0]["executed"] + m.flops["lm_head_row"]
 
 

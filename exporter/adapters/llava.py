@@ -1,7 +1,9 @@
 """Adapter for HuggingFace ``LlavaForConditionalGeneration`` folders (the LLaVA-1.5 family).
 
 Layout in transformers 5.x: ``model.model.{vision_tower, multi_modal_projector, language_model}`` and
-``model.lm_head``; the decoder is Llama-style (pre-RMSNorm, RoPE, gated SiLU MLP, GQA allowed).
+``model.lm_head``; the decoder is Llama-style (pre-RMSNorm, RoPE, gated SiLU MLP, GQA allowed): Llama,
+Mistral (``head_dim`` may differ from ``hidden_size / heads``) or Qwen2 (biases on Q/K/V). A sliding attention
+window a prompt could outgrow is refused (:func:`sliding_window_of`); the executor attends to the whole prefix.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class LlavaAdapter(VLMAdapter):
                 f"{folder}: text model type {tc.model_type!r} is not supported by the LLaVA adapter "
                 "(llama, mistral, qwen2 decoders are)"
             )
+        _refuse_sliding_window(tc, folder)
         patches = (vc.image_size // vc.patch_size) ** 2
         visual = patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
         heads = tc.num_attention_heads
@@ -234,6 +237,43 @@ class LlavaAdapter(VLMAdapter):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.processor.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def sliding_window_of(text_config: Any) -> int | None:
+    """The attention window HuggingFace applies in at least one decoder layer, or None (full causal attention).
+
+    Mistral windows every layer when ``sliding_window`` is set; Qwen2 only with ``use_sliding_window`` and only
+    the layers ``layer_types`` marks ``sliding_attention`` (``i >= max_window_layers``); Llama has no window.
+    """
+    window = getattr(text_config, "sliding_window", None)
+    if window is None:
+        return None
+    if getattr(text_config, "model_type", None) == "qwen2":
+        if not getattr(text_config, "use_sliding_window", False):
+            return None
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            return None
+    return int(window)
+
+
+def _refuse_sliding_window(text_config: Any, folder: str) -> None:
+    """The executor and the exported graphs attend to every earlier token: a window that a prompt could
+    outgrow (narrower than ``max_position_embeddings``) would make them differ from the model, so refuse it."""
+    window = sliding_window_of(text_config)
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if window is None or (limit is not None and window >= limit):
+        return
+    qwen = getattr(text_config, "model_type", None) == "qwen2"
+    setting = f"sliding_window={window}" + (", use_sliding_window=true" if qwen else "")
+    fix = '"sliding_window": null' + (' (or "use_sliding_window": false)' if qwen else "")
+    raise ModelLoadError(
+        f"{folder}: the {text_config.model_type} decoder uses sliding-window attention (text_config {setting}, "
+        f"max_position_embeddings={limit}), which prune-export does not implement: its executor and graphs attend "
+        f"to every earlier token and would differ from the model on contexts longer than {window} tokens. If the "
+        f"model never sees a context longer than {window} tokens (a LLaVA prompt with one image is ~600-700), set "
+        f"{fix} in text_config of config.json; otherwise this model is not supported"
+    )
 
 
 def _prompt_for(processor_or_tokenizer: Any, question: str) -> str:

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 import torch
 from ort_session import cpu_session
@@ -35,8 +36,6 @@ from prune_export.autoprune import recycle, recycle_candidates, select_topk_pres
 from prune_export.errors import BuildError
 from prune_export.ops import Group, Module, Operation
 from prune_export.plan import AutoPruneSection
-
-ort = pytest.importorskip("onnxruntime")
 
 G, M = Group, Module
 LAYERS, VISUAL = 6, 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from ort_session import cpu_session
@@ -13,6 +14,8 @@ from exporter.baked import BakedPrefill
 from exporter.executor import FixedKeepPolicy, PlanExecutor
 from exporter.onnx_export import export_prefill, export_vision
 from exporter.sample import prepare_sample
+from graph_passes.census import census
+from graph_passes.tensorrt_lint import lint_tensorrt
 from prune_export.cost import prefill_flops
 from prune_export.errors import BuildError
 from prune_export.ops import Group, Module, Operation
@@ -98,7 +101,6 @@ def test_exported_graph_is_static_and_loadable(plan: str, exported) -> None:
 
 
 def test_exported_flops_equal_the_cost_model(exported, tiny_adapter, samples) -> None:
-    census = pytest.importorskip("graph_passes.census").census
     spec = tiny_adapter.spec
     ops, keep = PLANS["combined"]
     lm_head = 2 * spec.hidden_size * spec.vocab_size  # one row; the cost model leaves the LM head out
@@ -114,11 +116,8 @@ def test_exported_flops_equal_the_cost_model(exported, tiny_adapter, samples) ->
 
 
 def test_exported_graph_passes_the_tensorrt_lint(exported) -> None:
-    lint = pytest.importorskip("graph_passes.tensorrt_lint").lint_tensorrt
-    import onnx_ir as ir
-
     for report in exported.values():
-        assert lint(ir.load(str(report.path))) == []
+        assert lint_tensorrt(ir.load(str(report.path))) == []
 
 
 def test_vision_graph_matches_adapter_with_dynamic_batch(tiny_adapter, tmp_path) -> None:
