@@ -13,7 +13,13 @@ What it holds TensorRT's way (TensorRT 10/11 Python API, as documented):
   without the profile a dynamic network needs gives ``None``), with the reason sent to the logger;
 * profile setters raise ``RuntimeError`` on an inconsistent entry, as the Python bindings do
   (rank or static dimension mismatch, ``min > opt > max``, a value count other than the input's size);
-* a serialized engine is bytes that name the graph and the profile, so a test can read what was built.
+* a serialized engine is bytes that name the graph and the profile, so a test can read what was built;
+* the network creation flags follow the version's enum: TensorRT 10 has ``STRONGLY_TYPED`` (its bit is the
+  only flag accepted), TensorRT 11 networks are always strongly typed and its enum has no such member (any
+  flag is refused);
+* parser errors, when a test asks for them, come as TensorRT gives them: ``parse_from_file`` returns False
+  and each error has ``node()`` (its index in the graph, -1 for the whole model), ``node_operator()``,
+  ``node_name()`` and ``desc()``, with index and operator read from the graph.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any
 
 import onnx
 
@@ -78,22 +83,70 @@ class FakeTensor:
         self.name, self.shape, self.is_shape_tensor = name, tuple(shape), is_shape_tensor
 
 
+class FakeParserError:
+    """One ONNX parser error, with the accessors of TensorRT's ``ParserError``."""
+
+    def __init__(self, node: int, operator: str, name: str, desc: str) -> None:
+        self._node, self._operator, self._name, self._desc = node, operator, name, desc
+
+    def node(self) -> int:
+        return self._node
+
+    def node_operator(self) -> str:
+        return self._operator
+
+    def node_name(self) -> str:
+        return self._name
+
+    def desc(self) -> str:
+        return self._desc
+
+
+def _parser_errors(graph: onnx.GraphProto, wanted: Sequence[tuple[str | None, str]]) -> list[FakeParserError]:
+    """The errors ``wanted`` as (node name or None for the whole model, description), placed in ``graph``."""
+    where = {node.name: (index, node.op_type) for index, node in enumerate(graph.node) if node.name}
+    errors: list[FakeParserError] = []
+    for name, desc in wanted:
+        if name is None:
+            errors.append(FakeParserError(-1, "", "", desc))
+            continue
+        if name not in where:  # a mistake in the test, not a parser error
+            raise ValueError(f"parser error for node {name!r}, which {graph.name!r} does not have")
+        index, operator = where[name]
+        errors.append(FakeParserError(index, operator, name, desc))
+    return errors
+
+
 def fake_tensorrt(
     *,
-    version: str = "10.99.0",
+    version: str | None = None,
+    strongly_typed_flag: bool = True,
     engine_fails: bool = False,
+    profile_fails: bool = False,
     refuse_values: Iterable[str] = (),
+    parser_errors: Iterable[tuple[str | None, str]] = (),
 ) -> tuple[ModuleType, SimpleNamespace]:
-    """The module and a record of what it was asked (``calls`` in order, ``engines`` built).
+    """The module and a record of what it was asked.
 
+    The record holds ``calls`` (in order), ``flags`` (given to each ``create_network``), ``pools`` (memory
+    pool limits set), ``errors`` (what was sent to the logger) and ``engines`` (those built).
+
+    ``version``: ``__version__``; by default 10.99.0 with the STRONGLY_TYPED flag, 11.99.0 without.
+    ``strongly_typed_flag``: whether ``NetworkDefinitionCreationFlag`` has ``STRONGLY_TYPED`` (TensorRT 10)
+    or not (TensorRT 11).
     ``engine_fails``: the builder returns ``None`` (a kernel or memory failure), logging why.
-    ``refuse_values``: inputs whose shape values the profile setter refuses (TensorRT's own checks that
-    this project does not repeat, e.g. a value limit of the build's GPU).
+    ``profile_fails``: ``add_optimization_profile`` returns -1, logging why (TensorRT's own checks that this
+    project does not repeat, e.g. a limit of the build's GPU).
+    ``refuse_values``: inputs whose shape values the profile setter refuses (as above).
+    ``parser_errors``: ``(node name, description)`` pairs the parser reports (a node name of None for an
+    error about the whole model); the node must be in the parsed graph, which gives its index and operator.
     """
-    record = SimpleNamespace(calls=[], errors=[], engines=[])
+    record = SimpleNamespace(calls=[], flags=[], pools={}, errors=[], engines=[])
     refused = set(refuse_values)
+    wanted_errors = list(parser_errors)
     trt = ModuleType("tensorrt")
-    trt.__version__ = version
+    trt.__version__ = version or ("10.99.0" if strongly_typed_flag else "11.99.0")
+    flag_bits = {"STRONGLY_TYPED": 1} if strongly_typed_flag else {}
 
     class Logger:
         WARNING, VERBOSE, ERROR = 2, 4, 1
@@ -118,11 +171,21 @@ def fake_tensorrt(
 
     class OnnxParser:
         def __init__(self, network: Network, logger: Logger) -> None:
-            self.network, self.num_errors = network, 0
+            self.network = network
+            self.errors: list[FakeParserError] = []
+
+        @property
+        def num_errors(self) -> int:
+            return len(self.errors)
 
         def parse_from_file(self, path: str) -> bool:
             record.calls.append("parse")
             model = onnx.load(path, load_external_data=False)
+            self.errors = _parser_errors(model.graph, wanted_errors)
+            if self.errors:
+                for error in self.errors:
+                    Logger(0).log(1, f"ONNX parser: node {error.node()}: {error.desc()}")
+                return False
             initializers = {t.name for t in model.graph.initializer}
             shapes = shape_tensor_inputs(model.graph)
             for value in model.graph.input:
@@ -133,8 +196,8 @@ def fake_tensorrt(
             self.network.graph = Path(path).name
             return True
 
-        def get_error(self, index: int) -> Any:  # pragma: no cover - no parser errors here
-            raise IndexError(index)
+        def get_error(self, index: int) -> FakeParserError:
+            return self.errors[index]
 
     class Profile:
         def __init__(self) -> None:
@@ -161,9 +224,13 @@ def fake_tensorrt(
 
         def set_memory_pool_limit(self, pool: str, size: int) -> None:
             record.calls.append("pool")
+            record.pools[pool] = size
 
         def add_optimization_profile(self, profile: Profile) -> int:
             record.calls.append("add_profile")
+            if profile_fails:
+                Logger(0).log(1, "optimization profile exceeds a limit of this GPU")
+                return -1
             network = self.builder.network
             for tensor in network.inputs:
                 dynamic = any(dim < 0 for dim in tensor.shape)
@@ -192,6 +259,9 @@ def fake_tensorrt(
 
         def create_network(self, flags: int = 0) -> Network:
             record.calls.append("network")
+            record.flags.append(flags)
+            if flags & ~sum(1 << bit for bit in flag_bits.values()):
+                raise RuntimeError(f"network creation flags {flags} hold a flag this TensorRT does not have")
             self.network = Network()
             return self.network
 
@@ -226,5 +296,5 @@ def fake_tensorrt(
 
     trt.Logger, trt.OnnxParser, trt.Builder = Logger, OnnxParser, Builder  # type: ignore[attr-defined]
     trt.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")  # type: ignore[attr-defined]
-    trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1)  # type: ignore[attr-defined]
+    trt.NetworkDefinitionCreationFlag = SimpleNamespace(**flag_bits)  # type: ignore[attr-defined]
     return trt, record

@@ -1,16 +1,18 @@
 """TensorRT engine builds.
 
 Three groups: tests that need no TensorRT at all (missing-TensorRT error, lazy import, argument checks,
-atomic save); tests that drive :class:`EngineFromOnnx` through a small stand-in ``tensorrt`` module to check
-what it asks of the TensorRT API (network flags for TensorRT 10 and 11, profile calls, error reports); and
-tests that build real engines, which run only where TensorRT is installed (GPU machines).
+atomic save); tests that drive :class:`EngineFromOnnx` on small real ONNX graphs through the strict stand-in
+``tensorrt`` module of fake_tensorrt.py (which reads inputs and shape tensors from the graph and holds
+TensorRT's call order) to check what it asks of the TensorRT API (network flags for TensorRT 10 and 11,
+profile calls, error reports); and tests that build real engines, which run only where TensorRT is installed
+(GPU machines).
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -18,7 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from engine_graphs import IR_VERSION, save_graph
+from engine_graphs import IR_VERSION, matmul_add_model, save_graph
+from fake_tensorrt import fake_tensorrt, shape_tensor_inputs
 from onnx import TensorProto, helper
 
 from engines.tensorrt import (
@@ -134,208 +137,248 @@ def test_save_engine_writes_atomically(tmp_path: Path) -> None:
     assert target.read_bytes() == b"second"
 
 
-# ── against a stand-in tensorrt module ────────────────────────────────────────────────────────────────────
+# ── against the strict stand-in tensorrt module (fake_tensorrt.py) ──────────────────────────────────────
 
 
-class FakeTensor:
-    def __init__(self, name: str, shape: Sequence[int], is_shape_tensor: bool = False) -> None:
-        self.name, self.shape, self.is_shape_tensor = name, tuple(shape), is_shape_tensor
+def slice_by_k_and_fixed_model(path: Path) -> Path:
+    """Write :func:`slice_by_k_model` with a second, static input beside it and return its path.
+
+    ::
+
+        x [n, 4] ──► Slice ◄── starts [0], axes [0]
+        k [1] (int64) ─┘ (ends)
+                        │
+                        ▼
+                    y [m, 4]
+
+        fixed [2, 2] ──► Relu ──► z [2, 2]
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["x", "starts", "k", "axes"], ["y"]),
+            helper.make_node("Relu", ["fixed"], ["z"]),
+        ],
+        "slice_by_k_and_fixed",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("fixed", TensorProto.FLOAT, [2, 2]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 4]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 2]),
+        ],
+        [
+            onnx.numpy_helper.from_array(np.array([0], np.int64), "starts"),
+            onnx.numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        ],
+    )
+    return save_graph(graph, path)
 
 
-class FakeParserError:
-    def __init__(self, node: int, operator: str, name: str, desc: str) -> None:
-        self._node, self._operator, self._name, self._desc = node, operator, name, desc
+def static_model(path: Path) -> Path:
+    """Write a graph with static shapes only and return its path.
 
-    def node(self) -> int:
-        return self._node
+    ::
 
-    def node_operator(self) -> str:
-        return self._operator
+        x [2, 4] ──► Relu ──► y [2, 4]
+    """
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "static_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    return save_graph(graph, path)
 
-    def node_name(self) -> str:
-        return self._name
 
-    def desc(self) -> str:
-        return self._desc
+def reshape_by_shape_model(path: Path) -> Path:
+    """Write a graph reshaping ``x`` to a two-value int64 shape tensor ``shape`` and return its path.
+
+    ::
+
+        x [n, 4] ──► Reshape ◄── shape [2] (int64)
+                        │
+                        ▼
+                    y [a, b]
+    """
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape_by_shape",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )
+    return save_graph(graph, path)
 
 
-def fake_tensorrt(
-    inputs: Sequence[FakeTensor],
-    *,
-    strongly_typed_flag: bool = True,
-    parser_errors: Sequence[FakeParserError] = (),
-    engine: bytes | None = b"serialized-plan",
-    profile_index: int = 0,
-) -> tuple[ModuleType, SimpleNamespace]:
-    """A stand-in ``tensorrt`` module with the API names EngineFromOnnx uses; returns it and a call log."""
-    log = SimpleNamespace(flags=None, parsed=None, shapes={}, values={}, pools={}, profiles=0, built=False)
-    trt = ModuleType("tensorrt")
-    trt.__version__ = "10.99.0" if strongly_typed_flag else "11.99.0"
+def nonzero_model(path: Path) -> Path:
+    """Write a graph whose node 3 is a NonZero named ``mask_nz`` (a data-dependent shape) and return its path.
 
-    class Logger:
-        WARNING, VERBOSE = 2, 4
+    ::
 
-        def __init__(self, severity: int) -> None:
-            self.min_severity = severity
+        x [n, 4] ──► Abs ──► Sign ──► Cast (bool) ──► NonZero 'mask_nz' (node 3) ──► y [2, nnz] (int64)
+    """
+    graph = helper.make_graph(
+        [
+            helper.make_node("Abs", ["x"], ["a"], name="abs"),
+            helper.make_node("Sign", ["a"], ["s"], name="sign"),
+            helper.make_node("Cast", ["s"], ["m"], name="mask", to=TensorProto.BOOL),
+            helper.make_node("NonZero", ["m"], ["y"], name="mask_nz"),
+        ],
+        "nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [2, "nnz"])],
+    )
+    return save_graph(graph, path)
 
-    class Network:
-        num_inputs = len(inputs)
 
-        def get_input(self, index: int) -> FakeTensor:
-            return inputs[index]
+@pytest.mark.parametrize(
+    "write",
+    [slice_by_k_model, slice_by_k_and_fixed_model, static_model, reshape_by_shape_model, nonzero_model],
+)
+def test_stand_in_graphs_are_valid_onnx(tmp_path: Path, write: Any) -> None:
+    onnx.checker.check_model(str(write(tmp_path / "graph.onnx")), full_check=True)
 
-    class OnnxParser:
-        def __init__(self, network: Network, logger: Logger) -> None:
-            self.num_errors = len(parser_errors)
 
-        def parse_from_file(self, path: str) -> bool:
-            log.parsed = path
-            return not parser_errors
+def test_stand_in_finds_shape_tensors_in_the_graph(tmp_path: Path) -> None:
+    def shape_tensors(path: Path) -> set[str]:
+        return shape_tensor_inputs(onnx.load(str(path)).graph)
 
-        def get_error(self, index: int) -> FakeParserError:
-            return parser_errors[index]
+    assert shape_tensors(slice_by_k_model(tmp_path / "slice.onnx")) == {"k"}
+    assert shape_tensors(slice_by_k_and_fixed_model(tmp_path / "fixed.onnx")) == {"k"}
+    assert shape_tensors(reshape_by_shape_model(tmp_path / "reshape.onnx")) == {"shape"}
+    assert shape_tensors(matmul_add_model(tmp_path / "matmul_add.onnx")) == set()
 
-    class Profile:
-        def set_shape(self, name: str, low: Any, opt: Any, high: Any) -> None:
-            log.shapes[name] = (tuple(low), tuple(opt), tuple(high))
 
-        def set_shape_input(self, name: str, low: Any, opt: Any, high: Any) -> None:
-            log.values[name] = (tuple(low), tuple(opt), tuple(high))
-
-    class Config:
-        def set_memory_pool_limit(self, pool: str, size: int) -> None:
-            log.pools[pool] = size
-
-        def add_optimization_profile(self, profile: Profile) -> int:
-            log.profiles += 1
-            return profile_index
-
-    class Builder:
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def create_network(self, flags: int = 0) -> Network:
-            log.flags = flags
-            return Network()
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def build_serialized_network(self, network: Network, config: Config) -> bytes | None:
-            log.built = True
-            return engine
-
-    trt.Logger, trt.OnnxParser, trt.Builder = Logger, OnnxParser, Builder  # type: ignore[attr-defined]
-    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")  # type: ignore[attr-defined]
-    flag_enum = SimpleNamespace(STRONGLY_TYPED=1) if strongly_typed_flag else SimpleNamespace()
-    trt.NetworkDefinitionCreationFlag = flag_enum  # type: ignore[attr-defined]
-    return trt, log
+def use(monkeypatch: pytest.MonkeyPatch, **options: Any) -> SimpleNamespace:
+    """Install the strict stand-in as ``tensorrt`` for one test; returns its record of calls."""
+    trt, record = fake_tensorrt(**options)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return record
 
 
 @pytest.mark.parametrize(("strongly_typed_flag", "flags"), [(True, 1 << 1), (False, 0)])
 def test_fake_build_sets_profile_and_strong_typing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, strongly_typed_flag: bool, flags: int
 ) -> None:
-    path = slice_by_k_model(tmp_path / "slice.onnx")
-    inputs = [FakeTensor("x", (-1, 4)), FakeTensor("k", (1,), is_shape_tensor=True), FakeTensor("s", (2, 2))]
-    trt, log = fake_tensorrt(inputs, strongly_typed_flag=strongly_typed_flag)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    """TensorRT 10 gets the STRONGLY_TYPED bit, TensorRT 11 (no such flag) 0; entries in TensorRT's order."""
+    path = slice_by_k_and_fixed_model(tmp_path / "slice.onnx")
+    record = use(monkeypatch, strongly_typed_flag=strongly_typed_flag)
     engine = EngineFromOnnx(
         path,
         profile={"x": ((1, 4), (16, 4), (64, 4))},
         shape_values={"k": ([1], [8], [64])},
         workspace_gb=0.5,
     )()
-    assert engine == b"serialized-plan"
-    assert log.flags == flags
-    assert log.parsed == str(path)
-    assert log.shapes == {"x": ((1, 4), (16, 4), (64, 4))}
-    assert log.values == {"k": ((1,), (8,), (64,))}
-    assert log.pools == {"workspace": 1 << 29}
-    assert log.profiles == 1
-    assert tensorrt_version() == trt.__version__
+    assert record.flags == [flags]
+    assert tensorrt_version() == ("10.99.0" if strongly_typed_flag else "11.99.0")
+    assert record.pools == {"workspace": 1 << 29}
+    # No entry for the static input; k was found to be a shape tensor by parsing the graph.
+    assert record.calls == [
+        "network",
+        "parse",
+        "config",
+        "pool",
+        "profile",
+        "set_shape:x",
+        "set_shape_input:k",
+        "add_profile",
+        "build",
+    ]
+    assert record.engines == [json.loads(engine)]
+    assert json.loads(engine) == {
+        "graph": "slice.onnx",
+        "shapes": {"x": [[1, 4], [16, 4], [64, 4]]},
+        "values": {"k": [[1], [8], [64]]},
+        "shape_tensors": ["k"],
+    }
 
 
 def test_fake_build_of_static_network_adds_no_profile(
-    monkeypatch: pytest.MonkeyPatch, model_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    trt, log = fake_tensorrt([FakeTensor("x", (2, 4))])
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    assert EngineFromOnnx(model_path, profile={})() == b"serialized-plan"
-    assert log.profiles == 0 and log.shapes == {} and log.pools == {}
+    path = static_model(tmp_path / "static.onnx")
+    record = use(monkeypatch)
+    engine = EngineFromOnnx(path, profile={})()
+    assert json.loads(engine) == {"graph": "static.onnx", "shapes": {}, "values": {}, "shape_tensors": []}
+    assert "add_profile" not in record.calls
+    assert not any(call.startswith("set_shape") for call in record.calls)
+    assert record.pools == {} and "pool" not in record.calls  # no workspace_gb: TensorRT's default
 
 
 def test_fake_build_reports_a_rejected_profile(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
-    trt, log = fake_tensorrt([FakeTensor("x", (-1, 4))], profile_index=-1)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    record = use(monkeypatch, profile_fails=True)
     with pytest.raises(BuildError, match="rejected the optimization profile"):
         EngineFromOnnx(model_path, profile={"x": ((1, 4), (2, 4), (3, 4))})()
-    assert not log.built
+    assert record.calls[-2:] == ["set_shape:x", "add_profile"]
+    assert record.engines == [] and "build" not in record.calls
+    assert record.errors == ["optimization profile exceeds a limit of this GPU"]
 
 
 def test_fake_build_names_each_dynamic_input_without_entry(
-    monkeypatch: pytest.MonkeyPatch, model_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    inputs = [
-        FakeTensor("x", (-1, 4)),
-        FakeTensor("k", (1,), is_shape_tensor=True),
-        FakeTensor("fixed", (2, 2)),
-    ]
-    trt, log = fake_tensorrt(inputs)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    path = slice_by_k_and_fixed_model(tmp_path / "slice.onnx")
+    record = use(monkeypatch)
     with pytest.raises(BuildError, match="dynamic input") as info:
-        EngineFromOnnx(model_path, profile={})()
+        EngineFromOnnx(path, profile={})()
     message = str(info.value)
     assert "x (shape [-1, 4]: give min/opt/max shapes in profile)" in message
     assert "k (shape tensor [1]: give min/opt/max values in shape_values)" in message
     assert "fixed" not in message
-    assert not log.built
+    assert "add_profile" not in record.calls and record.engines == []
 
 
 def test_fake_build_rejects_unknown_and_ill_fitting_entries(
     monkeypatch: pytest.MonkeyPatch, model_path: Path
 ) -> None:
-    trt, _ = fake_tensorrt([FakeTensor("x", (-1, 4))])
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    record = use(monkeypatch)
     with pytest.raises(BuildError, match="profile names y are not inputs.*its inputs are x"):
         EngineFromOnnx(model_path, profile={"x": ((1, 4), (2, 4), (3, 4)), "y": ((1,), (1,), (1,))})()
     with pytest.raises(BuildError, match="do not fit its shape \\[-1, 4\\]"):
         EngineFromOnnx(model_path, profile={"x": ((1, 5), (2, 5), (3, 5))})()
     with pytest.raises(BuildError, match="do not fit"):
         EngineFromOnnx(model_path, profile={"x": ((1,), (2,), (3,))})()
+    # Caught before any entry reached TensorRT's setters.
+    assert not any(call.startswith("set_shape") for call in record.calls)
+    assert record.engines == []
 
 
-def test_fake_build_checks_shape_value_count(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
-    trt, _ = fake_tensorrt([FakeTensor("k", (2,), is_shape_tensor=True)])
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+def test_fake_build_checks_shape_value_count(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = reshape_by_shape_model(tmp_path / "reshape.onnx")
+    record = use(monkeypatch)
     with pytest.raises(BuildError, match="have 1 value\\(s\\), but the input holds 2"):
-        EngineFromOnnx(model_path, profile={}, shape_values={"k": (1, 2, 3)})()
+        EngineFromOnnx(path, profile={"x": ((1, 4), (2, 4), (3, 4))}, shape_values={"shape": (1, 2, 3)})()
+    assert "set_shape_input:shape" not in record.calls and record.engines == []
 
 
-def test_fake_build_lists_every_parser_error(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
-    errors = [
-        FakeParserError(3, "NonZero", "mask_nz", "data-dependent shape is not supported here"),
-        FakeParserError(-1, "", "", "model has unsupported IR version"),
-    ]
-    trt, log = fake_tensorrt([FakeTensor("x", (-1, 4))], parser_errors=errors)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+def test_fake_build_lists_every_parser_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = nonzero_model(tmp_path / "nonzero.onnx")
+    record = use(
+        monkeypatch,
+        parser_errors=[
+            ("mask_nz", "data-dependent shape is not supported here"),
+            (None, "model has unsupported IR version"),
+        ],
+    )
     with pytest.raises(BuildError, match="2 error\\(s\\)") as info:
-        EngineFromOnnx(model_path, profile={"x": ((1, 4), (2, 4), (3, 4))})()
+        EngineFromOnnx(path, profile={"x": ((1, 4), (2, 4), (3, 4))})()
     message = str(info.value)
-    assert str(model_path) in message
+    assert str(path) in message
     assert "node 3 (NonZero 'mask_nz'): data-dependent shape is not supported here" in message
     assert "model has unsupported IR version" in message
-    assert not log.built
+    assert record.calls == ["network", "parse"]  # nothing configured or built after the parser failed
 
 
 def test_fake_build_failure_says_to_rerun_verbose(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:
-    trt, _ = fake_tensorrt([FakeTensor("x", (-1, 4))], engine=None)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    record = use(monkeypatch, engine_fails=True)
     with pytest.raises(BuildError, match="failed to build.*verbose"):
         EngineFromOnnx(model_path, profile={"x": ((1, 4), (2, 4), (3, 4))})()
+    assert record.calls[-2:] == ["add_profile", "build"] and record.engines == []
+    assert record.errors == ["no implementation obeys reformatting-free rules"]
 
 
 # ── with TensorRT (GPU machines) ──────────────────────────────────────────────────────────────────────────
