@@ -341,7 +341,7 @@ def _build_into(
 
 def _tensorrt_engines(work: Path, manifest: Manifest, settings: BuildSettings, log: Log) -> EngineReport:
     """Build the engines where TensorRT is installed; otherwise say why there are none (the graphs stand)."""
-    from engines.tensorrt import EnginesFromBuild, require_tensorrt, tensorrt_version
+    from engines.tensorrt import require_tensorrt
 
     try:
         require_tensorrt()
@@ -350,12 +350,23 @@ def _tensorrt_engines(work: Path, manifest: Manifest, settings: BuildSettings, l
         log(f"no TensorRT engine built: {reason}. The checked graphs are complete; build the engines on a machine "
             "with TensorRT with `prune-export engines BUILD_DIR`")  # fmt: skip
         return EngineReport(status="not_built", reason=str(err))
+    report = _engine_report(work, manifest, workspace_gb=settings.workspace_gb, verbose=False, log=log)
+    if report.status == "failed":
+        log(f"TensorRT engine build failed: {report.reason}")
+    return report
+
+
+def _engine_report(
+    build_dir: Path, manifest: Manifest, *, workspace_gb: float | None, verbose: bool, log: Log
+) -> EngineReport:
+    """Run :class:`engines.tensorrt.EnginesFromBuild`: the engines built, or why TensorRT refused one."""
+    from engines.tensorrt import EnginesFromBuild, tensorrt_version
+
+    loader = EnginesFromBuild(build_dir, manifest, workspace_gb=workspace_gb, verbose=verbose, log=log)
     try:
-        files = EnginesFromBuild(work, manifest, workspace_gb=settings.workspace_gb, log=log)()
+        return EngineReport(status="built", files=loader(), tensorrt=tensorrt_version())
     except BuildError as err:
-        log(f"TensorRT engine build failed: {err}")
         return EngineReport(status="failed", reason=str(err), tensorrt=tensorrt_version())
-    return EngineReport(status="built", files=files, tensorrt=tensorrt_version())
 
 
 def _check(
@@ -489,18 +500,15 @@ def build_engines(
 
     Raises :class:`BuildError` when TensorRT is missing or refuses a graph (the manifest then says so).
     """
-    from engines.tensorrt import EnginesFromBuild, require_tensorrt, tensorrt_version
+    from engines.tensorrt import EnginesFromBuild, require_tensorrt
 
     manifest = Manifest.load(build_dir)
-    loader = EnginesFromBuild(build_dir, manifest, workspace_gb=workspace_gb, verbose=verbose, log=log)
+    EnginesFromBuild(build_dir, manifest)  # a build for another target is refused before TensorRT is asked for
     require_tensorrt()
-    try:
-        report = EngineReport(status="built", files=loader(), tensorrt=tensorrt_version())
-    except BuildError as err:
-        failed = EngineReport(status="failed", reason=str(err), tensorrt=tensorrt_version())
-        manifest.model_copy(update={"engines": failed}).save(build_dir)
-        raise
+    report = _engine_report(build_dir, manifest, workspace_gb=workspace_gb, verbose=verbose, log=log)
     manifest.model_copy(update={"engines": report}).save(build_dir)
+    if report.status == "failed":
+        raise BuildError(report.reason or "TensorRT could not build an engine")
     return report
 
 
