@@ -562,7 +562,7 @@ def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: fl
     """
     import hashlib
 
-    from .build import BuildSettings, PlanChoice, build
+    from .workflows.build import BuildSettings, PlanChoice, build
     from .plan import check_budget
 
     if budget is not None:
@@ -626,7 +626,7 @@ def engines_cmd(build_dir: Path, workspace_gb: float | None, verbose: bool) -> N
     Profiles come from the build's manifest; the manifest then records the engines. Needs TensorRT and an
     NVIDIA GPU; a build made elsewhere carries everything else.
     """
-    from .build import build_engines
+    from .workflows.build import build_engines
 
     _echo_engines(build_engines(build_dir, workspace_gb=workspace_gb, verbose=verbose, log=_log_err))
 
@@ -654,7 +654,7 @@ def _section_of(policy: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect_cmd(build_dir: Path, text_tokens: int | None, as_json: bool) -> None:
     """Node counts by op type and matmul FLOPs of the prefill graph, computed from the graph itself."""
-    from .build import inspect_build
+    from .workflows.build import inspect_build
 
     doc = inspect_build(build_dir, text_tokens)
     if as_json:
@@ -687,7 +687,7 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
     """Prefill latency of a pruned build against a dense one on ONNX Runtime, interleaved, with FLOPs ratios."""
     from tqdm import tqdm
 
-    from .build import bench_builds
+    from .workflows.build import bench_builds
 
     with tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, disable=None) as bar:
         report = bench_builds(pruned_dir, dense_dir, runs=runs, warmup=warmup, provider=provider, threads=threads,

@@ -18,7 +18,7 @@ import torch
 from cli_helpers import assert_clean_error, run
 from click.testing import CliRunner
 
-import prune_export.build as build_module
+import prune_export.workflows.build as build_module
 from engines.benchmark import LatencyStats
 from exporter.adapters import load_spec
 from exporter.autoprune_policy import AutoPrunePolicy
@@ -26,7 +26,7 @@ from exporter.demo import build_demo_model
 from exporter.executor import PlanExecutor
 from exporter.sample import GROUP_INDEX, Sample, key_token_mask
 from prune_export.autoprune import ScheduleTable
-from prune_export.build import CHECK_INPUTS, CHECK_REPORT
+from prune_export.workflows.build import CHECK_INPUTS, CHECK_REPORT
 from prune_export.cli import main
 from prune_export.cost import prefill_flops
 from prune_export.manifest import Manifest

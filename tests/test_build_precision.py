@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from exporter.baked import BakedPrefill
-from prune_export.build import BuildSettings, PlanChoice, build
+from prune_export.workflows.build import BuildSettings, PlanChoice, build
 from prune_export.errors import BuildError
 from prune_export.manifest import Manifest
 from prune_export.ops import Group, Module, Operation

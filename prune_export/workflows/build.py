@@ -1,6 +1,6 @@
-"""The wiring behind ``prune-export build``, ``inspect`` and ``bench`` (part of the CLI layer).
+"""The build workflow: ``prune-export build``, ``engines``, ``inspect`` and the prefill ``bench``.
 
-This is the one module besides :mod:`prune_export.cli` that imports all of exporter, graph_passes and
+It imports all of exporter, graph_passes and
 engines: it exports the graphs (exporter), runs the pass pipeline and census (graph_passes), runs them
 (engines) and checks them against the PyTorch executor (exporter). Every default lives in
 :class:`BuildSettings`.
@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BuildError
-from .io import atomic_write_json
-from .manifest import CheckOutput, CheckReport, EngineReport, GraphEntry, Manifest, TensorSpec
-from .ops import Operation
-from .plan import AutoPruneSection, FixedScheduleSection
+from ..errors import BuildError
+from ..io import atomic_write_json
+from ..manifest import CheckOutput, CheckReport, EngineReport, GraphEntry, Manifest, TensorSpec
+from ..ops import Operation
+from ..plan import AutoPruneSection, FixedScheduleSection
 
 Log = Callable[[str], None]
 
