@@ -1,7 +1,8 @@
-"""ONNX export of the baked prefill graph and of the vision graph (torch.onnx, dynamo).
+"""ONNX export of a build's graphs (torch.onnx, dynamo): baked prefill, vision, token embedding, decode.
 
-Loaders in Polygraphy style: :class:`OnnxFromPlan` / :class:`VisionOnnxFromAdapter` are configured in
-``__init__`` and export on call; :func:`export_prefill` / :func:`export_vision` run them at once.
+Loaders in Polygraphy style: :class:`OnnxFromPlan`, :class:`VisionOnnxFromAdapter`,
+:class:`EmbedOnnxFromAdapter` and :class:`DecodeOnnxFromAdapter` are configured in ``__init__`` and export
+on call; :func:`export_prefill` / :func:`export_vision` run them at once.
 
 Every saved file is readable by ONNX Runtime 1.31 (IR version <= 13; onnx 1.23 writes 14 by default).
 Weights are stored inline when the model is under ``inline_limit`` bytes, else in one external data
@@ -28,6 +29,7 @@ from prune_export.ops import Operation
 
 from .adapters.base import VLMAdapter
 from .baked import AutoPruneBake, BakedPrefill, Part
+from .decode import DecodeStep, EmbedTokens
 from .executor import PositionMode
 
 #: onnxruntime 1.31 reads at most IR version 13.
@@ -295,3 +297,63 @@ def export_vision(
 ) -> ExportReport:
     """Export the vision tower + projector to ``path`` (see :class:`VisionOnnxFromAdapter`)."""
     return VisionOnnxFromAdapter(adapter, opset=opset, **kwargs)(path)
+
+
+class EmbedOnnxFromAdapter:
+    """Export the token embedding ``input_ids [1, tokens] -> inputs_embeds [1, tokens, hidden]``."""
+
+    def __init__(
+        self, adapter: VLMAdapter, *, opset: int = DEFAULT_OPSET, max_tokens: int = 8192,
+        inline_limit: int = INLINE_LIMIT,
+    ) -> None:  # fmt: skip
+        self.adapter = adapter
+        self.opset = opset
+        self.max_tokens = max_tokens
+        self.inline_limit = inline_limit
+
+    def __call__(self, path: str | os.PathLike[str]) -> ExportReport:
+        module = EmbedTokens(self.adapter).eval()
+        ids = torch.arange(7, dtype=torch.int64).reshape(1, 7) % self.adapter.spec.vocab_size
+        tokens = torch.export.Dim("tokens", min=1, max=self.max_tokens)
+        return _export(module, (ids,), Path(path), module.input_names, module.output_names,
+                       ({1: tokens},), self.opset, self.inline_limit)  # fmt: skip
+
+
+class DecodeOnnxFromAdapter:
+    """Export one decoding step over per-layer KV caches (:class:`exporter.decode.DecodeStep`).
+
+    Each layer's past length is its own dynamic dimension ``past_len_l`` in ``[1, max_kv_tokens]``.
+    """
+
+    def __init__(
+        self, adapter: VLMAdapter, *, opset: int = DEFAULT_OPSET, max_kv_tokens: int = 8192,
+        inline_limit: int = INLINE_LIMIT,
+    ) -> None:  # fmt: skip
+        self.adapter = adapter
+        self.opset = opset
+        self.max_kv_tokens = max_kv_tokens
+        self.inline_limit = inline_limit
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """A token and per-layer caches of distinct lengths (distinct, so no two dims get unified)."""
+        spec, dtype = self.adapter.spec, self.adapter.dtype
+        gen = torch.Generator().manual_seed(0)
+        args: list[torch.Tensor] = [torch.tensor([[1]], dtype=torch.int64)]
+        for layer in range(spec.num_layers):
+            n = 5 + layer
+            args += [
+                torch.randn(1, spec.num_kv_heads, n, spec.head_dim, generator=gen).to(dtype),
+                torch.randn(1, spec.num_kv_heads, n, spec.head_dim, generator=gen).to(dtype),
+                torch.arange(n, dtype=torch.int64).reshape(1, n) * 2,
+            ]
+        return tuple(args)
+
+    def __call__(self, path: str | os.PathLike[str]) -> ExportReport:
+        module = DecodeStep(self.adapter).eval()
+        past: list[object] = []
+        for layer in range(self.adapter.spec.num_layers):
+            n = torch.export.Dim(f"past_len_{layer}", min=1, max=self.max_kv_tokens)
+            past += [{2: n}, {2: n}, {1: n}]
+        args = self.example_inputs()
+        return _export(module, args, Path(path), module.input_names, module.output_names,
+                       (None, tuple(past)), self.opset, self.inline_limit)  # fmt: skip

@@ -152,3 +152,11 @@ class VLMAdapter(ABC):
     @abstractmethod
     def decode(self, token_ids: Sequence[int]) -> str:
         """Detokenise generated ids."""
+
+    #: Token id that the processor repeats once per visual token in the prompt.
+    image_token_id: int
+
+    def save_preprocessing(self, folder: Path) -> None:
+        """Write the tokenizer and image processor (``save_pretrained`` files) into ``folder``, so that a
+        build answers questions without the model folder."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save its tokenizer and image processor")

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 
 from prune_export.errors import ModelLoadError
+from prune_export.prompt import prompt_text
 from prune_export.spec import ModelSpec
 
 from .base import LayerParts, PromptTokens, VisionOutput, VLMAdapter
 
-#: LLaVA-1.5's prompt when the folder carries no chat template.
-DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -140,7 +139,7 @@ class LlavaAdapter(VLMAdapter):
             tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception:
             return None
-        prefix = _prompt_for(tok, "?").split("<image>")[0]
+        prefix = prompt_text(tok, "?").split("<image>")[0]
         return len(tok(prefix).input_ids)
 
     # -- loading ---------------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ class LlavaAdapter(VLMAdapter):
 
     # -- prompt ----------------------------------------------------------------------------------------
     def prompt_text(self, question: str) -> str:
-        return _prompt_for(self.processor, question)
+        return prompt_text(self.processor, question)
 
     def tokenize(self, image: Any, question: str) -> PromptTokens:
         inputs = self.processor(images=image.convert("RGB"), text=self.prompt_text(question), return_tensors="pt")
@@ -238,6 +237,9 @@ class LlavaAdapter(VLMAdapter):
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.processor.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
+    def save_preprocessing(self, folder: Path) -> None:
+        self.processor.save_pretrained(str(folder))
+
 
 def sliding_window_of(text_config: Any) -> int | None:
     """The attention window HuggingFace applies in at least one decoder layer, or None (full causal attention).
@@ -274,11 +276,3 @@ def _refuse_sliding_window(text_config: Any, folder: str) -> None:
         f"model never sees a context longer than {window} tokens (a LLaVA prompt with one image is ~600-700), set "
         f"{fix} in text_config of config.json; otherwise this model is not supported"
     )
-
-
-def _prompt_for(processor_or_tokenizer: Any, question: str) -> str:
-    template = getattr(processor_or_tokenizer, "chat_template", None)
-    if template:
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor_or_tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
-    return DEFAULT_PROMPT.format(question=question)

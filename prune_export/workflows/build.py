@@ -41,6 +41,8 @@ CHECK_PROMPTS = (
     (1, "How many dogs are there in this picture, and where are they standing? Answer in one sentence."),
 )
 CHECK_INPUTS = "check_inputs.npz"
+#: Folder of a build that holds the tokenizer and image processor files.
+PROCESSOR_DIR = "processor"
 CHECK_REPORT = "check_report.json"
 #: Largest relative difference between the graph's census FLOPs and the executor's count.
 CENSUS_TOLERANCE = 0.01
@@ -63,6 +65,9 @@ class BuildSettings:
         check: run the parity check (``--skip-check`` turns it off).
         provider: ONNX Runtime provider of the check (``auto``: CUDA when it really runs, else CPU).
         overwrite: replace an existing build directory.
+        max_new_tokens: tokens a decode cache may grow by (the decode graph's shape ranges, TensorRT
+            profiles); the runtime refuses longer answers only where an engine was built for this bound.
+        check_new_tokens: greedy tokens the parity check generates per check prompt.
         workspace_gb: TensorRT builder scratch memory cap (``None``: TensorRT's default, the whole GPU).
     """
 
@@ -77,6 +82,8 @@ class BuildSettings:
     provider: str = "auto"
     overwrite: bool = False
     workspace_gb: float | None = None
+    max_new_tokens: int = 1024
+    check_new_tokens: int = 8
     check_prompts: tuple[tuple[int, str], ...] = field(default=CHECK_PROMPTS)
 
 
@@ -152,18 +159,6 @@ def _check_image(seed: int) -> Any:
 
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(90, 120, 3) * 255).astype("uint8"))
-
-
-def _policy(choice: PlanChoice, spec: Any) -> Any:
-    from exporter.autoprune_policy import AutoPrunePolicy
-    from exporter.executor import FixedKeepPolicy
-
-    tokens = choice.tokens
-    if isinstance(tokens, AutoPruneSection):
-        return AutoPrunePolicy(tokens, spec, mode="table")  # what the graph does: the schedule table
-    if isinstance(tokens, FixedScheduleSection):
-        return FixedKeepPolicy.from_stages([tuple(s) for s in tokens.stages], tokens.positions)
-    return None
 
 
 def _sorted_cache(out: Mapping[str, np.ndarray], layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,7 +239,7 @@ def _build_into(
     import torch
 
     from exporter.baked import AutoPruneBake
-    from exporter.onnx_export import OnnxFromPlan, VisionOnnxFromAdapter
+    from exporter.onnx_export import DecodeOnnxFromAdapter, EmbedOnnxFromAdapter, OnnxFromPlan, VisionOnnxFromAdapter
 
     start = time.perf_counter()
     adapter = load_adapter(model_dir)
@@ -276,11 +271,23 @@ def _build_into(
             f"{tokens.kind if tokens else 'none'})")  # fmt: skip
         exporter(part)(work / f"{name}.onnx")
         log(f"  exported in {time.perf_counter() - t0:.1f} s")
+    max_prompt = settings.max_sys_tokens + spec.visual_tokens + settings.max_text_tokens
+    opt_prompt = min(35, settings.max_sys_tokens) + spec.visual_tokens + min(settings.opt_text_tokens, settings.max_text_tokens)
+    max_kv = max_prompt + settings.max_new_tokens
+    t0 = time.perf_counter()
+    log("exporting embed.onnx (token embedding) and decode.onnx (one unpruned decoding step, per-layer caches)")
+    EmbedOnnxFromAdapter(adapter, opset=settings.opset, max_tokens=max_prompt)(work / "embed.onnx")
+    DecodeOnnxFromAdapter(adapter, opset=settings.opset, max_kv_tokens=max_kv)(work / "decode.onnx")
+    log(f"  exported in {time.perf_counter() - t0:.1f} s")
+    adapter.save_preprocessing(work / PROCESSOR_DIR)
+    graph_names = ["vision", *parts, "embed", "decode"]
 
     bounds: dict[str, Any] = {
         "batch": (1, 1, settings.max_batch),
         "sys_len": (1, min(35, settings.max_sys_tokens), settings.max_sys_tokens),
         "text_len": (1, min(settings.opt_text_tokens, settings.max_text_tokens), settings.max_text_tokens),
+        "tokens": (1, opt_prompt, max_prompt),
+        **{f"past_len_{layer}": (1, opt_prompt, max_kv) for layer in range(spec.num_layers)},
     }
     shape_values: dict[str, list[list[int]]] = {}
     if split:
@@ -289,7 +296,7 @@ def _build_into(
     for name, (low, _, high) in shape_values.items():  # one range for every value, for the passes' lint
         bounds[name] = (min(low), max(high), max(high))
     passes: list[dict[str, Any]] = []
-    for name in ["vision", *parts]:
+    for name in graph_names:
         passes += _optimize(work / f"{name}.onnx", settings.target, settings.dtype, bounds, log)
 
     autoprune_doc = None
@@ -297,7 +304,7 @@ def _build_into(
         atomic_write_json(work / "schedule_table.json", bake.table.to_dict())
         autoprune_doc = {**bake.section.model_dump(), "n0": bake.n0, "table": "schedule_table.json",
                          "score_dtype": str(bake.score_dtype).removeprefix("torch.")}  # fmt: skip
-    graphs = {name: _graph_entry(work / f"{name}.onnx") for name in ["vision", *parts]}
+    graphs = {name: _graph_entry(work / f"{name}.onnx") for name in graph_names}
     manifest_base = dict(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model={"path": str(Path(model_dir).resolve()), "fingerprint": spec.fingerprint(), **spec.to_json()},
@@ -311,6 +318,9 @@ def _build_into(
         autoprune=autoprune_doc,
         passes=passes,
         versions=_versions(),
+        generation={"processor": PROCESSOR_DIR, "image_token_id": int(adapter.image_token_id),
+                    "eos_token_ids": [int(i) for i in adapter.eos_token_ids],
+                    "max_new_tokens": settings.max_new_tokens},  # fmt: skip
     )
     provisional = Manifest(flops={}, check=CheckReport(status="skipped"), **manifest_base)
     provisional.save(work)  # engines read the graph list from it; replaced below, renamed in last
@@ -381,11 +391,13 @@ def _check(
     from exporter.executor import PlanExecutor
     from exporter.sample import build_sample
 
+    from .selection import token_policy
+
     spec = adapter.spec
     tolerance = TOLERANCE[settings.dtype]
     lm_head = 2 * spec.hidden_size * spec.vocab_size  # the graph's one logits row; the cost model leaves it out
     executor = PlanExecutor(adapter)
-    policy = _policy(choice, spec)
+    policy = token_policy(choice.tokens, spec, mode="table")  # what the graph does: the schedule table
     samples = []
     pixels = []
     for seed, question in settings.check_prompts:
@@ -444,21 +456,58 @@ def _check(
         graph_flops.append(_graph_flops(prefill, feed))
         expected = result.flops + lm_head
         record("census_flops_relative", abs(graph_flops[-1] - expected) / expected)
+    same_generation, generated = _check_generation(adapter, work, manifest, choice, policy, settings, samples, record)
     limits = {name: CENSUS_TOLERANCE if name == "census_flops_relative" else tolerance for name in results}
     outputs = [
         CheckOutput(name=name, max_abs_diff=diff, tolerance=limits[name], ok=diff <= limits[name])
         for name, diff in results.items()
     ]
-    ok = all(o.ok for o in outputs) and same_token
+    # Token-for-token equality is the contract in fp32; in fp16/bf16 rounding may flip a near tie, so there
+    # the step logits (compared while the tokens agree) carry the check.
+    ok = all(o.ok for o in outputs) and same_token and (same_generation or settings.dtype != "fp32")
     worst = max((o for o in outputs if o.name != "census_flops_relative"), key=lambda o: o.max_abs_diff)
     log(f"  {'passed' if ok else 'FAILED'} on {prefill.provider}: logits max abs diff {results['logits']:.3g}, "
-        f"worst output {worst.name} {worst.max_abs_diff:.3g}, same next token: {same_token}")  # fmt: skip
+        f"worst output {worst.name} {worst.max_abs_diff:.3g}, same next token: {same_token}, same greedy "
+        f"answers ({'/'.join(map(str, generated))} tokens): {same_generation}")  # fmt: skip
     flops["graph_per_check_prompt"] = graph_flops
     report = CheckReport(
         status="passed" if ok else "failed", provider=prefill.provider, samples=len(samples),
-        tolerance=tolerance, same_next_token=same_token, outputs=outputs,
+        tolerance=tolerance, same_next_token=same_token, same_generation=same_generation,
+        generated_tokens=generated, outputs=outputs,
     )  # fmt: skip
     return report, flops
+
+
+def _check_generation(
+    adapter: Any, work: Path, manifest: Manifest, choice: PlanChoice, policy: Any, settings: BuildSettings,
+    samples: list[Any], record: Callable[[str, float], None],
+) -> tuple[bool, list[int]]:  # fmt: skip
+    """Greedy answers through the build's runtime (copied processor, embed, vision, prefill, decode) against
+    the executor's ``generate``: the prompt ids, every token, and the logits of every step while they agree."""
+    from engines.generate import GenerationRunner
+    from exporter.executor import PlanExecutor
+
+    executor = PlanExecutor(adapter)
+    runner = GenerationRunner(work, provider=settings.provider, manifest=manifest)
+    same, generated = True, []
+    for (seed, question), sample in zip(settings.check_prompts, samples, strict=True):
+        prompt = runner.prompt(_check_image(seed), question)
+        if prompt.input_ids.tolist() != sample.input_ids.tolist():
+            record("generate.prompt_ids", float("inf"))
+        ref = executor.generate(sample, choice.ops, policy, max_new_tokens=settings.check_new_tokens)
+        got = runner.generate(_check_image(seed), question, settings.check_new_tokens, keep_logits=True)
+        generated.append(len(ref.token_ids))
+        agree = 0
+        for a, b in zip(got.token_ids, ref.token_ids, strict=False):
+            if a != b:
+                break
+            agree += 1
+        same &= got.token_ids == ref.token_ids
+        # Logits of the steps up to the first disagreement (inclusive: both saw the same past there).
+        for mine, theirs in list(zip(got.step_logits, ref.step_logits, strict=False))[: agree + 1]:
+            record("generate.step_logits", float(np.abs(mine.astype(np.float64) - theirs.double().cpu().numpy()).max()))
+    runner.deactivate()
+    return same, generated
 
 
 def _cast_feeds(prefill: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,0 +1,305 @@
+"""Answers from a build directory: image + question in, greedy answer out, on ONNX Runtime.
+
+:class:`GenerationRunner` owns the sessions of one build (``vision``, ``embed``, the prefill: single or
+split, and ``decode``) and the tokenizer/image processor the build carries in ``processor/``, so a build
+directory answers questions without the model folder it was made from. One answer is:
+
+1. the prompt: the chat template of the copied processor (the rule the graphs were checked with), the
+   image expanded to its visual tokens, pixels preprocessed;
+2. ``vision`` (features, [CLS] attention) and ``embed`` (token embeddings of the text around the image);
+3. the (pruned) prefill: logits of the last prompt token and each layer's KV cache, each layer with its
+   own length and positions;
+4. greedy decode steps through ``decode`` until an EOS token or ``max_new_tokens``; decode steps are never
+   pruned, every layer's cache grows by one token per step.
+
+**Where the KV caches live.** After the prefill, every layer's key/value/position tensors become ONNX
+Runtime values (``OrtValue``) once, and each decode step binds the previous step's output values as its
+inputs through IO binding: the caches stay in ONNX Runtime's memory (the GPU's, under the CUDA provider)
+and never pass through numpy again; only the token id goes in and the logits row comes out. The step
+appends to each cache with a ``Concat`` inside the graph (a copy of that layer's cache per step, as
+HuggingFace's dynamic cache does with ``torch.cat``). The alternative, per-layer buffers preallocated to
+the prefill length + ``max_new_tokens`` and written in place, needs ONNX Runtime's contrib
+``GroupQueryAttention`` operator with shared past/present buffers: a Microsoft-domain operator with its own
+rotary and position conventions that TensorRT does not parse, while the decode graph here is standard ONNX
+that every runtime of a build (ONNX Runtime, TensorRT, Triton) runs as it is. At LLaVA sizes the copy is
+small next to the step's weight reads (one 700-token layer cache of a 7B model is 2.9 MB in fp16, its
+weights 400 MB).
+
+Lifecycle as the other runners: ``activate()`` (or a ``with`` block, or first use) creates the sessions,
+``deactivate()`` drops them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, Provider, SessionFromOnnx
+from engines.prefill import PrefillRunner
+from prune_export.errors import BuildError, PruneExportError
+from prune_export.manifest import Manifest
+from prune_export.prompt import prompt_text
+
+KV_KINDS = ("key", "value", "position")
+
+
+class GenerationError(PruneExportError):
+    """Bad input to a generation (empty question, max_new_tokens < 1, an image the processor rejects)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One tokenised prompt with one image, ready for the graphs."""
+
+    input_ids: np.ndarray  # [n] int64, the image span holds the image token id
+    image_start: int
+    image_end: int  # exclusive
+    pixel_values: np.ndarray  # [1, 3, H, W]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class GenerationStats:
+    """Timings and sizes of one answer (milliseconds of wall time)."""
+
+    prompt_tokens: int
+    new_tokens: int = 0
+    ttft_ms: float = 0.0  # prompt in (tokenisation included) -> first token out
+    decode_ms: list[float] = field(default_factory=list)  # one per decode step
+    kv_tokens_per_layer: list[int] = field(default_factory=list)  # after the prefill
+    provider: str = ""
+
+    @property
+    def decode_ms_per_token(self) -> float | None:
+        return float(np.mean(self.decode_ms)) if self.decode_ms else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "ttft_ms": self.ttft_ms,
+            "decode_ms_per_token": self.decode_ms_per_token,
+            "decode_steps": len(self.decode_ms),
+            "kv_tokens_per_layer": self.kv_tokens_per_layer,
+            "provider": self.provider,
+        }
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    step_logits: list[np.ndarray] = field(default_factory=list)  # with keep_logits: one row per token
+
+
+class GenerationRunner:
+    """Greedy generation through one build directory's graphs (see the module docstring)."""
+
+    def __init__(
+        self,
+        build_dir: str | Path,
+        *,
+        provider: Provider = "auto",
+        threads: int | None = None,
+        manifest: Manifest | None = None,
+    ) -> None:
+        self.build_dir = Path(build_dir)
+        self.manifest = manifest or Manifest.load(self.build_dir)
+        info = self.manifest.generation
+        if info is None or "decode" not in self.manifest.graphs or "embed" not in self.manifest.graphs:
+            raise BuildError(
+                f"{self.build_dir} was built without the decode and embed graphs (an older prune-export); "
+                "rebuild it with `prune-export build` to answer questions with it"
+            )
+        self.info = info
+        self.num_layers = int(self.manifest.model["num_layers"])
+        self.eos = frozenset(int(i) for i in info["eos_token_ids"])
+        self._provider: Provider = provider
+        self._threads = threads
+        self._sessions: dict[str, Any] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def activate(self) -> GenerationRunner:
+        if self._sessions is None:
+            m, d = self.manifest, self.build_dir
+
+            def runner(name: str) -> OrtRunner:
+                loader = SessionFromOnnx(m.graph_path(d, name), provider=self._provider, threads=self._threads)
+                return OrtRunner(loader()).activate()
+
+            self._sessions = {
+                "vision": runner("vision"),
+                "embed": runner("embed"),
+                "decode": runner("decode"),
+                "prefill": PrefillRunner(d, provider=self._provider, threads=self._threads, manifest=m),
+                "processor": self._load_processor(),
+            }
+        return self
+
+    def deactivate(self) -> None:
+        self._sessions = None
+
+    def __enter__(self) -> GenerationRunner:
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    def _part(self, name: str) -> Any:
+        return self.activate()._sessions[name]  # type: ignore[index]
+
+    @property
+    def provider(self) -> str:
+        return self._part("decode").provider
+
+    def _load_processor(self) -> Any:
+        folder = self.build_dir / self.info["processor"]
+        from transformers import AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the torchvision fallback notice of CLIP processors is not actionable
+        try:
+            return AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:  # transformers raises OSError/ValueError/... for a damaged folder
+            raise BuildError(
+                f"cannot load the tokenizer and image processor of {self.build_dir} from {folder} "
+                f"({type(exc).__name__}: {exc}); rebuild the directory with `prune-export build`"
+            ) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    # -- prompt ----------------------------------------------------------------------------------------
+    def prompt(self, image: Any, question: str) -> Prompt:
+        """Tokenise ``question`` with the build's chat template and preprocess ``image`` (a PIL image)."""
+        if not isinstance(question, str) or not question.strip():
+            raise GenerationError("the question is empty; pass the text to ask about the image")
+        processor = self._part("processor")
+        try:
+            inputs = processor(images=image.convert("RGB"), text=prompt_text(processor, question), return_tensors="np")
+        except Exception as exc:
+            raise GenerationError(f"the image processor rejected the input ({type(exc).__name__}: {exc})") from None
+        ids = np.asarray(inputs["input_ids"][0], dtype=np.int64)
+        where = np.flatnonzero(ids == int(self.info["image_token_id"]))
+        visual = int(self.manifest.model["visual_tokens"])
+        if len(where) != visual:
+            raise BuildError(
+                f"the build's processor expanded <image> into {len(where)} tokens but its graphs take {visual}; "
+                f"the processor files in {self.build_dir / self.info['processor']} do not belong to this build"
+            )
+        return Prompt(ids, int(where[0]), int(where[-1]) + 1, np.asarray(inputs["pixel_values"]))
+
+    def prefill_feeds(self, prompt: Prompt) -> dict[str, np.ndarray]:
+        """The prefill's inputs: vision features and [CLS] attention, embeddings of the text around them."""
+        vision = self._part("vision")
+        pixel_dtype = vision.input_metadata()["pixel_values"][0]
+        vis = vision.infer({"pixel_values": prompt.pixel_values.astype(pixel_dtype)})
+        embeds = self._part("embed").infer({"input_ids": prompt.input_ids[None]})["inputs_embeds"]
+        prefill = self._part("prefill")
+        meta = prefill.input_metadata()
+        feeds = {
+            "sys_embeds": embeds[:, : prompt.image_start],
+            "image_embeds": vis["image_features"],
+            "text_embeds": embeds[:, prompt.image_end :],
+            "cls_attention": vis["cls_attention"],
+        }
+        return {k: np.ascontiguousarray(v.astype(meta[k][0], copy=False)) for k, v in feeds.items()}
+
+    # -- generation ------------------------------------------------------------------------------------
+    def token_ids(
+        self,
+        feeds: dict[str, np.ndarray],
+        max_new_tokens: int,
+        stats: GenerationStats | None = None,
+        step_logits: list[np.ndarray] | None = None,
+        started: float | None = None,
+    ) -> Iterator[int]:
+        """Greedy token ids after a prefill on ``feeds``, stopping at EOS (not yielded) or ``max_new_tokens``.
+
+        The executor's ``continue_greedy``, step for step. ``stats`` receives the timings; ``started`` is
+        when the prompt came in (default: now).
+        """
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        started = time.perf_counter() if started is None else started
+        stats = stats if stats is not None else GenerationStats(prompt_tokens=0)
+        out = self._part("prefill").infer(feeds)
+        logits = out["logits"][0]
+        stats.kv_tokens_per_layer = [int(out[f"present.{layer}.key"].shape[2]) for layer in range(self.num_layers)]
+        stats.provider = self.provider
+        device = "cuda" if self.provider == CUDA_PROVIDER else "cpu"
+        cache = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(out[f"present.{layer}.{kind}"]), device, 0)
+            for layer in range(self.num_layers)
+            for kind in KV_KINDS
+        ]
+        del out
+        session = self._part("decode").session
+        inputs = [f"past.{layer}.{kind}" for layer in range(self.num_layers) for kind in KV_KINDS]
+        outputs = [o.name for o in session.get_outputs()]
+        for step in range(max_new_tokens):
+            if step_logits is not None:
+                step_logits.append(np.asarray(logits, dtype=np.float32))
+            token = int(np.argmax(logits))
+            if step == 0:
+                stats.ttft_ms = (time.perf_counter() - started) * 1e3
+            if token in self.eos:
+                return
+            stats.new_tokens += 1
+            yield token
+            if step + 1 == max_new_tokens:
+                return
+            t0 = time.perf_counter()
+            binding = session.io_binding()
+            binding.bind_cpu_input("input_ids", np.array([[token]], dtype=np.int64))
+            for name, value in zip(inputs, cache, strict=True):
+                binding.bind_ortvalue_input(name, value)
+            for name in outputs:
+                binding.bind_output(name, device)
+            session.run_with_iobinding(binding)
+            values = binding.get_outputs()
+            logits = values[0].numpy()[0]
+            cache = list(values[1:])
+            stats.decode_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def stream(self, image: Any, question: str, max_new_tokens: int = 64, stats: GenerationStats | None = None) -> Iterator[str]:
+        """The answer as text pieces, as tokens come; the pieces join to :meth:`generate`'s text."""
+        started = time.perf_counter()
+        prompt = self.prompt(image, question)
+        if stats is not None:
+            stats.prompt_tokens = prompt.num_tokens
+        tokenizer = self._part("processor").tokenizer
+        ids: list[int] = []
+        shown = ""
+        for token in self.token_ids(self.prefill_feeds(prompt), max_new_tokens, stats, started=started):
+            ids.append(token)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            # Hold back an incomplete character (a byte-level token mid UTF-8 sequence decodes to U+FFFD).
+            if text.endswith("\ufffd") or not text.startswith(shown):
+                continue
+            piece, shown = text[len(shown) :], text
+            if piece:
+                yield piece
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown) :]
+
+    def generate(self, image: Any, question: str, max_new_tokens: int = 64, keep_logits: bool = False) -> Answer:
+        """The greedy answer to ``question`` about ``image`` (a PIL image), with its timings."""
+        started = time.perf_counter()
+        prompt = self.prompt(image, question)
+        stats = GenerationStats(prompt_tokens=prompt.num_tokens)
+        logits: list[np.ndarray] | None = [] if keep_logits else None
+        ids = list(self.token_ids(self.prefill_feeds(prompt), max_new_tokens, stats, logits, started))
+        text = self._part("processor").tokenizer.decode(ids, skip_special_tokens=True)
+        return Answer(text, ids, stats, logits or [])
