@@ -45,3 +45,8 @@ class BuildError(PruneExportError):
 
 class InternalError(RuntimeError):
     """A bug in prune-export itself (an invariant broke); never the user's fault."""
+
+
+class BuildDirError(BuildError):
+    """A build directory is missing, is not a build (no ``manifest.json``), or a file it records is missing
+    or differs from the size/sha256 in ``manifest.json`` (truncated, modified, corrupted)."""

@@ -337,6 +337,8 @@ def _build_into(
         lines = "\n".join(f"  {o.name}: max abs diff {o.max_abs_diff:.3g} > tolerance {o.tolerance:g}" for o in bad[:12])
         more = f"\n  ... and {len(bad) - 12} more" if len(bad) > 12 else ""
         token = "" if check.same_next_token else "\n  the greedy next token differs"
+        if check.same_generation is False and settings.dtype == "fp32":
+            token += "\n  the greedy answers through the graphs (embed, prefill, decode) differ from the executor's"
         raise BuildError(
             f"the exported graphs do not match the PyTorch executor ({settings.dtype}, provider {check.provider}):\n"
             f"{lines}{more}{token}\nthe graphs and {CHECK_REPORT} are kept in {failed} for inspection; "
@@ -344,6 +346,7 @@ def _build_into(
         )
     if settings.target == "tensorrt":
         manifest = manifest.model_copy(update={"engines": _tensorrt_engines(work, manifest, settings, log)})
+    manifest = manifest.with_file_digests(work)  # after the engines: their files are part of the build
     manifest.save(work)
     log(f"build finished in {time.perf_counter() - start:.1f} s")
     return manifest
@@ -551,11 +554,15 @@ def build_engines(
     """
     from engines.tensorrt import EnginesFromBuild, require_tensorrt
 
-    manifest = Manifest.load(build_dir)
+    manifest = Manifest.load(build_dir, verify="full")
     EnginesFromBuild(build_dir, manifest)  # a build for another target is refused before TensorRT is asked for
     require_tensorrt()
     report = _engine_report(build_dir, manifest, workspace_gb=workspace_gb, verbose=verbose, log=log)
-    manifest.model_copy(update={"engines": report}).save(build_dir)
+    from engines.tensorrt import engine_file
+
+    manifest.model_copy(update={"engines": report}).with_file_digests(
+        build_dir, only=[engine_file(g) for g in manifest.graphs]
+    ).save(build_dir)
     if report.status == "failed":
         raise BuildError(report.reason or "TensorRT could not build an engine")
     return report
@@ -591,7 +598,7 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None) -> dict[str, 
 
     from engines.prefill import PrefillRunner
 
-    manifest = Manifest.load(build_dir)
+    manifest = Manifest.load(build_dir, verify="full")
     feed = prompt_feeds(build_dir, text_tokens)
     prefill = PrefillRunner(build_dir, provider="cpu", manifest=manifest)
     names = ["prefill"] if manifest.prefill_layout == "single" else ["prefill_head", "prefill_tail"]
@@ -644,7 +651,7 @@ def bench_builds(
     from engines.benchmark import SpeedupReport, compare_latency
     from engines.prefill import PrefillRunner
 
-    pruned_m, dense_m = Manifest.load(pruned_dir), Manifest.load(dense_dir)
+    pruned_m, dense_m = Manifest.load(pruned_dir, verify="full"), Manifest.load(dense_dir, verify="full")
     if pruned_m.model["fingerprint"] != dense_m.model["fingerprint"]:
         raise BuildError(
             f"{pruned_dir} and {dense_dir} were built from different models (fingerprints "

@@ -84,11 +84,15 @@ def test_engines_from_build_with_the_strict_stand_in(split_build: Path, monkeypa
     work = tmp_path / "copy"
     work.mkdir()
     for path in split_build.iterdir():
-        (work / path.name).write_bytes(path.read_bytes())
+        if path.is_file():
+            (work / path.name).write_bytes(path.read_bytes())
     files = EnginesFromBuild(work, manifest)()
-    assert files == {g: engine_file(g) for g in ("vision", "prefill_head", "prefill_tail")}
+    graphs = ("vision", "prefill_head", "prefill_tail", "embed", "decode")
+    assert files == {g: engine_file(g) for g in graphs}
     built = {e["graph"]: e for e in record.engines}
-    assert set(built) == {"vision.onnx", "prefill_head.onnx", "prefill_tail.onnx"}
+    assert set(built) == {f"{g}.onnx" for g in graphs}
+    decode = built["decode.onnx"]  # every layer's past length has its own profile range
+    assert decode["shapes"]["past.0.key"][2][2] == manifest.shape_ranges["past_len_0"][2]
     tail = built["prefill_tail.onnx"]
     assert tail["shape_tensors"] == ["keep_counts", "merged_counts"]
     assert tail["values"]["keep_counts"] == manifest.shape_values["keep_counts"]
@@ -137,7 +141,7 @@ def test_build_with_tensorrt_writes_engines_into_the_build(
     manifest = build(tiny_model, out, PlanChoice(), BuildSettings(target="tensorrt"), lambda message: None)
     assert manifest.engines is not None and manifest.engines.status == "built"
     assert manifest.engines.tensorrt == "10.99.0"
-    assert manifest.engines.files == {"vision": "vision.plan", "prefill": "prefill.plan"}
+    assert manifest.engines.files == {g: f"{g}.plan" for g in ("vision", "prefill", "embed", "decode")}
     assert all((out / f).is_file() for f in manifest.engines.files.values())
     assert Manifest.load(out).engines == manifest.engines
 
