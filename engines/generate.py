@@ -74,6 +74,7 @@ class GenerationStats:
     prompt_tokens: int
     new_tokens: int = 0
     ttft_ms: float = 0.0  # prompt in (tokenisation included) -> first token out
+    prefill_ms: float = 0.0  # the prefill graph(s) alone
     decode_ms: list[float] = field(default_factory=list)  # one per decode step
     kv_tokens_per_layer: list[int] = field(default_factory=list)  # after the prefill
     provider: str = ""
@@ -87,6 +88,7 @@ class GenerationStats:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "ttft_ms": self.ttft_ms,
+            "prefill_ms": self.prefill_ms,
             "decode_ms_per_token": self.decode_ms_per_token,
             "decode_steps": len(self.decode_ms),
             "kv_tokens_per_layer": self.kv_tokens_per_layer,
@@ -162,6 +164,14 @@ class GenerationRunner:
     def provider(self) -> str:
         return self._part("decode").provider
 
+    @property
+    def prefill_runner(self) -> PrefillRunner:
+        return self._part("prefill")
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._part("processor").tokenizer
+
     def _load_processor(self) -> Any:
         folder = self.build_dir / self.info["processor"]
         from transformers import AutoProcessor
@@ -223,17 +233,21 @@ class GenerationRunner:
         stats: GenerationStats | None = None,
         step_logits: list[np.ndarray] | None = None,
         started: float | None = None,
+        stop_at_eos: bool = True,
     ) -> Iterator[int]:
         """Greedy token ids after a prefill on ``feeds``, stopping at EOS (not yielded) or ``max_new_tokens``.
 
         The executor's ``continue_greedy``, step for step. ``stats`` receives the timings; ``started`` is
-        when the prompt came in (default: now).
+        when the prompt came in (default: now). ``stop_at_eos=False`` runs all ``max_new_tokens`` steps
+        (benchmarks: the same work for every build).
         """
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         started = time.perf_counter() if started is None else started
         stats = stats if stats is not None else GenerationStats(prompt_tokens=0)
+        t0 = time.perf_counter()
         out = self._part("prefill").infer(feeds)
+        stats.prefill_ms = (time.perf_counter() - t0) * 1e3
         logits = out["logits"][0]
         stats.kv_tokens_per_layer = [int(out[f"present.{layer}.key"].shape[2]) for layer in range(self.num_layers)]
         stats.provider = self.provider
@@ -253,7 +267,7 @@ class GenerationRunner:
             token = int(np.argmax(logits))
             if step == 0:
                 stats.ttft_ms = (time.perf_counter() - started) * 1e3
-            if token in self.eos:
+            if token in self.eos and stop_at_eos:
                 return
             stats.new_tokens += 1
             yield token

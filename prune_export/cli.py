@@ -1,8 +1,9 @@
-"""The ``prune-export`` command line: a thin layer that maps options onto library calls.
+"""The ``prune-export`` command line: a thin layer that maps options onto workflow calls and prints.
 
-Errors a user can cause (:class:`~prune_export.errors.PruneExportError`) print one line and exit 1;
-anything else is a bug and keeps its traceback. Heavy imports (torch, transformers) happen inside the
-commands, so ``--help`` is instant.
+Each command calls one workflow (:mod:`prune_export.workflows`); the CLI itself never imports a stage
+(calib, exporter, graph_passes, engines). Errors a user can cause
+(:class:`~prune_export.errors.PruneExportError`) print one line and exit 1; anything else is a bug and keeps
+its traceback. Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import click
 
 from .errors import PruneExportError
-from .ops import GROUPS, MODULES, Operation
+from .ops import Operation
 
 
 class _Group(click.Group):
@@ -51,10 +52,9 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, overwrite: bool) -> None:
     """Write a random LLaVA-1.5-architecture model (weights, tokenizer, processor) to OUT_DIR."""
-    from exporter.demo import build_demo_model
+    from .workflows.model import demo_model as write_demo_model
 
-    overrides = {"kv_heads": kv_heads} if kv_heads else {}
-    path = build_demo_model(out_dir, preset, seed=seed, overwrite=overwrite, **overrides)
+    path = write_demo_model(out_dir, preset, seed=seed, kv_heads=kv_heads, overwrite=overwrite)
     click.echo(f"wrote {preset} demo model to {path}")
 
 
@@ -64,9 +64,9 @@ def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, over
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_data(out_dir: Path, samples: int, seed: int) -> None:
     """Write a synthetic VQA data set (coloured shapes) as OUT_DIR/data.jsonl + images."""
-    from exporter.demo import build_demo_data
+    from .workflows.model import demo_data as write_demo_data
 
-    path = build_demo_data(out_dir, samples=samples, seed=seed)
+    path = write_demo_data(out_dir, samples=samples, seed=seed)
     click.echo(f"wrote {samples} rows to {path}")
 
 
@@ -78,50 +78,21 @@ def demo_data(out_dir: Path, samples: int, seed: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(model_dir: Path, text_tokens: int | None, as_json: bool) -> None:
     """Architecture, token groups, operations and dense prefill FLOPs (needs only config.json)."""
-    from exporter.adapters import adapter_class, load_spec
+    from .workflows.model import model_info
 
-    from .cost import prefill_flops
-    from .spec import DEFAULT_SYS_TOKENS, DEFAULT_TXT_TOKENS, GroupSizes
-
-    spec = load_spec(model_dir)
-    sys_tokens = adapter_class(model_dir).sys_tokens_from_folder(model_dir)
-    sys_source = "tokenizer" if sys_tokens is not None else "LLaVA-1.5 default"
-    sizes = GroupSizes.for_prompt(spec, sys_tokens or DEFAULT_SYS_TOKENS, text_tokens or DEFAULT_TXT_TOKENS)
-    dense = prefill_flops(spec, sizes)
-    operations = spec.num_layers * len(GROUPS) * len(MODULES)
-    data = {
-        "model": str(model_dir),
-        "family": spec.family,
-        "fingerprint": spec.fingerprint(),
-        "layers": spec.num_layers,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "heads": spec.num_heads,
-        "kv_heads": spec.num_kv_heads,
-        "head_dim": spec.head_dim,
-        "vocab_size": spec.vocab_size,
-        "visual_tokens": spec.visual_tokens,
-        "image_size": spec.image_size,
-        "patch_size": spec.patch_size,
-        "groups": sizes.as_dict(),
-        "sys_tokens_from": sys_source,
-        "prompt_tokens": sizes.total,
-        "operations": operations,
-        "prunable_operations": spec.num_layers * 2 * len(MODULES),
-        "dense_prefill_flops": dense,
-        "spec": spec.to_json(),
-    }
+    d = model_info(model_dir, text_tokens)
     if as_json:
-        _echo_json(data)
+        _echo_json(d)
         return
-    click.echo(f"{model_dir}  ({spec.family}, fingerprint {data['fingerprint']})")
-    click.echo(f"  decoder      {spec.num_layers} layers, hidden {spec.hidden_size}, MLP {spec.intermediate_size}, "
-               f"{spec.num_heads} heads / {spec.num_kv_heads} KV heads x {spec.head_dim}")
-    click.echo(f"  vision       {spec.image_size} px / patch {spec.patch_size} -> {spec.visual_tokens} visual tokens "
-               f"({spec.vision_layers} layers, hidden {spec.vision_hidden_size})")
-    groups = ", ".join(f"{k} {v}" for k, v in data["groups"].items())
-    click.echo(f"  prompt       {sizes.total} tokens: {groups} (sys from {sys_source})")
-    click.echo(f"  operations   {operations} ({data['prunable_operations']} on image groups)")
+    dense = d["dense_prefill_flops"]
+    click.echo(f"{model_dir}  ({d['family']}, fingerprint {d['fingerprint']})")
+    click.echo(f"  decoder      {d['layers']} layers, hidden {d['hidden_size']}, MLP {d['intermediate_size']}, "
+               f"{d['heads']} heads / {d['kv_heads']} KV heads x {d['head_dim']}")
+    click.echo(f"  vision       {d['image_size']} px / patch {d['patch_size']} -> {d['visual_tokens']} visual tokens "
+               f"({d['spec']['vision_layers']} layers, hidden {d['spec']['vision_hidden_size']})")
+    groups = ", ".join(f"{k} {v}" for k, v in d["groups"].items())
+    click.echo(f"  prompt       {d['prompt_tokens']} tokens: {groups} (sys from {d['sys_tokens_from']})")
+    click.echo(f"  operations   {d['operations']} ({d['prunable_operations']} on image groups)")
     click.echo(f"  dense prefill {_tflops(dense)} ({dense:,} FLOPs)")
 
 
@@ -227,59 +198,20 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, toler
     Every finished evaluation is journaled next to the plan; after an interruption (even kill -9) rerun
     the same command with --resume: no finished evaluation is redone and the plan is the same.
     """
-    from tqdm import tqdm
+    from .workflows.search import search as run_search
 
-    from calib.evaluator import CalibrationSet, ModelEvaluator
-    from calib.journal import Journal
-    from calib.search import SearchSettings, TqdmProgress, journal_identity, plan_from_search, run_search
-    from exporter.adapters import load_adapter
-
-    from .spec import GroupSizes
-
-    settings = SearchSettings(tolerance=tolerance, steps=steps, key_danger_layers=key_danger_layers,
-                              protect_layer0_kv=not allow_layer0_kv, seed=seed)
-    journal_path = out_path.with_name(out_path.name + ".journal.jsonl")
-    adapter = load_adapter(model_dir)
-    from calib.data import load_rows
-
-    n_rows = len(load_rows(calib_path, require_answer=metric != "kl", limit=limit))
-    with tqdm(total=n_rows, desc="calibration", unit="sample", file=sys.stderr, disable=None) as bar:
-        calib = CalibrationSet.load(adapter, calib_path, metric, limit=limit, progress=bar.update)
-    sizes = [item.prompt.sizes for item in calib.items]
-    layout = GroupSizes(sys=sizes[0].sys, img_key=sizes[0].img_key, img_rest=sizes[0].img_rest,
-                        txt=max(1, round(sum(s.txt for s in sizes) / len(sizes))))
-    evaluator = ModelEvaluator(adapter, calib, prefix_reuse=not no_prefix_reuse)
-    identity = journal_identity(adapter.spec, calib.metric, settings, calib.fingerprint)
-    with Journal.open(journal_path, identity, resume=resume) as journal:
-        for notice in journal.notices:
-            click.echo(f"journal: {notice}", err=True)
-        if resume:
-            click.echo(f"resuming: {len(journal)} evaluation(s) already in {journal_path}", err=True)
-        with TqdmProgress(file=sys.stderr, disable=None) as progress:
-            result = run_search(evaluator, adapter.spec, layout, settings, journal=journal, progress=progress)
-    plan = plan_from_search(result)
-    plan.save(out_path)
-    click.echo(f"wrote {out_path}: {len(plan.steps)} steps, metric {calib.metric.name} baseline "
-               f"{result.baseline:.4f}, last step FLOPs ratio {plan.ladder[-1]:.4f}")
+    out = run_search(model_dir, calib_path, out_path, metric=metric, tolerance=tolerance, steps=steps,
+                     key_danger_layers=key_danger_layers, protect_layer0_kv=not allow_layer0_kv, limit=limit,
+                     resume=resume, prefix_reuse=not no_prefix_reuse, seed=seed, log=_log_err)
+    result, stats = out.result, out.stats
+    click.echo(f"wrote {out_path}: {len(out.plan.steps)} steps, metric {out.metric} baseline "
+               f"{result.baseline:.4f}, last step FLOPs ratio {out.plan.ladder[-1]:.4f}")
     click.echo(f"evaluations: {result.evaluations_run} run + {result.evaluations_from_journal} from the journal "
-               f"({result.naive_evaluations} for a naive greedy), {evaluator.stats.seconds:.1f} s evaluating, "
-               f"{evaluator.stats.layer_fraction:.0%} of decoder layers computed (prefix reuse)")
+               f"({result.naive_evaluations} for a naive greedy), {stats.seconds:.1f} s evaluating, "
+               f"{stats.layer_fraction:.0%} of decoder layers computed (prefix reuse)")
 
 
 # -- eval -----------------------------------------------------------------------------------------------
-def parse_keep_schedule(text: str) -> list[tuple[int, int]]:
-    """``"2:144"`` or ``"8:288,16:144,24:72"`` -> stages ``[(layer, tokens), ...]``."""
-    try:
-        stages = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part.strip()]
-    except ValueError:
-        stages = []
-    if not stages or any(len(s) != 2 for s in stages):
-        raise PruneExportError(
-            f"--keep-schedule {text!r} is not LAYER:TOKENS[,LAYER:TOKENS...] (e.g. '2:144' for FastV)"
-        )
-    return [(int(a), int(b)) for a, b in stages]
-
-
 @main.command("eval")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
@@ -320,43 +252,21 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
     Token pruning comes from the plan's token section, --keep-schedule, or --autoprune-tokens; with a plan's
     GSOP operations it makes a combined plan (operations apply to the visual tokens still alive).
     """
-    from .plan import check_budget
-
-    if budget is not None:
-        check_budget(budget)
-        if plan_path is None:
-            raise PruneExportError("--budget needs --plan (the budget selects a prefix of the plan's steps)")
-    stages = parse_keep_schedule(keep_schedule) if keep_schedule else None
+    _check_budget_option(budget, plan_path)
+    stages = _keep_schedule(keep_schedule)
     autoprune = {"tokens": autoprune_tokens, "x0": autoprune_x0, "k0": autoprune_k0, "gamma": autoprune_gamma,
                  "amplitude": autoprune_amplitude, "positions": autoprune_positions,
                  "k_step": autoprune_k_step, "recycle": False if no_recycle else None}
-    from calib.data import load_rows
+    from .workflows.evaluate import evaluate_model
 
-    rows = load_rows(data_path, require_answer=True, limit=limit)
-    from exporter.adapters import load_adapter, load_spec
+    run = evaluate_model(model_dir, data_path, plan_path=plan_path, budget=budget, stages=stages,
+                         autoprune=autoprune, autoprune_mode=autoprune_mode, max_new_tokens=max_new_tokens,
+                         limit=limit, samples_out=samples_out)
+    _echo_eval(run.report, run.policy, as_json)
 
-    spec = load_spec(model_dir)
-    ops: frozenset[Operation] = frozenset()
-    token_section = None
-    if plan_path is not None:
-        from .plan import Plan
 
-        p = Plan.load(plan_path)
-        p.check_model(spec, str(model_dir))
-        ops = p.select(budget).ops
-        token_section = p.tokens
-    policy = _token_policy(spec, stages, token_section, autoprune, autoprune_mode)
-    adapter = load_adapter(model_dir)
-    from tqdm import tqdm
-
-    from calib.evaluate import evaluate
-
-    with tqdm(total=len(rows), desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
-        report = evaluate(adapter, rows, ops, policy, max_new_tokens=max_new_tokens, progress=bar.update)
-    if samples_out is not None:
-        from .io import atomic_write_text
-
-        atomic_write_text(samples_out, "".join(json.dumps(r.__dict__) + "\n" for r in report.results))
+def _echo_eval(report: Any, policy: Any, as_json: bool) -> None:
+    """Print an eval report (``calib.evaluate.EvalReport``) and the token policy it ran."""
     if as_json:
         _echo_json(report.to_json())
         return
@@ -372,80 +282,19 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
                + " ".join(f"{v:.1f}" for v in report.mean_visual_tokens_per_layer))
 
 
-#: eval's --autoprune-* options by AutoPrune setting (error messages name the flag).
-_AUTOPRUNE_FLAGS = {"tokens": "--autoprune-tokens", "x0": "--autoprune-x0", "k0": "--autoprune-k0",
-                    "gamma": "--autoprune-gamma", "amplitude": "--autoprune-amplitude",
-                    "positions": "--autoprune-positions", "k_step": "--autoprune-k-step", "recycle": "--no-recycle"}
+def _check_budget_option(budget: float | None, plan_path: Path | None) -> None:
+    from .plan import check_budget
+
+    if budget is not None:
+        check_budget(budget)
+        if plan_path is None:
+            raise PruneExportError("--budget needs --plan (the budget selects a prefix of the plan's steps)")
 
 
-def _token_policy(spec: Any, stages: list[tuple[int, int]] | None, section: Any,
-                  autoprune: dict[str, Any] | None = None, mode: str | None = None) -> Any:
-    """The token policy of an eval run: a plan's token section, a --keep-schedule or --autoprune-* options
-    (which override the settings of a plan's AutoPrune section)."""
-    from exporter.executor import FixedKeepPolicy
+def _keep_schedule(text: str | None) -> list[tuple[int, int]] | None:
+    from .tokens import parse_keep_schedule
 
-    from .plan import AutoPruneSection, FixedScheduleSection
-
-    overrides = {k: v for k, v in (autoprune or {}).items() if v is not None}
-    given = [_AUTOPRUNE_FLAGS[k] for k in overrides] + (["--autoprune-mode"] if mode is not None else [])
-    if stages is not None and section is not None:
-        raise PruneExportError("the plan already carries a token section; drop --keep-schedule or use another plan")
-    if given and (stages is not None or isinstance(section, FixedScheduleSection)):
-        source = "--keep-schedule" if stages is not None else "the plan's fixed keep schedule"
-        raise PruneExportError(f"{', '.join(given)} cannot be combined with {source}; choose one token policy")
-    if isinstance(section, AutoPruneSection) or "tokens" in overrides:
-        from exporter.autoprune_policy import AutoPrunePolicy
-
-        base = section.model_dump() if isinstance(section, AutoPruneSection) else {}
-        flags = {k: (_AUTOPRUNE_FLAGS[k] if k in overrides else f"the plan's tokens.{k}") for k in _AUTOPRUNE_FLAGS}
-        return AutoPrunePolicy(_autoprune_section(spec, {**base, **overrides}, flags), spec, mode or "exact")
-    if given:
-        raise PruneExportError(
-            f"{', '.join(given)} need(s) --autoprune-tokens (the AutoPrune budget T) or a plan with an AutoPrune section"
-        )
-    if stages is None and isinstance(section, FixedScheduleSection):
-        stages = [tuple(s) for s in section.stages]
-        positions = section.positions
-    else:
-        positions = "original"
-    if stages is not None:
-        bad = [layer for layer, _ in stages if not 0 <= layer < spec.num_layers]
-        if bad:
-            raise PruneExportError(f"keep schedule names layer(s) {bad}; the model has layers 0..{spec.num_layers - 1}")
-        FixedScheduleSection(stages=stages)  # validates order and counts
-        return FixedKeepPolicy.from_stages(stages, positions)
-    if section is not None:
-        raise PruneExportError(f"token section of kind {section.kind!r} is not supported by this version")
-    return None
-
-
-def _autoprune_section(spec: Any, values: dict[str, Any], flags: dict[str, str]) -> Any:
-    """Check AutoPrune settings against the model and build the section; ``flags`` names each setting's source."""
-    import math
-
-    from pydantic import ValidationError
-
-    from .errors import BudgetError, PlanError
-    from .plan import AutoPruneSection
-
-    tokens = values.get("tokens")
-    if tokens is None or not (0 < tokens <= spec.visual_tokens):
-        raise BudgetError(
-            f"{flags['tokens']} (AutoPrune budget T, average visual tokens per layer) must be in "
-            f"(0, {spec.visual_tokens}] for this model, got {tokens}; LLaVA-1.5 uses 64, 128 or 192"
-        )
-    checks = {"x0": (lambda v: True, "a finite number"), "k0": (lambda v: v >= 0, "a finite number >= 0"),
-              "gamma": (lambda v: v >= 0, "a finite number >= 0"), "amplitude": (lambda v: v > 0, "> 0"),
-              "k_step": (lambda v: v > 0, "> 0")}
-    for key, (ok, expected) in checks.items():
-        v = values.get(key)
-        if v is not None and not (math.isfinite(v) and ok(v)):
-            raise PlanError(f"{flags[key]} must be {expected}, got {v}")
-    try:
-        return AutoPruneSection(**values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise PlanError(f"AutoPrune settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return parse_keep_schedule(text) if text else None
 
 
 # -- autoprune-schedule ---------------------------------------------------------------------------------
@@ -473,56 +322,24 @@ def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | Non
     Needs only config.json. The FLOPs ratio is for the reference prompt (system tokens from the tokenizer
     or LLaVA-1.5's 35, all visual tokens, --text-tokens) with no GSOP operation pruned.
     """
-    import math
+    from .workflows.model import autoprune_schedule as schedule
 
-    from exporter.adapters import adapter_class, load_spec
-
-    from .autoprune import ScheduleTable, solve_scale
-    from .cost import prefill_flops
-    from .errors import PlanError
-    from .spec import DEFAULT_SYS_TOKENS, DEFAULT_TXT_TOKENS, GroupSizes
-
-    spec = load_spec(model_dir)
-    if spec.num_layers < 2:
-        raise PlanError(f"AutoPrune needs at least 2 decoder layers; {model_dir} has {spec.num_layers}")
-    if not (math.isfinite(k) and k >= 0):
-        raise PlanError(f"--k (the curve's steepness, max(k0 - gamma*I1, 0)) must be a finite number >= 0, got {k}")
-    flags = {"tokens": "--tokens", "x0": "--x0", "amplitude": "--amplitude", "k0": "--k0", "k_step": "--k-step"}
-    given = {"tokens": tokens, "x0": x0, "amplitude": amplitude, "k0": k0, "k_step": k_step}
-    section = _autoprune_section(spec, {key: v for key, v in given.items() if v is not None}, flags)
-    if use_table:
-        table = ScheduleTable.for_section(section, spec.num_layers, spec.visual_tokens)
-        sol = table.lookup(k)
-    else:
-        sol = solve_scale(k, section.tokens, spec.num_layers, spec.visual_tokens, section.x0, section.amplitude)
-    sys_tokens = adapter_class(model_dir).sys_tokens_from_folder(model_dir) or DEFAULT_SYS_TOKENS
-    txt = text_tokens or DEFAULT_TXT_TOKENS
-    entering = [spec.visual_tokens, *sol.tokens_per_layer[:-1]]  # visual tokens entering layers 0..L-1
-    sizes = [GroupSizes(sys=sys_tokens, img_key=0, img_rest=v, txt=txt) for v in entering]
-    dense = prefill_flops(spec, GroupSizes.for_prompt(spec, sys_tokens, txt))
-    data = {
-        "model": str(model_dir), "layers": spec.num_layers, "visual_tokens": spec.visual_tokens,
-        "tokens": section.tokens, "k": k, "mode": "table" if use_table else "exact", "schedule_k": sol.k,
-        "x0": section.x0, "amplitude": section.amplitude,
-        "n0": sol.n0, "scale": sol.scale, "keep": list(sol.keep), "merged": list(sol.merged),
-        "tokens_per_layer": list(sol.tokens_per_layer), "mean": sol.mean, "error": sol.error,
-        "flops_ratio": prefill_flops(spec, sizes) / dense,
-        "prompt": {"sys": sys_tokens, "visual": spec.visual_tokens, "txt": txt},
-    }
+    d = schedule(model_dir, tokens, k, x0=x0, amplitude=amplitude, use_table=use_table, k0=k0, k_step=k_step,
+                 text_tokens=text_tokens)
     if as_json:
-        _echo_json(data)
+        _echo_json(d)
         return
-    grid = f", table row k={sol.k:g}" if use_table else ""
-    click.echo(f"AutoPrune schedule of {model_dir}: T={section.tokens:g}, k={k:g}{grid}, {spec.num_layers} layers, "
-               f"{spec.visual_tokens} visual tokens")
-    click.echo(f"N0      {sol.n0} visual tokens leave layer 0")
-    click.echo(f"scale   {sol.scale:.6f} (mean {sol.mean:.3f} visual tokens per layer, |mean - T| = {sol.error:.3f})")
-    click.echo(f"FLOPs   {data['flops_ratio']:.4f} of dense prefill ({sys_tokens} sys + {spec.visual_tokens} "
-               f"visual + {txt} text tokens)")
+    grid = f", table row k={d['schedule_k']:g}" if use_table else ""
+    click.echo(f"AutoPrune schedule of {model_dir}: T={d['tokens']:g}, k={k:g}{grid}, {d['layers']} layers, "
+               f"{d['visual_tokens']} visual tokens")
+    click.echo(f"N0      {d['n0']} visual tokens leave layer 0")
+    click.echo(f"scale   {d['scale']:.6f} (mean {d['mean']:.3f} visual tokens per layer, |mean - T| = {d['error']:.3f})")
+    click.echo(f"FLOPs   {d['flops_ratio']:.4f} of dense prefill ({d['prompt']['sys']} sys + {d['visual_tokens']} "
+               f"visual + {d['prompt']['txt']} text tokens)")
     click.echo(f"{'layer':>5}  {'keep':>5}  {'merged':>6}  {'leaving':>7}")
-    click.echo(f"{0:>5}  {sol.n0:>5}  {0:>6}  {sol.n0:>7}")
+    click.echo(f"{0:>5}  {d['n0']:>5}  {0:>6}  {d['n0']:>7}")
     for layer, (kept, merged, leaving) in enumerate(
-        zip(sol.keep, sol.merged, sol.tokens_per_layer[1:], strict=True), start=1
+        zip(d["keep"], d["merged"], d["tokens_per_layer"][1:], strict=True), start=1
     ):
         click.echo(f"{layer:>5}  {kept:>5}  {merged:>6}  {leaving:>7}")
 
@@ -560,41 +377,17 @@ def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: fl
     Static GSOP operations are removed from the graph; token selection (fixed schedule, AutoPrune) is TopK
     inside it. The build directory appears only when everything passed.
     """
-    import hashlib
-
-    from .workflows.build import BuildSettings, PlanChoice, build
-    from .plan import check_budget
-
-    if budget is not None:
-        check_budget(budget)
-        if plan_path is None:
-            raise PruneExportError("--budget needs --plan (the budget selects a prefix of the plan's steps)")
-    from exporter.adapters import load_spec
-
-    spec = load_spec(model_dir)
-    ops: frozenset[Operation] = frozenset()
-    token_section = None
-    info: dict[str, Any] = {"path": None, "hash": None, "budget": budget, "steps": 0, "operations": 0,
-                            "flops_ratio": 1.0}
-    if plan_path is not None:
-        from .plan import Plan
-
-        p = Plan.load(plan_path)
-        p.check_model(spec, str(model_dir))
-        selection = p.select(budget)
-        ops, token_section = selection.ops, p.tokens
-        info.update(path=str(plan_path), hash="sha256:" + hashlib.sha256(plan_path.read_bytes()).hexdigest(),
-                    steps=selection.num_steps, operations=len(ops), flops_ratio=selection.flops_ratio,
-                    ops=[str(op) for op in sorted(ops)])
-    stages = parse_keep_schedule(keep_schedule) if keep_schedule else None
+    _check_budget_option(budget, plan_path)
+    stages = _keep_schedule(keep_schedule)
     autoprune = {"tokens": autoprune_tokens, "positions": autoprune_positions, "recycle": False if no_recycle else None}
-    policy = _token_policy(spec, stages, token_section, autoprune)
-    tokens = _section_of(policy)
-    info["tokens"] = None if tokens is None else tokens.model_dump()
+    from .workflows.build import BuildSettings, build
+    from .workflows.selection import choose_plan
+
+    _, choice = choose_plan(model_dir, plan_path, budget, stages, autoprune)
     settings = BuildSettings(target=target, dtype=dtype, max_text_tokens=max_text_tokens,
                              max_sys_tokens=max_sys_tokens, check=not skip_check, provider=provider,
                              overwrite=overwrite)
-    manifest = build(model_dir, out_dir, PlanChoice(ops, tokens, info), settings, _log_err)
+    manifest = build(model_dir, out_dir, choice, settings, _log_err)
     if as_json:
         _echo_json(manifest.model_dump(mode="json"))
         return
@@ -633,18 +426,6 @@ def engines_cmd(build_dir: Path, workspace_gb: float | None, verbose: bool) -> N
 
 def _log_err(message: str) -> None:
     click.echo(message, err=True)
-
-
-def _section_of(policy: Any) -> Any:
-    """The plan token section a token policy runs (None for no policy)."""
-    from .plan import FixedScheduleSection
-
-    if policy is None:
-        return None
-    section = getattr(policy, "section", None)
-    if section is not None:
-        return section
-    return FixedScheduleSection(stages=sorted(policy.keep_after.items()), positions=policy.positions)
 
 
 @main.command("inspect")

@@ -1,0 +1,114 @@
+"""Model workflows: demo models and data, and what a model folder's config says (``info``,
+``autoprune-schedule``). ``info`` and ``autoprune-schedule`` need only config.json (plus the tokenizer, when
+there is one, for the number of system tokens)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ..autoprune import ScheduleTable, solve_scale
+from ..cost import prefill_flops
+from ..errors import PlanError
+from ..ops import GROUPS, MODULES
+from ..spec import DEFAULT_SYS_TOKENS, DEFAULT_TXT_TOKENS, GroupSizes
+from ..tokens import autoprune_section
+
+
+def demo_model(out_dir: Path, preset: str, seed: int = 0, kv_heads: int | None = None,
+               overwrite: bool = False) -> Path:
+    """Write a random LLaVA-1.5-architecture model of ``preset`` to ``out_dir``; return its path."""
+    from exporter.demo import build_demo_model
+
+    overrides = {"kv_heads": kv_heads} if kv_heads else {}
+    return build_demo_model(out_dir, preset, seed=seed, overwrite=overwrite, **overrides)
+
+
+def demo_data(out_dir: Path, samples: int = 8, seed: int = 0) -> Path:
+    """Write a synthetic VQA data set to ``out_dir``; return the path of its data.jsonl."""
+    from exporter.demo import build_demo_data
+
+    return build_demo_data(out_dir, samples=samples, seed=seed)
+
+
+def _spec(model_dir: Path) -> Any:
+    from exporter.adapters import load_spec
+
+    return load_spec(model_dir)
+
+
+def _sys_tokens(model_dir: Path) -> int | None:
+    """The model's system-prompt tokens from its tokenizer (None when there is no tokenizer)."""
+    from exporter.adapters import adapter_class
+
+    return adapter_class(model_dir).sys_tokens_from_folder(model_dir)
+
+
+def model_info(model_dir: Path, text_tokens: int | None = None) -> dict[str, Any]:
+    """Architecture, token groups of the reference prompt, operations and dense prefill FLOPs (``info``)."""
+    spec = _spec(model_dir)
+    sys_tokens = _sys_tokens(model_dir)
+    sys_source = "tokenizer" if sys_tokens is not None else "LLaVA-1.5 default"
+    sizes = GroupSizes.for_prompt(spec, sys_tokens or DEFAULT_SYS_TOKENS, text_tokens or DEFAULT_TXT_TOKENS)
+    dense = prefill_flops(spec, sizes)
+    operations = spec.num_layers * len(GROUPS) * len(MODULES)
+    return {
+        "model": str(model_dir),
+        "family": spec.family,
+        "fingerprint": spec.fingerprint(),
+        "layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "heads": spec.num_heads,
+        "kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size,
+        "visual_tokens": spec.visual_tokens,
+        "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "groups": sizes.as_dict(),
+        "sys_tokens_from": sys_source,
+        "prompt_tokens": sizes.total,
+        "operations": operations,
+        "prunable_operations": spec.num_layers * 2 * len(MODULES),
+        "dense_prefill_flops": dense,
+        "spec": spec.to_json(),
+    }
+
+
+#: autoprune-schedule's options by AutoPrune setting (error messages name the flag).
+_SCHEDULE_FLAGS = {"tokens": "--tokens", "x0": "--x0", "amplitude": "--amplitude", "k0": "--k0", "k_step": "--k-step"}
+
+
+def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | None = None,
+                       amplitude: float | None = None, use_table: bool = False, k0: float | None = None,
+                       k_step: float | None = None, text_tokens: int | None = None) -> dict[str, Any]:
+    """AutoPrune's schedule at budget ``tokens`` and steepness ``k`` on the model, with the FLOPs ratio of the
+    reference prompt (``autoprune-schedule``). ``use_table``: the schedule table's row, not the exact solve."""
+    spec = _spec(model_dir)
+    if spec.num_layers < 2:
+        raise PlanError(f"AutoPrune needs at least 2 decoder layers; {model_dir} has {spec.num_layers}")
+    if not (math.isfinite(k) and k >= 0):
+        raise PlanError(f"--k (the curve's steepness, max(k0 - gamma*I1, 0)) must be a finite number >= 0, got {k}")
+    given = {"tokens": tokens, "x0": x0, "amplitude": amplitude, "k0": k0, "k_step": k_step}
+    section = autoprune_section(spec, {key: v for key, v in given.items() if v is not None}, _SCHEDULE_FLAGS)
+    if use_table:
+        table = ScheduleTable.for_section(section, spec.num_layers, spec.visual_tokens)
+        sol = table.lookup(k)
+    else:
+        sol = solve_scale(k, section.tokens, spec.num_layers, spec.visual_tokens, section.x0, section.amplitude)
+    sys_tokens = _sys_tokens(model_dir) or DEFAULT_SYS_TOKENS
+    txt = text_tokens or DEFAULT_TXT_TOKENS
+    entering = [spec.visual_tokens, *sol.tokens_per_layer[:-1]]  # visual tokens entering layers 0..L-1
+    sizes = [GroupSizes(sys=sys_tokens, img_key=0, img_rest=v, txt=txt) for v in entering]
+    dense = prefill_flops(spec, GroupSizes.for_prompt(spec, sys_tokens, txt))
+    return {
+        "model": str(model_dir), "layers": spec.num_layers, "visual_tokens": spec.visual_tokens,
+        "tokens": section.tokens, "k": k, "mode": "table" if use_table else "exact", "schedule_k": sol.k,
+        "x0": section.x0, "amplitude": section.amplitude,
+        "n0": sol.n0, "scale": sol.scale, "keep": list(sol.keep), "merged": list(sol.merged),
+        "tokens_per_layer": list(sol.tokens_per_layer), "mean": sol.mean, "error": sol.error,
+        "flops_ratio": prefill_flops(spec, sizes) / dense,
+        "prompt": {"sys": sys_tokens, "visual": spec.visual_tokens, "txt": txt},
+    }

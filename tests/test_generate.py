@@ -1,0 +1,175 @@
+"""Answers through a build's graphs (embed, vision, prefill, decode) against the PyTorch executor's generate.
+
+One 6-layer tiny model with 64 visual tokens; one build per plan kind (dense, GSOP, fixed schedule,
+AutoPrune single and split, GSOP + AutoPrune), made once for the module. Every build answers three prompts
+(different images, question lengths and AutoPrune complexities, hence schedule rows) through
+:class:`engines.generate.GenerationRunner`; the reference is :meth:`PlanExecutor.generate` on the adapter's
+own tokenisation, which shares no code with the runtime's prompt, embedding or decode path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engines.generate import GenerationError, GenerationRunner
+from exporter.adapters import load_adapter
+from exporter.autoprune_policy import AutoPrunePolicy
+from exporter.demo import build_demo_model
+from exporter.executor import FixedKeepPolicy, PlanExecutor
+from exporter.sample import prepare_sample
+from prune_export.ops import Group, Module, Operation
+from prune_export.plan import AutoPruneSection, FixedScheduleSection
+from prune_export.workflows.build import BuildSettings, PlanChoice, build
+
+G, M = Group, Module
+LAYERS, VISUAL, NEW_TOKENS = 6, 64, 8
+PROMPTS = [
+    (0, "What color is the square?"),
+    (1, "How many dogs are there in this picture, and where are they standing?"),
+    (2, "Is there a red car on the left side of the street, next to the house with the green door?"),
+]  # fmt: skip
+SECTION = AutoPruneSection(tokens=16, x0=3.0, gamma=8.0)  # renumbered positions, recycling on
+GSOP_OPS = frozenset(
+    {
+        Operation(2, G.IMG_KEY, M.MLP), Operation(2, G.IMG_REST, M.MLP),
+        Operation(3, G.IMG_KEY, M.Q), Operation(3, G.IMG_REST, M.Q),
+        Operation(4, G.IMG_KEY, M.KV), Operation(4, G.IMG_REST, M.KV),
+    }
+)  # fmt: skip
+KINDS = {
+    "dense": (PlanChoice(), "onnxruntime"),
+    "gsop": (PlanChoice(ops=GSOP_OPS), "onnxruntime"),
+    "fixed": (PlanChoice(tokens=FixedScheduleSection(stages=[(1, 24), (3, 8)])), "onnxruntime"),
+    "autoprune": (PlanChoice(tokens=SECTION), "onnxruntime"),
+    "autoprune-split": (PlanChoice(tokens=SECTION.model_copy(update={"positions": "original"})), "tensorrt"),
+    "combined": (PlanChoice(ops=GSOP_OPS - {Operation(4, G.IMG_KEY, M.KV), Operation(4, G.IMG_REST, M.KV)},
+                            tokens=SECTION), "onnxruntime"),
+}  # fmt: skip
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_model(tmp_path_factory.mktemp("gen") / "m64", "tiny", seed=0, image_size=112, layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def adapter(model: Path):
+    adapter = load_adapter(model)
+    assert (adapter.spec.num_layers, adapter.spec.visual_tokens) == (LAYERS, VISUAL)
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def builds(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gen-builds")
+    out = {}
+    for name, (choice, target) in KINDS.items():
+        out[name] = root / name
+        manifest = build(model, out[name], choice, BuildSettings(target=target), lambda message: None)
+        assert manifest.check.status == "passed" and manifest.check.same_generation
+    return out
+
+
+def _policy(choice: PlanChoice, spec):
+    if isinstance(choice.tokens, AutoPruneSection):
+        return AutoPrunePolicy(choice.tokens, spec, mode="table")
+    if isinstance(choice.tokens, FixedScheduleSection):
+        return FixedKeepPolicy.from_stages([tuple(s) for s in choice.tokens.stages], choice.tokens.positions)
+    return None
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_answers_through_the_graphs_equal_the_executor(kind: str, builds, adapter) -> None:
+    choice, target = KINDS[kind]
+    executor = PlanExecutor(adapter)
+    schedules = set()
+    with GenerationRunner(builds[kind], provider="cpu") as runner:
+        assert runner.manifest.prefill_layout == ("split" if target == "tensorrt" else "single")
+        for seed, question in PROMPTS:
+            got = runner.generate(_image(seed), question, NEW_TOKENS, keep_logits=True)
+            sample = prepare_sample(adapter, _image(seed), question)
+            ref = executor.generate(sample, choice.ops, _policy(choice, adapter.spec), max_new_tokens=NEW_TOKENS)
+            assert got.token_ids == ref.token_ids, (seed, question)
+            assert got.text == ref.text
+            assert len(got.step_logits) == len(ref.step_logits) == len(ref.token_ids) + (len(ref.token_ids) < NEW_TOKENS)
+            for mine, theirs in zip(got.step_logits, ref.step_logits, strict=True):
+                assert np.abs(mine - theirs.numpy()).max() <= 1e-4
+            assert got.stats.prompt_tokens == sample.num_tokens
+            assert got.stats.new_tokens == len(ref.token_ids)
+            # The caches the prefill handed to the decode steps: each layer as long as the executor's.
+            grown = len(ref.token_ids) - (len(ref.token_ids) == NEW_TOKENS)  # the executor's decode steps
+            assert got.stats.kv_tokens_per_layer == [int(c.keys.shape[1]) - grown for c in ref.prefill.cache]
+            if isinstance(choice.tokens, AutoPruneSection):
+                out = runner.prefill_runner.infer(runner.prefill_feeds(runner.prompt(_image(seed), question)))
+                schedules.add(tuple(int(k) for k in out["autoprune.keep"]))
+                assert list(out["autoprune.keep"]) == list(ref.prefill.policy.decision.schedule.keep)
+    if kind != "dense" and kind != "gsop":
+        assert min(got.stats.kv_tokens_per_layer) < max(got.stats.kv_tokens_per_layer)  # really pruned
+    if isinstance(choice.tokens, AutoPruneSection):
+        assert len(schedules) >= 2, schedules  # one graph, prompts on different schedule rows
+
+
+def test_streaming_gives_the_same_text(builds) -> None:
+    with GenerationRunner(builds["autoprune"], provider="cpu") as runner:
+        for seed, question in PROMPTS[:2]:
+            pieces = list(runner.stream(_image(seed), question, NEW_TOKENS))
+            answer = runner.generate(_image(seed), question, NEW_TOKENS)
+            assert "".join(pieces) == answer.text
+            assert len(pieces) >= 2  # streamed, not one piece at the end
+
+
+def test_eos_stops_generation(builds, tmp_path: Path) -> None:
+    """Declare a token of a greedy answer an EOS token: the answer stops right before it."""
+    copy = tmp_path / "eos"
+    shutil.copytree(builds["autoprune"], copy)
+    with GenerationRunner(copy, provider="cpu") as runner:
+        answers = [(seed, q, runner.generate(_image(seed), q, NEW_TOKENS).token_ids) for seed, q in PROMPTS]
+    # The first answer with a token that did not occur before it, as late as possible (random weights repeat).
+    seed, question, full, stop = max(
+        ((seed, q, ids, i) for seed, q, ids in answers for i in range(len(ids)) if ids[i] not in ids[:i]),
+        key=lambda row: row[3],
+    )
+    assert len(full) == NEW_TOKENS and stop >= 1, answers
+    doc = json.loads((copy / "manifest.json").read_text())
+    doc["generation"]["eos_token_ids"] = [full[stop]]
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with GenerationRunner(copy, provider="cpu") as runner:
+        answer = runner.generate(_image(seed), question, NEW_TOKENS)
+        assert answer.token_ids == full[:stop]
+        assert answer.stats.new_tokens == stop and len(answer.stats.decode_ms) == stop
+        feeds = runner.prefill_feeds(runner.prompt(_image(seed), question))
+        assert list(runner.token_ids(feeds, NEW_TOKENS, stop_at_eos=False)) == full
+
+
+def test_a_copied_build_runs_without_the_model_folder(builds, model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "elsewhere" / "build"
+    shutil.copytree(builds["autoprune"], copy)
+    with GenerationRunner(builds["autoprune"], provider="cpu") as runner:
+        expected = runner.generate(_image(1), PROMPTS[1][1], NEW_TOKENS)
+    hidden = model.with_name(model.name + ".hidden")
+    model.rename(hidden)
+    try:
+        with GenerationRunner(copy, provider="cpu") as runner:
+            answer = runner.generate(_image(1), PROMPTS[1][1], NEW_TOKENS)
+    finally:
+        hidden.rename(model)
+    assert answer.token_ids == expected.token_ids and answer.text == expected.text
+
+
+def test_bad_generation_input_is_refused(builds) -> None:
+    with GenerationRunner(builds["dense"], provider="cpu") as runner:
+        with pytest.raises(GenerationError, match="question is empty"):
+            runner.generate(_image(0), "  ", 4)
+        with pytest.raises(GenerationError, match="max_new_tokens must be >= 1"):
+            runner.generate(_image(0), "What?", 0)
