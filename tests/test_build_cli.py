@@ -138,7 +138,16 @@ def test_dense_build_writes_graphs_manifest_and_check_inputs(dense: Path, tiny_m
         low, opt, high = m.shape_ranges[name]
         assert 1 <= low <= opt <= high
     assert m.versions["torch"] and m.versions["onnx"]
-    assert set(m.graphs) == {"vision", "prefill"} and m.graphs["prefill"].file == "prefill.onnx"
+    assert set(m.graphs) == {"vision", "prefill", "embed", "decode"} and m.graphs["prefill"].file == "prefill.onnx"
+    assert m.check.same_generation and len(m.check.generated_tokens) == 2
+    # Every file of the build is recorded with its size and sha256 (computed here independently).
+    import hashlib
+
+    for name, digest in m.files.items():
+        data = (dense / name).read_bytes()
+        assert digest.bytes == len(data) and digest.sha256 == hashlib.sha256(data).hexdigest()
+    assert {"decode.onnx", "embed.onnx", "prefill.onnx", "vision.onnx"} <= set(m.files)
+    assert any(name.startswith("processor/") for name in m.files)
     assert [t.name for t in m.graphs["prefill"].inputs] == ["sys_embeds", "image_embeds", "text_embeds",
                                                              "cls_attention"]  # fmt: skip
     outputs = {o.name: o for o in m.check.outputs}
@@ -275,7 +284,7 @@ def test_autoprune_for_tensorrt_builds_a_split_prefill(autoprune_trt: Path, tiny
     assert "prefill.onnx" not in names
     m = Manifest.load(autoprune_trt)
     assert m.prefill_layout == "split" and m.target == "tensorrt" and m.check.status == "passed"
-    assert set(m.graphs) == {"vision", "prefill_head", "prefill_tail"}
+    assert set(m.graphs) == {"vision", "prefill_head", "prefill_tail", "embed", "decode"}
     assert m.autoprune is not None
     assert m.autoprune["tokens"] == 4 and m.autoprune["n0"] == 10 and m.autoprune["score_dtype"] == "float32"
     assert m.autoprune["table"] == "schedule_table.json"
