@@ -47,7 +47,6 @@ and ``autoprune.keep`` / ``autoprune.merged`` (the table row used, int64 ``[L-1]
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -56,12 +55,14 @@ import torch
 from torch import nn
 
 from prune_export.autoprune import (
-    DPC_NEIGHBOURS,
     INDEX_SLACK,
     ScheduleTable,
+    _ascending,
+    _rank,
     complexity_i0,
     complexity_i1,
     n0_for_budget,
+    recycle_tokens,
 )
 from prune_export.errors import BuildError
 from prune_export.ops import MODULES, Group, Module, Operation, pruned_by_layer
@@ -235,67 +236,12 @@ def _add_rows(
     return torch.cat(parts, dim=0)
 
 
-def _rank(scores: torch.Tensor, k: object) -> torch.Tensor:
-    """Indices of the ``k`` highest scores, best first; ties go to the lower index.
-
-    Eager: a stable sort (as the executor). Under export: ``TopK`` (ONNX TopK breaks ties by the lower
-    index, and torch.onnx has no translation of a stable sort).
-    """
-    if torch.compiler.is_exporting():
-        return torch.topk(scores, k, largest=True, sorted=True).indices
-    return torch.sort(scores, descending=True, stable=True).indices[:k]
-
-
-def _ascending(indices: torch.Tensor) -> torch.Tensor:
-    """Distinct integer indices in ascending order (a TopK of the smallest, whole length)."""
-    return torch.topk(indices, indices.shape[0], largest=False, sorted=True).values
-
-
 def _count(value: torch.Tensor, upper: object) -> object:
     """A run-time count from a 0-d int64 tensor, as an integer the exporter can size tensors with."""
     n = value.item()
     torch._check(n >= 0)
     torch._check(n <= upper)
     return n
-
-
-def recycle_tokens(candidates: torch.Tensor, n_clusters: object) -> torch.Tensor:
-    """DPC-KNN merge of ``candidates [n, d]`` (ascending original order) into ``n_clusters`` mean tokens.
-
-    The traceable twin of :func:`prune_export.autoprune.recycle` after its candidate choice: the same
-    density, distance-to-denser, centre ranking, nearest-centre assignment and tie rules, computed in the
-    candidates' dtype without data-dependent branches: ``n = 0``, ``n = 1`` and ``n_clusters = 0`` fall out
-    of the arithmetic (an extra column of +inf stands for "no denser point" and "no centre", so no
-    reduction runs over an empty axis). Returns ``[n_clusters, d]`` ordered by centre index.
-    """
-    n, dim = candidates.shape[0], candidates.shape[1]
-    x = candidates
-    diff = x.unsqueeze(1) - x.unsqueeze(0)
-    dist = torch.sqrt((diff * diff).sum(dim=-1)) / math.sqrt(max(dim, 1))
-    idx = torch.arange(n, device=x.device)
-    eye = idx.unsqueeze(1) == idx.unsqueeze(0)
-    neighbours = torch.sym_max(torch.sym_min(DPC_NEIGHBOURS, n - 1), 0)
-    nearest = torch.topk(
-        dist.masked_fill(eye, math.inf), neighbours, dim=1, largest=False, sorted=True
-    ).values
-    count = torch.sym_max(neighbours, 1)
-    log_rho = -(nearest * nearest).sum(dim=1) / count
-    denser = (log_rho.unsqueeze(0) > log_rho.unsqueeze(1)) | (
-        (log_rho.unsqueeze(0) == log_rho.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
-    )
-    inf_column = dist.new_full((n, 1), math.inf)
-    delta = torch.cat([dist.masked_fill(~denser, math.inf), inf_column], dim=1).min(dim=1).values
-    largest = torch.cat([dist.reshape(-1), dist.new_zeros(1)]).max()  # distances are >= 0
-    delta = torch.where(torch.isinf(delta), largest, delta)
-    score = log_rho + torch.log(delta)
-    centres = _ascending(_rank(score, n_clusters))
-    to_centre = dist.index_select(1, centres)  # [n, c]
-    own = idx.unsqueeze(1) == centres.unsqueeze(0)  # each centre joins its own cluster
-    assignment = torch.argmin(torch.cat([torch.where(own, -1.0, to_centre), inf_column], dim=1), dim=1)
-    cluster = torch.arange(centres.shape[0], device=x.device)
-    members = (assignment.unsqueeze(0) == cluster.unsqueeze(1)).to(x.dtype)  # [c, n]
-    total = (members.unsqueeze(2) * x.unsqueeze(0)).sum(dim=1)  # no MatMul: not decoder work
-    return total / members.sum(dim=1, keepdim=True)
 
 
 class Float32Region(nn.Module):

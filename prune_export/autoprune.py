@@ -16,7 +16,8 @@ no model code) so that calib/, the exporter and the docs compute the same schedu
 * :class:`ScheduleTable`: the solve done once at export time over quantised ``k``, so an engine looks the
   schedule up instead of bisecting; :func:`table_distance` says what the quantisation costs;
 * :func:`select_topk_preserving_order`, :func:`recycle`: the run-time selection and token recycling
-  (DPC-KNN merging of dropped tokens), deterministic.
+  (DPC-KNN merging of dropped tokens), deterministic; :func:`recycle_tokens` is the merge itself, traceable,
+  which the executor (through :func:`recycle`) and the exported graphs (``exporter.baked``) both run.
 
 Counts. With ``N0`` tokens leaving layer 0, layer ``l`` keeps ``K_l = min(ceil((N0-1) * min(1, s*r_l)), N_vis)``
 tokens by score and appends ``c_l = merged_count(D_l)`` recycled tokens made from the ``D_l`` it dropped. The
@@ -553,10 +554,90 @@ def select_topk_preserving_order(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order[:k]).values
 
 
+def _rank(scores: torch.Tensor, k: Any) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, best first; ties go to the lower index.
+
+    Eager: a stable sort (as :func:`select_topk_preserving_order`). Under export: ``TopK`` (ONNX TopK breaks
+    ties by the lower index, and torch.onnx has no translation of a stable sort).
+    """
+    if torch.compiler.is_exporting():
+        return torch.topk(scores, k, largest=True, sorted=True).indices
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
+def _ascending(indices: torch.Tensor) -> torch.Tensor:
+    """Distinct integer indices in ascending order (a TopK of the smallest, whole length)."""
+    return torch.topk(indices, indices.shape[0], largest=False, sorted=True).values
+
+
+def _distances(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise Euclidean distances of the rows of ``x [n, dim]`` divided by ``sqrt(dim)``, in ``x``'s dtype.
+
+    One formula, two spellings of its sum of squares (as :func:`_rank` has two spellings of its sort): eager,
+    ``torch.cdist`` without its matrix-product shortcut (the executor's bits since the start); under export,
+    subtract, square, sum and square root written out (the nodes the graphs have always had). The two may
+    round differently in the last bits, never by more.
+    """
+    scale = math.sqrt(max(x.shape[1], 1))
+    if torch.compiler.is_exporting():
+        diff = x.unsqueeze(1) - x.unsqueeze(0)
+        # The scale as a tensor of x's dtype: a Python float would be exported as a float32 constant, and
+        # in a float64 graph its rounding splits exact ties that the executor keeps (ties: lower index).
+        return torch.sqrt((diff * diff).sum(dim=-1)) / x.new_tensor(scale)
+    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / scale
+
+
+def _member_sums(members: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``members [c, n] @ x [n, d]`` for a 0/1 ``members``: each cluster's sum of hidden states.
+
+    Eager: a matrix product (the executor's bits since the start). Under export: products and a sum, so the
+    graph has no MatMul (the FLOPs census counts MatMuls as decoder work, and this is not).
+    """
+    if torch.compiler.is_exporting():
+        return (members.unsqueeze(2) * x.unsqueeze(0)).sum(dim=1)
+    return members @ x
+
+
+def _dpc_knn(
+    x: torch.Tensor, n_clusters: Any, neighbours: int = DPC_NEIGHBOURS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPC-KNN on ``x [n, dim]`` in its dtype, traceable: ``(centres, assignment, members)``.
+
+    The one implementation of the clustering (:func:`dpc_knn` and :func:`recycle_tokens` call it). No
+    data-dependent branch: ``n = 0``, ``n = 1`` and ``n_clusters = 0`` fall out of the arithmetic (an extra
+    column of +inf stands for "no denser point" and "no centre", so no reduction runs over an empty axis).
+    ``members [n_clusters, n]`` is the 0/1 cluster membership in ``x``'s dtype.
+    """
+    n = x.shape[0]
+    dist = _distances(x)
+    idx = torch.arange(n, device=x.device)
+    eye = idx.unsqueeze(1) == idx.unsqueeze(0)
+    near = torch.sym_max(torch.sym_min(neighbours, n - 1), 0)
+    nearest = torch.topk(dist.masked_fill(eye, math.inf), near, dim=1, largest=False, sorted=True).values
+    count = torch.sym_max(near, 1)
+    log_rho = -(nearest * nearest).sum(dim=1) / count
+    # denser[i, j]: point j is denser than point i (ties broken by index).
+    denser = (log_rho.unsqueeze(0) > log_rho.unsqueeze(1)) | (
+        (log_rho.unsqueeze(0) == log_rho.unsqueeze(1)) & (idx.unsqueeze(0) < idx.unsqueeze(1))
+    )
+    inf_column = dist.new_full((n, 1), math.inf)
+    delta = torch.cat([dist.masked_fill(~denser, math.inf), inf_column], dim=1).min(dim=1).values
+    largest = torch.cat([dist.reshape(-1), dist.new_zeros(1)]).max()  # distances are >= 0
+    delta = torch.where(torch.isinf(delta), largest, delta)
+    score = log_rho + torch.log(delta)
+    centres = _ascending(_rank(score, n_clusters))
+    to_centre = dist.index_select(1, centres)  # [n, c]
+    own = idx.unsqueeze(1) == centres.unsqueeze(0)  # each centre joins its own cluster
+    assignment = torch.argmin(torch.cat([torch.where(own, -1.0, to_centre), inf_column], dim=1), dim=1)
+    cluster = torch.arange(centres.shape[0], device=x.device)
+    members = (assignment.unsqueeze(0) == cluster.unsqueeze(1)).to(x.dtype)  # [c, n]
+    return centres, assignment, members
+
+
 def dpc_knn(
     points: torch.Tensor, n_clusters: int, neighbours: int = DPC_NEIGHBOURS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Density-peak clustering with k-nearest-neighbour density (DPC-KNN), deterministic.
+    """Density-peak clustering with k-nearest-neighbour density (DPC-KNN), deterministic, in float64.
 
     Distances are Euclidean divided by ``sqrt(dim)`` (as the reference does, so densities do not vanish for
     wide hidden states). Density ``rho_i = exp(-mean squared distance to its min(neighbours, n-1) nearest
@@ -567,34 +648,29 @@ def dpc_knn(
     tie in score or distance). Ranking uses ``log rho + log delta`` so it survives ``rho`` underflowing.
 
     Returns ``(centres, assignment)``: centre indices in ascending order, and for each point the position of
-    its centre in ``centres``.
+    its centre in ``centres``. Checks its arguments, then runs in float64 the clustering that
+    :func:`recycle_tokens` merges by.
     """
     if points.dim() != 2:
         raise ValueError(f"points must be [n, dim], got shape {tuple(points.shape)}")
-    n, dim = points.shape
+    n = points.shape[0]
     if not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be in [1, {n}], got {n_clusters}")
-    x = points.to(torch.float64)
-    if n == 1:
-        zero = torch.zeros(1, dtype=torch.long, device=points.device)
-        return zero, zero.clone()
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(max(dim, 1))
-    eye = torch.eye(n, dtype=torch.bool, device=x.device)
-    nearest = torch.sort(dist.masked_fill(eye, math.inf), dim=1).values[:, : min(neighbours, n - 1)]
-    log_rho = -(nearest**2).mean(dim=1)
-    idx = torch.arange(n, device=x.device)
-    # denser[i, j]: point j is denser than point i (ties broken by index).
-    denser = (log_rho[None, :] > log_rho[:, None]) | (
-        (log_rho[None, :] == log_rho[:, None]) & (idx[None, :] < idx[:, None])
-    )
-    delta = dist.masked_fill(~denser, math.inf).min(dim=1).values
-    delta = torch.where(torch.isinf(delta), dist.max(), delta)
-    score = log_rho + torch.log(delta)
-    ranked = torch.sort(score, descending=True, stable=True).indices
-    centres = torch.sort(ranked[:n_clusters]).values
-    assignment = dist[:, centres].argmin(dim=1)
-    assignment[centres] = torch.arange(n_clusters, device=x.device)
+    centres, assignment, _ = _dpc_knn(points.to(torch.float64), n_clusters, neighbours)
     return centres, assignment
+
+
+def recycle_tokens(candidates: torch.Tensor, n_clusters: Any) -> torch.Tensor:
+    """DPC-KNN merge of ``candidates [n, d]`` (ascending original order) into ``n_clusters`` mean tokens.
+
+    The one implementation of recycling after the candidate choice, used by the executor (through
+    :func:`recycle`, in float64) and traced into the exported graphs (``exporter.baked``, in the score dtype:
+    float64 for ONNX Runtime, float32 for TensorRT): clustering by :func:`_dpc_knn`, then each cluster's plain
+    mean. Computed in the candidates' dtype; ``n_clusters`` may be a traced count, and ``n = 0``, ``n = 1``,
+    ``n_clusters = 0`` need no branch. Returns ``[n_clusters, d]`` ordered by centre index.
+    """
+    _, _, members = _dpc_knn(candidates, n_clusters)
+    return _member_sums(members, candidates) / members.sum(dim=1, keepdim=True)
 
 
 def recycle(
@@ -606,10 +682,10 @@ def recycle(
     """Merge the best dropped tokens into ``n_clusters`` recycled tokens (SparseVLM's token recycling).
 
     ``hidden`` ``[D, d]`` and ``scores`` ``[D]`` are the tokens one layer dropped and their selection scores.
-    The top ``n_candidates`` by score (default ``floor(0.3*D)+1``, capped at ``D``) are clustered by
-    :func:`dpc_knn` into ``n_clusters`` groups (default :func:`merged_count` of ``D``); each group's mean hidden
-    state is returned, ordered by the original index of its centre: ``[n_clusters, d]`` in ``hidden``'s dtype.
-    Deterministic: the same input gives a bitwise-identical output.
+    The top ``n_candidates`` by score (default ``floor(0.3*D)+1``, capped at ``D``) are merged by
+    :func:`recycle_tokens` in float64 into ``n_clusters`` tokens (default :func:`merged_count` of ``D``): each
+    cluster's mean hidden state, ordered by the original index of its centre: ``[n_clusters, d]`` in
+    ``hidden``'s dtype. Deterministic: the same input gives a bitwise-identical output.
     """
     if hidden.dim() != 2 or scores.shape != hidden.shape[:1]:
         raise ValueError(
@@ -623,9 +699,4 @@ def recycle(
     if not 1 <= n_clusters <= n_candidates:
         raise ValueError(f"n_clusters must be in [0, n_candidates={n_candidates}], got {n_clusters}")
     chosen = select_topk_preserving_order(scores, n_candidates)
-    x = hidden[chosen].to(torch.float64)
-    _, assignment = dpc_knn(x, n_clusters)
-    members = torch.zeros(n_clusters, x.shape[0], dtype=torch.float64, device=x.device)
-    members[assignment, torch.arange(x.shape[0], device=x.device)] = 1.0
-    means = (members @ x) / members.sum(dim=1, keepdim=True)
-    return means.to(hidden.dtype)
+    return recycle_tokens(hidden[chosen].to(torch.float64), n_clusters).to(hidden.dtype)

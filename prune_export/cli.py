@@ -249,9 +249,27 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
              samples_out: Path | None) -> None:
     """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan.
 
+    MODEL_DIR is a HuggingFace model folder (answers from the PyTorch executor) or a build directory (answers
+    from its graphs on ONNX Runtime; the plan is baked in, so plan options are refused there).
+
     Token pruning comes from the plan's token section, --keep-schedule, or --autoprune-tokens; with a plan's
     GSOP operations it makes a combined plan (operations apply to the visual tokens still alive).
     """
+    if (Path(model_dir) / "manifest.json").is_file():
+        given = [flag for flag, value in (
+            ("--plan", plan_path), ("--budget", budget), ("--keep-schedule", keep_schedule),
+            ("--autoprune-tokens", autoprune_tokens), ("--autoprune-x0", autoprune_x0),
+            ("--autoprune-k0", autoprune_k0), ("--autoprune-gamma", autoprune_gamma),
+            ("--autoprune-amplitude", autoprune_amplitude), ("--autoprune-positions", autoprune_positions),
+            ("--autoprune-k-step", autoprune_k_step), ("--no-recycle", no_recycle or None),
+            ("--autoprune-mode", autoprune_mode)) if value is not None]  # fmt: skip
+        if given:
+            raise PruneExportError(
+                f"{model_dir} is a build directory: its plan is baked into the graphs, so {', '.join(given)} "
+                "cannot change it; evaluate the model folder with those options, or build another directory"
+            )
+        _eval_build(model_dir, data_path, max_new_tokens, limit, as_json, samples_out)
+        return
     _check_budget_option(budget, plan_path)
     stages = _keep_schedule(keep_schedule)
     autoprune = {"tokens": autoprune_tokens, "x0": autoprune_x0, "k0": autoprune_k0, "gamma": autoprune_gamma,
@@ -263,6 +281,24 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
                          autoprune=autoprune, autoprune_mode=autoprune_mode, max_new_tokens=max_new_tokens,
                          limit=limit, samples_out=samples_out)
     _echo_eval(run.report, run.policy, as_json)
+
+
+def _eval_build(build_dir: Path, data_path: Path, max_new_tokens: int, limit: int | None, as_json: bool,
+                samples_out: Path | None) -> None:
+    from tqdm import tqdm
+
+    from .workflows.evaluate import write_samples
+    from .workflows.generate import eval_build
+
+    with tqdm(desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
+        run = eval_build(build_dir, data_path, max_new_tokens=max_new_tokens, limit=limit, progress=bar.update)
+    if samples_out is not None:
+        write_samples(samples_out, run["report"])
+    if as_json:
+        _echo_json({**run["report"].to_json(), "engine": run["engine"], "provider": run["provider"]})
+        return
+    click.echo(f"build         {build_dir} ({run['engine']}, {run['provider']})")
+    _echo_eval(run["report"], None, False)
 
 
 def _echo_eval(report: Any, policy: Any, as_json: bool) -> None:
@@ -462,12 +498,38 @@ def inspect_cmd(build_dir: Path, text_tokens: int | None, as_json: bool) -> None
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Text tokens of the measured prompt [default: the pruned build's check prompt].")
+@click.option("--generate", "generate", type=click.IntRange(min=2), default=None,
+              help="Time answers end to end instead: time to first token and decode ms/token over N new tokens.")
+@click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
+              help="With --generate: the image [default: the build check's synthetic image].")
+@click.option("--question", default=None, help="With --generate: the question [default: a one-sentence question].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provider: str, threads: int | None,
-              text_tokens: int | None, as_json: bool) -> None:
-    """Prefill latency of a pruned build against a dense one on ONNX Runtime, interleaved, with FLOPs ratios."""
+              text_tokens: int | None, generate: int | None, image_path: Path | None, question: str | None,
+              as_json: bool) -> None:
+    """Latency of a pruned build against a dense one on ONNX Runtime, interleaved, with FLOPs ratios.
+
+    By default the prefill alone, on the pruned build's check prompt; with --generate N, whole answers: image
+    and question in, N greedy tokens out (time to first token, decode ms/token).
+    """
     from tqdm import tqdm
 
+    if generate is None and (image_path is not None or question is not None):
+        raise PruneExportError("--image and --question apply to --generate N; add --generate")
+    if generate is not None:
+        if text_tokens is not None:
+            raise PruneExportError("--text-tokens applies to the prefill benchmark; with --generate use --question")
+        from .workflows.generate import bench_generate
+
+        with tqdm(total=runs + warmup, desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
+            result = bench_generate(pruned_dir, dense_dir, new_tokens=generate, rounds=runs, warmup=warmup,
+                                    provider=provider, threads=threads, image_path=image_path, question=question,
+                                    progress=lambda done, total: bar.update(1))  # fmt: skip
+        if as_json:
+            _echo_json(result.to_dict())
+        else:
+            click.echo(result.format_table())
+        return
     from .workflows.build import bench_builds
 
     with tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, disable=None) as bar:
@@ -477,6 +539,40 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
         _echo_json(report.to_dict())
         return
     click.echo(report.format_table())
+
+
+@main.command("run")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--image", "image_path", type=click.Path(path_type=Path), required=True, help="Image file.")
+@click.option("--question", required=True, help="The question about the image.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Largest number of answer tokens.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--stream", is_flag=True, help="Print the answer as its tokens come.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: answer, prompt_tokens, new_tokens, ttft_ms, decode_ms_per_token, ...")
+def run_cmd(build_dir: Path, image_path: Path, question: str, max_new_tokens: int, provider: str,
+            threads: int | None, stream: bool, as_json: bool) -> None:
+    """Answer a question about an image with a build directory's graphs (greedy, on ONNX Runtime).
+
+    The build carries its tokenizer and image processor: the model folder is not needed.
+    """
+    from .workflows.generate import run_build
+
+    if max_new_tokens < 1:
+        raise PruneExportError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+
+    def echo_piece(piece: str) -> None:
+        click.echo(piece, nl=False)
+
+    result = run_build(build_dir, image_path, question, max_new_tokens=max_new_tokens, provider=provider,
+                       threads=threads, on_text=echo_piece if stream and not as_json else None)  # fmt: skip
+    if as_json:
+        _echo_json(result)
+    elif stream:
+        click.echo()
+    else:
+        click.echo(result["answer"])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ from prune_export.autoprune import (
     n0_for_budget,
     recycle,
     recycle_candidates,
+    recycle_tokens,
     select_topk_preserving_order,
     simulate,
     solve_scale,
@@ -348,3 +349,51 @@ def test_recycle_duplicate_points_are_deterministic() -> None:
     centres, assignment = dpc_knn(hidden.float(), 3)
     assert centres.tolist() == [0, 1, 2]
     assert assignment[:3].tolist() == [0, 1, 2] and set(assignment[3:].tolist()) == {0}
+
+
+def _dropped_for(candidates: int) -> int:
+    """The smallest dropped count ``D`` whose recycling clusters ``candidates`` tokens."""
+    return next(d for d in range(1, 1000) if recycle_candidates(d) == candidates)
+
+
+@pytest.mark.parametrize("candidates", [1, 2, 7, 20])
+def test_recycle_is_recycle_tokens_on_the_best_candidates(candidates: int) -> None:
+    """The executor's ``recycle`` is the graphs' ``recycle_tokens`` after the candidate choice, bit for bit."""
+    gen = torch.Generator().manual_seed(candidates)
+    dropped = _dropped_for(candidates)
+    for trial in range(3):
+        hidden = torch.randn(dropped, 24, generator=gen, dtype=torch.float64)
+        if trial == 2 and candidates > 2:
+            hidden[1] = hidden[0]  # duplicate points: density and distance ties, broken by index
+        scores = torch.rand(dropped, generator=gen, dtype=torch.float64)
+        chosen = select_topk_preserving_order(scores, recycle_candidates(dropped))
+        assert chosen.shape[0] == candidates
+        for clusters in sorted(
+            {1, 2, candidates // 2, candidates - 1, candidates} & set(range(1, candidates + 1))
+        ):
+            expected = recycle(hidden, scores, n_clusters=clusters)
+            got = recycle_tokens(hidden[chosen], clusters)
+            assert got.shape == expected.shape == (clusters, 24)
+            assert got.dtype == torch.float64
+            assert torch.equal(got, expected)
+            centres, assignment = dpc_knn(hidden[chosen], clusters)
+            members = torch.stack([hidden[chosen][assignment == i].mean(0) for i in range(clusters)])
+            torch.testing.assert_close(got, members, rtol=0, atol=1e-12)
+        # Every candidate its own cluster: the candidates themselves, in order.
+        torch.testing.assert_close(
+            recycle_tokens(hidden[chosen], candidates), hidden[chosen], rtol=0, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("candidates", [0, 1, 3])
+def test_recycle_tokens_needs_no_branch_for_small_counts(candidates: int, dtype: torch.dtype) -> None:
+    hidden = torch.randn(candidates, 8, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    assert recycle(hidden, torch.ones(candidates, dtype=dtype), n_clusters=0).shape == (0, 8)
+    none = recycle_tokens(hidden, 0)
+    assert none.shape == (0, 8) and none.dtype == dtype
+    every = recycle_tokens(hidden, candidates)  # n_clusters = n: the candidates themselves
+    assert every.dtype == dtype and torch.equal(every, hidden)
+    if candidates:
+        one = recycle_tokens(hidden, 1)  # n_clusters = 1: the mean of all candidates
+        torch.testing.assert_close(one, hidden.mean(0, keepdim=True))

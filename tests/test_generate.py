@@ -173,3 +173,102 @@ def test_bad_generation_input_is_refused(builds) -> None:
             runner.generate(_image(0), "  ", 4)
         with pytest.raises(GenerationError, match="max_new_tokens must be >= 1"):
             runner.generate(_image(0), "What?", 0)
+
+
+# -- CLI: run, eval BUILD_DIR, bench --generate ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    _image(1).save(path)
+    return path
+
+
+def test_run_prints_the_answer_and_its_timings(builds, image_file: Path) -> None:
+    from cli_helpers import run
+
+    with GenerationRunner(builds["autoprune"], provider="cpu") as runner:
+        expected = runner.generate(_image(1), PROMPTS[1][1], NEW_TOKENS)
+    code, out = run("run", builds["autoprune"], "--image", image_file, "--question", PROMPTS[1][1],
+                    "--max-new-tokens", NEW_TOKENS, "--json")  # fmt: skip
+    assert code == 0, out
+    doc = json.loads(out)
+    assert doc["answer"] == expected.text and doc["new_tokens"] == len(expected.token_ids)
+    assert doc["prompt_tokens"] == expected.stats.prompt_tokens
+    assert doc["kv_tokens_per_layer"] == expected.stats.kv_tokens_per_layer
+    assert doc["provider"] == "CPUExecutionProvider" and doc["ttft_ms"] > 0 and doc["decode_ms_per_token"] > 0
+    code, plain = run("run", builds["autoprune"], "--image", image_file, "--question", PROMPTS[1][1],
+                      "--max-new-tokens", NEW_TOKENS)  # fmt: skip
+    code_s, streamed = run("run", builds["autoprune"], "--image", image_file, "--question", PROMPTS[1][1],
+                           "--max-new-tokens", NEW_TOKENS, "--stream")  # fmt: skip
+    assert code == code_s == 0 and plain == streamed == expected.text + "\n"
+
+
+def test_eval_of_a_build_answers_like_the_executor(builds, model: Path, demo_data: Path, tmp_path: Path) -> None:
+    """The build's answers and FLOPs against ``eval MODEL_DIR`` with the same token policy (the executor)."""
+    from cli_helpers import run
+
+    data = demo_data
+    code, out = run("eval", builds["fixed"], "--data", data, "--json", "--max-new-tokens", 4,
+                    "--samples-out", tmp_path / "build.jsonl")  # fmt: skip
+    assert code == 0, out
+    got = json.loads(out)
+    code, out = run("eval", model, "--data", data, "--json", "--max-new-tokens", 4, "--keep-schedule", "1:24,3:8",
+                    "--samples-out", tmp_path / "model.jsonl")  # fmt: skip
+    assert code == 0, out
+    ref = json.loads(out)
+    assert got["engine"] == "onnxruntime" and got["provider"] == "CPUExecutionProvider"
+    assert got["samples"] == ref["samples"] == 4 and got["accuracy"] == ref["accuracy"]
+    assert got["dense_flops"] == ref["dense_flops"]
+    assert abs(got["pruned_flops"] - ref["pruned_flops"]) <= 0.01 * ref["pruned_flops"]  # counted from the graph
+    assert got["mean_visual_tokens_per_layer"] == ref["mean_visual_tokens_per_layer"]
+    rows = [json.loads(line) for line in (tmp_path / "build.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (tmp_path / "model.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in ref_rows]
+    code, out = run("eval", builds["fixed"], "--data", data, "--autoprune-tokens", 8)
+    from cli_helpers import assert_clean_error
+
+    assert_clean_error(code, out, "--autoprune-tokens cannot change it")
+
+
+def test_bench_generate_times_both_builds(builds) -> None:
+    from cli_helpers import run
+
+    code, out = run("bench", builds["autoprune"], "--baseline", builds["dense"], "--generate", 4, "--runs", 2,
+                    "--warmup", 0, "--json")  # fmt: skip
+    assert code == 0, out
+    doc = json.loads(out)
+    for key in ("dense_ttft_ms", "pruned_ttft_ms", "ttft_speedup", "dense_decode_ms_per_token",
+                "pruned_decode_ms_per_token", "prefill_flops_speedup"):  # fmt: skip
+        assert doc[key] > 0, key
+    assert doc["ttft_speedup"] == pytest.approx(doc["dense_ttft_ms"] / doc["pruned_ttft_ms"])
+    assert doc["new_tokens"] == 4 and doc["rounds"] == 2
+    assert sum(doc["pruned_kv_tokens"]) < sum(doc["dense_kv_tokens"])
+    assert doc["prefill_flops_speedup"] > 1.2  # the pruned graph really counts fewer matmul FLOPs
+
+
+def test_run_refuses_bad_input_in_one_line(builds, image_file: Path, tmp_path: Path) -> None:
+    from cli_helpers import assert_clean_error, run
+
+    def run_on(build: Path, **options: object) -> tuple[int, str]:
+        args = {"--image": image_file, "--question": "What is it?", **options}
+        return run("run", build, *[x for item in args.items() for x in item])
+
+    assert_clean_error(*run_on(tmp_path), "not a build directory")
+    assert_clean_error(*run_on(tmp_path / "absent"), "does not exist")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    assert_clean_error(*run_on(builds["dense"], **{"--image": not_image}), "cannot read image")
+    assert_clean_error(*run_on(builds["dense"], **{"--image": tmp_path / "missing.png"}), "does not exist")
+    assert_clean_error(*run_on(builds["dense"], **{"--question": "   "}), "question is empty")
+    assert_clean_error(*run_on(builds["dense"], **{"--max-new-tokens": 0}), "--max-new-tokens must be >= 1")
+    broken = tmp_path / "broken"
+    shutil.copytree(builds["dense"], broken)
+    (broken / "decode.onnx").unlink()
+    assert_clean_error(*run_on(broken), "decode.onnx is missing")
+    shutil.rmtree(broken)
+    shutil.copytree(builds["dense"], broken)
+    data = (broken / "prefill.onnx").read_bytes()
+    (broken / "prefill.onnx").write_bytes(data[: len(data) // 2])
+    assert_clean_error(*run_on(broken), "prefill.onnx is truncated")
+    (broken / "prefill.onnx").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert_clean_error(*run_on(broken), "prefill.onnx has sha256")

@@ -239,7 +239,12 @@ def _build_into(
     import torch
 
     from exporter.baked import AutoPruneBake
-    from exporter.onnx_export import DecodeOnnxFromAdapter, EmbedOnnxFromAdapter, OnnxFromPlan, VisionOnnxFromAdapter
+    from exporter.onnx_export import (
+        DecodeOnnxFromAdapter,
+        EmbedOnnxFromAdapter,
+        OnnxFromPlan,
+        VisionOnnxFromAdapter,
+    )
 
     start = time.perf_counter()
     adapter = load_adapter(model_dir)

@@ -45,5 +45,10 @@ def evaluate_model(model_dir: Path, data_path: Path, *, plan_path: Path | None =
     with tqdm(total=len(rows), desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
         report = evaluate(adapter, rows, choice.ops, policy, max_new_tokens=max_new_tokens, progress=bar.update)
     if samples_out is not None:
-        atomic_write_text(samples_out, "".join(json.dumps(r.__dict__) + "\n" for r in report.results))
+        write_samples(samples_out, report)
     return Evaluation(report, policy)
+
+
+def write_samples(path: Path, report: Any) -> None:
+    """Per-sample rows of an eval report (``prediction`` included) as JSON lines, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r.__dict__) + "\n" for r in report.results))

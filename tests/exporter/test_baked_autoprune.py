@@ -14,6 +14,7 @@ after the kept tokens that share their position).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import onnx
@@ -23,16 +24,17 @@ import pytest
 import torch
 from ort_session import cpu_session
 from PIL import Image
+from torch import nn
 
 from exporter.adapters import load_adapter
 from exporter.autoprune_policy import AutoPrunePolicy
-from exporter.baked import AutoPruneBake, BakedPrefill, recycle_tokens
+from exporter.baked import AutoPruneBake, BakedPrefill, _count
 from exporter.demo import build_demo_model
 from exporter.executor import PlanExecutor, PrefillResult
 from exporter.onnx_export import OnnxFromPlan
 from exporter.sample import prepare_sample
 from graph_passes import census, lint_tensorrt
-from prune_export.autoprune import recycle, recycle_candidates, select_topk_preserving_order, steepness
+from prune_export.autoprune import recycle, recycle_tokens, steepness
 from prune_export.errors import BuildError
 from prune_export.ops import Group, Module, Operation
 from prune_export.plan import AutoPruneSection
@@ -230,44 +232,103 @@ def test_head_and_tail_reproduce_the_full_prefill_exactly(positions: str, adapte
                 assert torch.equal(part[name], ref[name]), name
 
 
-# -- recycling -----------------------------------------------------------------------------------------------
+# -- recycling: the graph clusters as the executor does --------------------------------------------------------
 
 
-def _dropped_for(candidates: int) -> int:
-    """The smallest dropped count ``D`` whose recycling clusters ``candidates`` tokens."""
-    return next(d for d in range(1, 1000) if recycle_candidates(d) == candidates)
+class _Recycle(nn.Module):
+    """``recycle_tokens`` as ``AutoPruneBake`` runs it: the candidate and cluster counts are run-time values."""
+
+    def forward(
+        self, hidden: torch.Tensor, n_candidates: torch.Tensor, n_clusters: torch.Tensor
+    ) -> torch.Tensor:
+        n = _count(n_candidates, hidden.shape[0])
+        c = _count(torch.minimum(n_clusters, n_candidates), n)
+        return recycle_tokens(hidden.index_select(0, torch.arange(n)), c)
 
 
-@pytest.mark.parametrize("candidates", [1, 2, 7, 20])
-def test_recycle_tokens_equals_the_reference_recycle(candidates: int) -> None:
-    gen = torch.Generator().manual_seed(candidates)
-    dropped = _dropped_for(candidates)
-    for trial in range(3):
-        hidden = torch.randn(dropped, 24, generator=gen, dtype=torch.float64)
-        if trial == 2 and candidates > 2:
-            hidden[1] = hidden[0]  # duplicate points: density and distance ties, broken by index
-        scores = torch.rand(dropped, generator=gen, dtype=torch.float64)
-        chosen = select_topk_preserving_order(scores, recycle_candidates(dropped))
-        assert chosen.shape[0] == candidates
-        for clusters in sorted(
-            {1, 2, candidates // 2, candidates - 1, candidates} & set(range(1, candidates + 1))
-        ):
-            expected = recycle(hidden, scores, n_clusters=clusters)
-            got = recycle_tokens(hidden[chosen], clusters)
-            assert got.shape == expected.shape == (clusters, 24)
-            assert got.dtype == torch.float64
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-        # Every candidate its own cluster: the candidates themselves, in order.
-        torch.testing.assert_close(
-            recycle_tokens(hidden[chosen], candidates), hidden[chosen], rtol=0, atol=1e-12
-        )
+@pytest.fixture(scope="module")
+def recycle_graphs(tmp_path_factory: pytest.TempPathFactory):
+    """ONNX Runtime sessions of the exported ``recycle_tokens``, by (dtype, hidden size), exported once each."""
+    folder = tmp_path_factory.mktemp("recycle_onnx")
+    sessions: dict[tuple[torch.dtype, int], ort.InferenceSession] = {}
+
+    def get(dtype: torch.dtype, dim: int) -> ort.InferenceSession:
+        if (dtype, dim) not in sessions:
+            path = folder / f"recycle_{str(dtype).split('.')[-1]}_{dim}.onnx"
+            args = (torch.randn(40, dim, dtype=dtype), torch.tensor(13), torch.tensor(2))
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    _Recycle(), args, dynamo=True, input_names=["hidden", "n_candidates", "n_clusters"],
+                    output_names=["merged"], dynamic_shapes=({0: torch.export.Dim("n", min=1, max=64)}, None, None),
+                    opset_version=18, optimize=True, verbose=False,
+                )  # fmt: skip
+            program.save(str(path), external_data=False)
+            sessions[dtype, dim] = cpu_session(path)
+        return sessions[dtype, dim]
+
+    return get
 
 
-@pytest.mark.parametrize("candidates", [0, 3])
-def test_recycle_tokens_with_no_cluster_gives_no_token(candidates: int) -> None:
-    hidden = torch.randn(candidates, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    assert recycle(hidden, torch.ones(candidates, dtype=torch.float64), n_clusters=0).shape == (0, 8)
-    assert recycle_tokens(hidden, 0).shape == (0, 8)
+def _tie_candidates(dim: int) -> dict[str, torch.Tensor]:
+    """Candidates whose densities, distances and centre scores tie exactly (ties break by index)."""
+    gen = torch.Generator().manual_seed(dim)
+    dup = torch.randn(12, dim, generator=gen, dtype=torch.float64)
+    dup[1] = dup[0]
+    dup[3] = dup[4] = dup[5] = dup[2]
+    grid = torch.zeros(14, dim, dtype=torch.float64)
+    grid[:, :2] = torch.tensor([[i % 4, i // 4] for i in range(14)], dtype=torch.float64)
+    return {
+        "line": torch.arange(10, dtype=torch.float64).unsqueeze(1).repeat(1, dim),  # equal gaps
+        "grid": grid,  # a lattice: many equal distances
+        "simplex": 3 * torch.eye(dim, dtype=torch.float64),  # every distance equal
+        "same": torch.ones(6, dim, dtype=torch.float64),  # one point six times
+        "duplicates": dup,
+        "single": dup[:1],
+    }
+
+
+def _cluster_counts(n: int) -> list[int]:
+    return sorted({0, 1, 2, n // 2, n - 1, n} & set(range(n + 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_exported_recycle_tokens_clusters_as_the_executor_on_ties(dtype: torch.dtype, recycle_graphs) -> None:
+    """The traced ``recycle_tokens`` on ONNX Runtime against the eager one (float64: the executor's ``recycle``).
+
+    Eager and graph spell the distances and the cluster sums differently (cdist and MatMul vs. written out,
+    see ``prune_export.autoprune``), so the last bits may differ; any other clustering moves a merged token far.
+    """
+    dim = 4  # sqrt(4) is exact in every dtype
+    sess = recycle_graphs(dtype, dim)
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, hidden in _tie_candidates(dim).items():
+        n = hidden.shape[0]
+        x = hidden.to(dtype)
+        for clusters in _cluster_counts(n):
+            (got,) = sess.run(
+                None, {"hidden": x.numpy(), "n_candidates": np.array(n), "n_clusters": np.array(clusters)}
+            )
+            if dtype == torch.float64:  # every row a candidate (equal scores), as the executor calls it
+                expected = recycle(x, torch.ones(n, dtype=dtype), n_candidates=n, n_clusters=clusters)
+            else:
+                expected = recycle_tokens(x, clusters)
+            assert got.shape == tuple(expected.shape) == (clusters, dim), (name, clusters)
+            np.testing.assert_allclose(
+                got, expected.numpy(), rtol=0, atol=atol, err_msg=f"{name}, c={clusters}"
+            )
+
+
+def test_exported_recycle_tokens_float64_ties_at_a_non_square_hidden_size(recycle_graphs) -> None:
+    """sqrt(3) must stay float64 in the graph: rounded to float32 it splits the exact tie of points 0 and 9."""
+    hidden = torch.arange(10, dtype=torch.float64).unsqueeze(1).repeat(1, 3)  # centres: 0..8, or 1..9?
+    (got,) = recycle_graphs(torch.float64, 3).run(
+        None, {"hidden": hidden.numpy(), "n_candidates": np.array(10), "n_clusters": np.array(9)}
+    )
+    # Points 0 and 9 tie as the least dense; the lower index wins a centre, so 9 joins centre 8 (hand-computed).
+    expected = np.array([[float(i)] * 3 for i in range(8)] + [[8.5] * 3])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(recycle_tokens(hidden, 9).numpy(), expected, rtol=0, atol=1e-12)  # the executor's
 
 
 # -- ONNX: one full graph, three prompts ---------------------------------------------------------------------
