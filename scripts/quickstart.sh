@@ -36,15 +36,20 @@ echo "== 8. AutoPrune: the schedule for T=4 at k=0.2, then eval with per-sample 
 prune-export autoprune-schedule "$OUT/model" --tokens 4 --k 0.2
 prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --autoprune-tokens 4 --max-new-tokens 4
 
-echo "== 9. bake: dense and pruned builds (export, graph passes, parity check against the executor)"
-prune-export build "$OUT/model" --out "$OUT/build-dense" --overwrite
-prune-export build "$OUT/model" --out "$OUT/build-plan" --plan "$OUT/plan.json" --budget 0.8 --overwrite
-prune-export build "$OUT/model" --out "$OUT/build-autoprune" --autoprune-tokens 4 --overwrite
-prune-export build "$OUT/model" --out "$OUT/build-autoprune-trt" --autoprune-tokens 4 --target tensorrt --overwrite
+echo "== 9. a bigger random LLaVA in which matmuls dominate (8 layers, hidden 1024, 576 visual tokens)"
+prune-export demo-model "$OUT/model-bench" --preset bench --seed 0 --overwrite
 
-echo "== 10. what is in a build, counted from the graph"
-prune-export inspect "$OUT/build-plan"
-prune-export inspect "$OUT/build-autoprune-trt"
+echo "== 10. bake: dense and AutoPrune T=64 builds (export, graph passes, parity check against the executor)"
+prune-export build "$OUT/model-bench" --out "$OUT/build-dense" --overwrite
+prune-export build "$OUT/model-bench" --out "$OUT/build-autoprune" --autoprune-tokens 64 --overwrite
 
-echo "== 11. measured prefill latency, pruned vs dense, on ONNX Runtime (tiny model: overhead-bound)"
-prune-export bench "$OUT/build-autoprune" --baseline "$OUT/build-dense" --runs 5
+echo "== 11. what is in the pruned build, counted from its graphs"
+prune-export inspect "$OUT/build-autoprune"
+
+echo "== 12. the pruned build answers a question (random weights: the words are noise, the path is real)"
+IMAGE=$(ls "$OUT"/data/images/* | head -n 1)
+prune-export run "$OUT/build-autoprune" --image "$IMAGE" --question "What color is the circle?" \
+  --max-new-tokens 8 --json
+
+echo "== 13. end to end, pruned vs dense, interleaved: time to first token and decode ms/token"
+prune-export bench "$OUT/build-autoprune" --baseline "$OUT/build-dense" --generate 8 --runs 4 --warmup 1
