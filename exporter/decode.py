@@ -71,28 +71,31 @@ class DecodeStep(nn.Module):
         return x.reshape(x.shape[0], heads, self.spec.head_dim).transpose(0, 1)
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # The caches stay 4-D ``[1, kv_heads, n, hd]`` from input to output: indexing away the batch axis
+        # (a Gather) and adding it back (an Unsqueeze) would each copy every layer's cache at every step,
+        # which cost more than the step's matmuls on CPU. Only the Concat that appends the new token copies.
         spec = self.spec
-        h = self.adapter.embed_tokens(input_ids[0])  # [1, hidden]
-        rep = spec.num_heads // spec.num_kv_heads
+        h = self.adapter.embed_tokens(input_ids.reshape(1))  # [1, hidden]
+        kvh, rep, hd = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads, spec.head_dim
         outputs: list[torch.Tensor] = []
         for layer, parts in enumerate(self.adapter.layers):
             past_k, past_v, past_pos = past[3 * layer : 3 * layer + 3]
-            position = past_pos[0].max().reshape(1) + 1
+            position = past_pos.max().reshape(1) + 1
             cos, sin = self.adapter.rope(position)
             x = parts.attn_norm(h)
             q = apply_rope(self._heads(parts.q_proj(x), spec.num_heads), cos, sin)  # [heads, 1, hd]
-            k = apply_rope(self._heads(parts.k_proj(x), spec.num_kv_heads), cos, sin)
-            v = self._heads(parts.v_proj(x), spec.num_kv_heads)
-            keys = torch.cat([past_k[0], k.to(past_k.dtype)], dim=1)  # [kv_heads, n + 1, hd]
-            values = torch.cat([past_v[0], v.to(past_v.dtype)], dim=1)
-            outputs += [keys.unsqueeze(0), values.unsqueeze(0), torch.cat([past_pos[0], position]).unsqueeze(0)]
-            # Every cached token is earlier than the new one: no mask. Grouped heads without copying K/V.
-            q4 = q.reshape(spec.num_kv_heads, rep, 1, spec.head_dim)
-            scores = torch.matmul(q4, keys.unsqueeze(1).transpose(2, 3)).float() * parts.scaling
+            k = apply_rope(self._heads(parts.k_proj(x), kvh), cos, sin)  # [kv_heads, 1, hd]
+            v = self._heads(parts.v_proj(x), kvh)
+            keys = torch.cat([past_k, k.to(past_k.dtype).unsqueeze(0)], dim=2)  # [1, kv_heads, n + 1, hd]
+            values = torch.cat([past_v, v.to(past_v.dtype).unsqueeze(0)], dim=2)
+            outputs += [keys, values, torch.cat([past_pos, position.reshape(1, 1)], dim=1)]
+            # Every cached token is earlier than the new one: no mask. Grouped heads: [1, kv_heads, rep, hd]
+            # against [1, kv_heads, hd, n + 1], without repeating K/V.
+            q4 = q.reshape(1, kvh, rep, hd)
+            scores = torch.matmul(q4, keys.transpose(2, 3)).float() * parts.scaling
             probs = torch.softmax(scores, dim=-1)
-            attn = torch.matmul(probs.to(values.dtype), values.unsqueeze(1))  # [kv_heads, rep, 1, hd]
-            attn = attn.reshape(spec.num_heads, 1, spec.head_dim).transpose(0, 1).reshape(1, spec.q_dim)
-            h = h + parts.o_proj(attn)
+            attn = torch.matmul(probs.to(values.dtype), values)  # [1, kv_heads, rep, hd]
+            h = h + parts.o_proj(attn.reshape(1, spec.q_dim))
             y = parts.mlp_norm(h)
             h = h + parts.down_proj(parts.act(parts.gate_proj(y)) * parts.up_proj(y))
         logits = self.adapter.lm_head(self.adapter.final_norm(h)).float()
