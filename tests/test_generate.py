@@ -272,3 +272,20 @@ def test_run_refuses_bad_input_in_one_line(builds, image_file: Path, tmp_path: P
     assert_clean_error(*run_on(broken), "prefill.onnx is truncated")
     (broken / "prefill.onnx").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert_clean_error(*run_on(broken), "prefill.onnx has sha256")
+
+
+def test_grouped_query_attention_decodes_like_the_executor(tiny_gqa_model: Path, tmp_path: Path) -> None:
+    """Two KV heads for four query heads: the decode graph's grouped attention against the executor's."""
+    adapter = load_adapter(tiny_gqa_model)
+    assert adapter.spec.num_kv_heads < adapter.spec.num_heads
+    out = tmp_path / "gqa"
+    choice = PlanChoice(tokens=AutoPruneSection(tokens=4))
+    manifest = build(tiny_gqa_model, out, choice, BuildSettings(), lambda message: None)
+    assert manifest.check.same_generation
+    executor = PlanExecutor(adapter)
+    with GenerationRunner(out, provider="cpu") as runner:
+        for seed, question in PROMPTS[:2]:
+            got = runner.generate(_image(seed), question, NEW_TOKENS)
+            ref = executor.generate(prepare_sample(adapter, _image(seed), question), (),
+                                    _policy(choice, adapter.spec), max_new_tokens=NEW_TOKENS)  # fmt: skip
+            assert got.token_ids == ref.token_ids
