@@ -91,6 +91,12 @@ def resolve_token_section(
     bad = [layer for layer, _ in stages if not 0 <= layer < spec.num_layers]
     if bad:
         raise PruneExportError(f"keep schedule names layer(s) {bad}; the model has layers 0..{spec.num_layers - 1}")
+    too_many = [(layer, count) for layer, count in stages if count > spec.visual_tokens]
+    if too_many:  # a stage keeping more tokens than exist would silently prune nothing
+        raise PlanError(
+            f"keep schedule {too_many} keeps more visual tokens than the model has ({spec.visual_tokens}); "
+            f"counts are visual tokens kept after the layer, at most {spec.visual_tokens}"
+        )
     try:
         return FixedScheduleSection(stages=[(int(a), int(b)) for a, b in stages], positions=positions)
     except ValidationError as exc:  # order and counts

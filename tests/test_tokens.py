@@ -149,3 +149,9 @@ def test_keep_schedule_layers_must_exist(stages: list, layers: str) -> None:
 ])
 def test_keep_schedule_stages_must_be_ordered(stages: list, reason: str) -> None:
     _raises(PlanError, f"keep schedule {stages}: {reason}", stages=stages)
+
+
+def test_a_stage_keeping_more_tokens_than_the_model_has_is_refused() -> None:
+    with pytest.raises(PlanError, match=r"keeps more visual tokens than the model has \(16\)"):
+        resolve_token_section(SPEC, None, [(1, 17)])
+    assert resolve_token_section(SPEC, None, [(1, 16)]) == FixedScheduleSection(stages=[(1, 16)])
