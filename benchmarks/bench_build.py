@@ -33,9 +33,9 @@ from common import (  # noqa: E402
 from exporter.adapters import load_adapter, load_spec  # noqa: E402
 from exporter.baked import BakedPrefill  # noqa: E402
 from exporter.sample import prepare_sample  # noqa: E402
-from prune_export.workflows.build import PREFILL_INPUTS, BuildSettings, PlanChoice, bench_builds, build  # noqa: E402
 from prune_export.manifest import MANIFEST_NAME  # noqa: E402
 from prune_export.plan import AutoPruneSection  # noqa: E402
+from prune_export.workflows.build import PREFILL_INPUTS, BuildSettings, PlanChoice, bench_builds, build  # noqa: E402
 
 OUT = Path("out/bench-builds")
 

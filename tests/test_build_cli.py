@@ -26,13 +26,13 @@ from exporter.demo import build_demo_model
 from exporter.executor import PlanExecutor
 from exporter.sample import GROUP_INDEX, Sample, key_token_mask
 from prune_export.autoprune import ScheduleTable
-from prune_export.workflows.build import CHECK_INPUTS, CHECK_REPORT
 from prune_export.cli import main
 from prune_export.cost import prefill_flops
 from prune_export.manifest import Manifest
 from prune_export.ops import Group, Module, Operation
 from prune_export.plan import AutoPruneSection, Plan
 from prune_export.spec import DEFAULT_KEY_FRACTION, GroupSizes
+from prune_export.workflows.build import CHECK_INPUTS, CHECK_REPORT
 
 G, M = Group, Module
 #: GSOP steps on image tokens only: img_rest entirely at layer 3, then both image MLPs at layer 2, then more.

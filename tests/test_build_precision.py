@@ -13,11 +13,11 @@ import onnx
 import pytest
 
 from exporter.baked import BakedPrefill
-from prune_export.workflows.build import BuildSettings, PlanChoice, build
 from prune_export.errors import BuildError
 from prune_export.manifest import Manifest
 from prune_export.ops import Group, Module, Operation
 from prune_export.plan import AutoPruneSection, FixedScheduleSection
+from prune_export.workflows.build import BuildSettings, PlanChoice, build
 
 GSOP_OPS = frozenset(
     [Operation(3, Group.IMG_REST, m) for m in Module]
