@@ -78,6 +78,8 @@ class GenerationStats:
     decode_ms: list[float] = field(default_factory=list)  # one per decode step
     kv_tokens_per_layer: list[int] = field(default_factory=list)  # after the prefill
     provider: str = ""
+    #: AutoPrune builds: what the graph decided for this prompt (``i1``, the schedule row ``keep``/``merged``)
+    autoprune: dict[str, Any] | None = None
 
     @property
     def decode_ms_per_token(self) -> float | None:
@@ -93,6 +95,7 @@ class GenerationStats:
             "decode_steps": len(self.decode_ms),
             "kv_tokens_per_layer": self.kv_tokens_per_layer,
             "provider": self.provider,
+            **({"autoprune": self.autoprune} if self.autoprune is not None else {}),
         }
 
 
@@ -251,6 +254,10 @@ class GenerationRunner:
         logits = out["logits"][0]
         stats.kv_tokens_per_layer = [int(out[f"present.{layer}.key"].shape[2]) for layer in range(self.num_layers)]
         stats.provider = self.provider
+        if "autoprune.keep" in out:
+            stats.autoprune = {"i1": float(np.asarray(out["autoprune.complexity"]).reshape(-1)[0]),
+                               "keep": [int(k) for k in out["autoprune.keep"]],
+                               "merged": [int(c) for c in out["autoprune.merged"]]}  # fmt: skip
         device = "cuda" if self.provider == CUDA_PROVIDER else "cpu"
         cache = [
             ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(out[f"present.{layer}.{kind}"]), device, 0)

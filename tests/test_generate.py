@@ -113,7 +113,11 @@ def test_answers_through_the_graphs_equal_the_executor(kind: str, builds, adapte
             if isinstance(choice.tokens, AutoPruneSection):
                 out = runner.prefill_runner.infer(runner.prefill_feeds(runner.prompt(_image(seed), question)))
                 schedules.add(tuple(int(k) for k in out["autoprune.keep"]))
-                assert list(out["autoprune.keep"]) == list(ref.prefill.policy.decision.schedule.keep)
+                decision = ref.prefill.policy.decision
+                assert list(out["autoprune.keep"]) == list(decision.schedule.keep)
+                assert got.stats.autoprune["keep"] == list(decision.schedule.keep)
+                assert got.stats.autoprune["merged"] == list(decision.schedule.merged)
+                assert got.stats.autoprune["i1"] == pytest.approx(decision.i1, rel=1e-5)
     if kind != "dense" and kind != "gsop":
         assert min(got.stats.kv_tokens_per_layer) < max(got.stats.kv_tokens_per_layer)  # really pruned
     if isinstance(choice.tokens, AutoPruneSection):
@@ -289,3 +293,25 @@ def test_grouped_query_attention_decodes_like_the_executor(tiny_gqa_model: Path,
             ref = executor.generate(prepare_sample(adapter, _image(seed), question), (),
                                     _policy(choice, adapter.spec), max_new_tokens=NEW_TOKENS)  # fmt: skip
             assert got.token_ids == ref.token_ids
+
+
+def test_eval_of_an_autoprune_build_reports_the_graphs_decisions(builds, model: Path, demo_data: Path) -> None:
+    """Per-sample AutoPrune decisions read from the graph equal the executor's in table mode."""
+    from cli_helpers import run
+
+    code, out = run("eval", builds["autoprune"], "--data", demo_data, "--json", "--max-new-tokens", 2,
+                    "--samples-out", builds["autoprune"].parent / "ap-rows.jsonl")  # fmt: skip
+    assert code == 0, out
+    code, out = run("eval", model, "--data", demo_data, "--json", "--max-new-tokens", 2, "--autoprune-tokens", 16,
+                    "--autoprune-x0", 3, "--autoprune-gamma", 8, "--autoprune-mode", "table",
+                    "--samples-out", builds["autoprune"].parent / "ap-ref.jsonl")  # fmt: skip
+    assert code == 0, out
+    rows = [json.loads(x) for x in (builds["autoprune"].parent / "ap-rows.jsonl").read_text().splitlines()]
+    refs = [json.loads(x) for x in (builds["autoprune"].parent / "ap-ref.jsonl").read_text().splitlines()]
+    assert len(rows) == len(refs) == 4
+    for row, ref in zip(rows, refs, strict=True):
+        got, want = row["token_decision"], ref["token_decision"]
+        assert (got["keep"], got["merged"], got["n0"]) == (want["keep"], want["merged"], want["n0"])
+        assert got["i1"] == pytest.approx(want["i1"], rel=1e-5) and got["k"] == pytest.approx(want["k"], rel=1e-4)
+        assert row["prediction"] == ref["prediction"]
+        assert row["visual_tokens_per_layer"] == ref["visual_tokens_per_layer"]

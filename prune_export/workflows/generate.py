@@ -144,6 +144,7 @@ def eval_build(
             correct=None if row.answer is None else exact_match(text, row.answer),
             dense_flops=prefill_flops(spec, GroupSizes.for_prompt(spec, sys_n, txt_n)), pruned_flops=graph,
             visual_tokens_per_layer=visual_tokens_per_layer(manifest, stats.kv_tokens_per_layer, sys_n, txt_n),
+            token_decision=_autoprune_decision(manifest, stats.autoprune),
         ))  # fmt: skip
         if progress is not None:
             progress(1)
@@ -166,6 +167,18 @@ def eval_build(
     provider_name = runner.provider
     runner.deactivate()
     return {"report": report, "engine": "onnxruntime", "provider": provider_name, "build": str(build_dir)}
+
+
+def _autoprune_decision(manifest: Manifest, decided: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An AutoPrune build's per-prompt decision in the executor's report keys (table mode: what graphs do)."""
+    if decided is None or manifest.autoprune is None:
+        return None
+    from prune_export.autoprune import steepness
+
+    section = manifest.autoprune
+    return {"method": "autoprune", "mode": "table", "tokens": section["tokens"], "n0": section["n0"],
+            "i1": decided["i1"], "k": steepness(decided["i1"], section["k0"], section["gamma"]),
+            "keep": decided["keep"], "merged": decided["merged"]}  # fmt: skip
 
 
 def _graph_flops(prefill: Any, feeds: dict[str, np.ndarray], census: Any) -> int:
