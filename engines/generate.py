@@ -210,7 +210,13 @@ class GenerationRunner:
                 f"the build's processor expanded <image> into {len(where)} tokens but its graphs take {visual}; "
                 f"the processor files in {self.build_dir / self.info['processor']} do not belong to this build"
             )
-        return Prompt(ids, int(where[0]), int(where[-1]) + 1, np.asarray(inputs["pixel_values"]))
+        start, end = int(where[0]), int(where[-1]) + 1
+        if start == 0 or end == len(ids):  # the prefill graphs take at least one token on each side
+            raise BuildError(
+                "the build's chat template puts the image at the very start or end of the prompt; the graphs "
+                "take the prompt as system tokens + image + text, each non-empty"
+            )
+        return Prompt(ids, start, end, np.asarray(inputs["pixel_values"]))
 
     def prefill_feeds(self, prompt: Prompt) -> dict[str, np.ndarray]:
         """The prefill's inputs: vision features and [CLS] attention, embeddings of the text around them."""
