@@ -26,27 +26,14 @@ from common import (  # noqa: E402
     BENCH_QUESTION,
     DEFAULT_BENCH_MODEL,
     bench_image,
+    ensure_bench_builds,
     ensure_bench_model,
-    heuristic_plan,
 )
 
-from exporter.adapters import load_adapter, load_spec  # noqa: E402
+from exporter.adapters import load_adapter  # noqa: E402
 from exporter.baked import BakedPrefill  # noqa: E402
 from exporter.sample import prepare_sample  # noqa: E402
-from prune_export.manifest import MANIFEST_NAME  # noqa: E402
-from prune_export.plan import AutoPruneSection  # noqa: E402
-from prune_export.workflows.build import PREFILL_INPUTS, BuildSettings, PlanChoice, bench_builds, build  # noqa: E402
-
-OUT = Path("out/bench-builds")
-
-
-def ensure_build(name: str, model: Path, choice: PlanChoice, rebuild: bool) -> Path:
-    out = OUT / name
-    if (out / MANIFEST_NAME).is_file() and not rebuild:
-        return out
-    print(f"building {out}")
-    build(model, out, choice, BuildSettings(overwrite=True, provider="cpu"), lambda m: print("  " + m))
-    return out
+from prune_export.workflows.build import PREFILL_INPUTS, bench_builds  # noqa: E402
 
 
 def main() -> None:
@@ -63,19 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = ensure_bench_model(args.model)
-    plan = heuristic_plan(load_spec(model))
-    OUT.mkdir(parents=True, exist_ok=True)
-    plan_path = OUT / "heuristic-plan.json"
-    plan.save(plan_path)
-    selection = plan.select(args.budget)
-    gsop = PlanChoice(selection.ops, None, {"path": str(plan_path), "budget": args.budget,
-                                            "flops_ratio": selection.flops_ratio, "operations": len(selection.ops)})
-    autoprune = PlanChoice(frozenset(), AutoPruneSection(tokens=args.tokens), {"tokens": args.tokens})
-    dense_dir = ensure_build("dense", model, PlanChoice(), args.rebuild)
-    builds = {
-        f"GSOP budget {args.budget}": ensure_build(f"gsop-{args.budget}", model, gsop, args.rebuild),
-        f"AutoPrune T={args.tokens:g}": ensure_build(f"autoprune-{args.tokens:g}", model, autoprune, args.rebuild),
-    }
+    dense_dir, builds = ensure_bench_builds(model, args.budget, args.tokens, args.rebuild)
 
     adapter = load_adapter(model)
     sample = prepare_sample(adapter, bench_image(0), BENCH_QUESTION)

@@ -27,23 +27,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_QUESTION, DEFAULT_BENCH_MODEL, bench_image, ensure_bench_model, heuristic_plan  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_QUESTION,
+    BUILDS,
+    DEFAULT_BENCH_MODEL,
+    bench_image,
+    ensure_bench_builds,
+    ensure_bench_model,
+)
 
-from prune_export.manifest import MANIFEST_NAME, Manifest  # noqa: E402
-from prune_export.plan import AutoPruneSection  # noqa: E402
-from prune_export.workflows.build import BuildSettings, PlanChoice, build  # noqa: E402
 from prune_export.workflows.generate import bench_generate, load_runner  # noqa: E402
-
-OUT = Path("out/bench-builds")
-
-
-def ensure_build(name: str, model: Path, choice: PlanChoice, rebuild: bool) -> Path:
-    out = OUT / name
-    if (out / MANIFEST_NAME).is_file() and not rebuild and Manifest.load(out, verify="none").generation is not None:
-        return out
-    print(f"building {out}")
-    build(model, out, choice, BuildSettings(overwrite=True, provider="cpu"), lambda m: print("  " + m))
-    return out
 
 
 def hf_vs_graph_decode(model: Path, dense: Path, image_path: Path, new_tokens: int, rounds: int, threads: int) -> dict:
@@ -105,22 +98,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model = ensure_bench_model(args.model)
-    from exporter.adapters import load_spec
-
-    plan = heuristic_plan(load_spec(model))
-    OUT.mkdir(parents=True, exist_ok=True)
-    plan_path = OUT / "heuristic-plan.json"
-    plan.save(plan_path)
-    selection = plan.select(args.budget)
-    gsop = PlanChoice(selection.ops, None, {"path": str(plan_path), "budget": args.budget,
-                                            "flops_ratio": selection.flops_ratio, "operations": len(selection.ops)})
-    autoprune = PlanChoice(frozenset(), AutoPruneSection(tokens=args.tokens), {"tokens": args.tokens})
-    dense = ensure_build("dense", model, PlanChoice(), args.rebuild)
-    pruned = {
-        f"GSOP {args.budget}": ensure_build(f"gsop-{args.budget}", model, gsop, args.rebuild),
-        f"AutoPrune T={args.tokens:g}": ensure_build(f"autoprune-{args.tokens:g}", model, autoprune, args.rebuild),
-    }
-    image_path = OUT / "bench-image.png"
+    dense, pruned = ensure_bench_builds(model, args.budget, args.tokens, args.rebuild)
+    image_path = BUILDS / "bench-image.png"
     bench_image(0).save(image_path)
 
     results: dict = {"a": hf_vs_graph_decode(model, dense, image_path, args.new_tokens, args.rounds, args.threads)}

@@ -68,3 +68,39 @@ def heuristic_plan(spec):
         for module in (Module.MLP, Module.Q, Module.KV):
             steps.append({Operation(layer, g, module) for g in (Group.IMG_KEY, Group.IMG_REST)})
     return Plan.new(spec, GroupSizes.default(spec), steps)
+
+
+#: Where the benchmark scripts keep their builds (made once, reused).
+BUILDS = Path("out/bench-builds")
+
+
+def ensure_bench_builds(model: Path, budget: float, tokens: float, rebuild: bool = False) -> tuple[Path, dict[str, Path]]:
+    """The dense build and the GSOP (heuristic plan at ``budget``) and AutoPrune (T = ``tokens``) builds of
+    ``model`` in :data:`BUILDS`, each made through ``prune-export build``'s code unless already there (a build
+    without decode graphs, from an older version, is remade)."""
+    from exporter.adapters import load_spec
+    from prune_export.manifest import MANIFEST_NAME, Manifest
+    from prune_export.plan import AutoPruneSection
+    from prune_export.workflows.build import BuildSettings, PlanChoice, build
+
+    def ensure(name: str, choice: PlanChoice) -> Path:
+        out = BUILDS / name
+        if (out / MANIFEST_NAME).is_file() and not rebuild and Manifest.load(out, verify="none").generation is not None:
+            return out
+        print(f"building {out}")
+        build(model, out, choice, BuildSettings(overwrite=True, provider="cpu"), lambda m: print("  " + m))
+        return out
+
+    plan = heuristic_plan(load_spec(model))
+    BUILDS.mkdir(parents=True, exist_ok=True)
+    plan_path = BUILDS / "heuristic-plan.json"
+    plan.save(plan_path)
+    selection = plan.select(budget)
+    gsop = PlanChoice(selection.ops, None, {"path": str(plan_path), "budget": budget,
+                                            "flops_ratio": selection.flops_ratio, "operations": len(selection.ops)})
+    autoprune = PlanChoice(frozenset(), AutoPruneSection(tokens=tokens), {"tokens": tokens})
+    dense = ensure("dense", PlanChoice())
+    return dense, {
+        f"GSOP budget {budget}": ensure(f"gsop-{budget}", gsop),
+        f"AutoPrune T={tokens:g}": ensure(f"autoprune-{tokens:g}", autoprune),
+    }

@@ -72,6 +72,28 @@ class EvalReport:
     seconds: float
     results: list[SampleResult] = field(default_factory=list)
 
+    @classmethod
+    def from_results(cls, results: list[SampleResult], num_layers: int, seconds: float) -> EvalReport:
+        """Accuracy (over rows that carry an answer), FLOPs totals and means of per-sample results."""
+        graded = [r.correct for r in results if r.correct is not None]
+        dense = sum(r.dense_flops for r in results)
+        pruned = sum(r.pruned_flops for r in results)
+        return cls(
+            samples=len(results),
+            accuracy=(sum(graded) / len(graded)) if graded else None,
+            dense_flops=dense,
+            pruned_flops=pruned,
+            flops_ratio=pruned / dense if dense else 1.0,
+            mean_flops_ratio=(
+                sum(r.pruned_flops / r.dense_flops for r in results) / len(results) if results else 1.0
+            ),
+            mean_visual_tokens_per_layer=[
+                sum(r.visual_tokens_per_layer[i] for r in results) / max(1, len(results)) for i in range(num_layers)
+            ],
+            seconds=seconds,
+            results=results,
+        )
+
     def to_json(self, with_samples: bool = False) -> dict[str, object]:
         data = asdict(self)
         if not with_samples:
@@ -112,26 +134,7 @@ def evaluate(
         )
         if progress is not None:
             progress(1)
-    graded = [r.correct for r in results if r.correct is not None]
-    dense = sum(r.dense_flops for r in results)
-    pruned = sum(r.pruned_flops for r in results)
-    layers = len(adapter.layers)
-    mean_visual = [
-        sum(r.visual_tokens_per_layer[i] for r in results) / max(1, len(results)) for i in range(layers)
-    ]
-    return EvalReport(
-        samples=len(results),
-        accuracy=(sum(graded) / len(graded)) if graded else None,
-        dense_flops=dense,
-        pruned_flops=pruned,
-        flops_ratio=pruned / dense if dense else 1.0,
-        mean_flops_ratio=(
-            sum(r.pruned_flops / r.dense_flops for r in results) / len(results) if results else 1.0
-        ),
-        mean_visual_tokens_per_layer=mean_visual,
-        seconds=time.perf_counter() - start,
-        results=results,
-    )
+    return EvalReport.from_results(results, len(adapter.layers), time.perf_counter() - start)
 
 
 def _policy_report(policy: TokenPolicy | None) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, Provider, SessionFromOnnx
-from engines.prefill import PrefillRunner
+from engines.prefill import PrefillRunner, graph_runner
 from prune_export.errors import BuildError, PruneExportError
 from prune_export.manifest import Manifest
 from prune_export.prompt import prompt_text
@@ -139,8 +139,7 @@ class GenerationRunner:
             m, d = self.manifest, self.build_dir
 
             def runner(name: str) -> OrtRunner:
-                loader = SessionFromOnnx(m.graph_path(d, name), provider=self._provider, threads=self._threads)
-                return OrtRunner(loader()).activate()
+                return graph_runner(m, d, name, provider=self._provider, threads=self._threads)
 
             self._sessions = {
                 "vision": runner("vision"),

@@ -31,6 +31,13 @@ from prune_export.manifest import Manifest
 TABLE_NAME = "schedule_table.json"
 
 
+def graph_runner(
+    manifest: Manifest, build_dir: Path, name: str, *, provider: Provider = "auto", threads: int | None = None
+) -> OrtRunner:
+    """An :class:`OrtRunner` (session made) of one graph of a build, by its manifest name."""
+    return OrtRunner(SessionFromOnnx(manifest.graph_path(build_dir, name), provider=provider, threads=threads)())
+
+
 class PrefillRunner:
     """The prefill of one build directory as one call: ``infer(feeds) -> outputs by name``."""
 
@@ -47,7 +54,7 @@ class PrefillRunner:
         m = self.manifest
 
         def runner(name: str) -> OrtRunner:
-            return OrtRunner(SessionFromOnnx(m.graph_path(self.build_dir, name), provider=provider, threads=threads)())
+            return graph_runner(m, self.build_dir, name, provider=provider, threads=threads)
 
         if m.prefill_layout == "single":
             self.runners = {"prefill": runner("prefill")}

@@ -559,9 +559,6 @@ def run_cmd(build_dir: Path, image_path: Path, question: str, max_new_tokens: in
     """
     from .workflows.generate import run_build
 
-    if max_new_tokens < 1:
-        raise PruneExportError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-
     def echo_piece(piece: str) -> None:
         click.echo(piece, nl=False)
 

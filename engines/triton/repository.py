@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prune_export.errors import BuildError
+from prune_export.io import staged_directory
 from prune_export.manifest import Manifest
 
 from .config import MODEL_FILES, GraphModelConfig, Kind, check_against_onnx, parse_config
@@ -98,22 +99,8 @@ class GraphModelsFromBuild:
         repo = self.repo_dir
         if repo.exists() and (not repo.is_dir() or any(repo.iterdir())) and not self.overwrite:
             raise BuildError(f"{repo} already exists and is not empty; pass --overwrite to replace it, or choose another --repo")
-        repo.parent.mkdir(parents=True, exist_ok=True)
-        work = repo.parent / f".{repo.name}.partial-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
+        with staged_directory(repo) as work:
             self._write(work)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        if repo.exists():
-            old = repo.parent / f".{repo.name}.old-{os.getpid()}"
-            os.replace(repo, old)
-            os.replace(work, repo)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, repo)
         return repo
 
     def _write(self, work: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BuildError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, staged_directory
 from ..manifest import CheckOutput, CheckReport, EngineReport, GraphEntry, Manifest, TensorSpec
 from ..ops import Operation
 from ..plan import AutoPruneSection, FixedScheduleSection
@@ -208,22 +208,8 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
         raise BuildError(
             f"{out_dir} already exists and is not empty; pass --overwrite to replace it, or choose another --out"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    with staged_directory(out_dir) as work:
         manifest = _build_into(model_dir, work, out_dir, choice, settings, log, load_adapter)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-        os.replace(work, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out_dir)
     if manifest.engines is not None and manifest.engines.status == "failed":
         raise BuildError(
             f"{out_dir} holds the checked graphs and manifest.json, but TensorRT could not build an engine: "
@@ -337,7 +323,7 @@ def _build_into(
         failed = out_dir.with_name(out_dir.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)
         os.replace(work, failed)
-        work.mkdir()  # build() removes it
+        work.mkdir()  # staged_directory removes it when the error below leaves the block
         bad = [o for o in check.outputs if not o.ok]
         lines = "\n".join(f"  {o.name}: max abs diff {o.max_abs_diff:.3g} > tolerance {o.tolerance:g}" for o in bad[:12])
         more = f"\n  ... and {len(bad) - 12} more" if len(bad) > 12 else ""
@@ -643,6 +629,15 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None) -> dict[str, 
 
 
 # -- bench ---------------------------------------------------------------------------------------------
+def check_same_model(pruned_dir: Path, pruned_m: Manifest, dense_dir: Path, dense_m: Manifest) -> None:
+    """Refuse to compare two builds of different models."""
+    if pruned_m.model["fingerprint"] != dense_m.model["fingerprint"]:
+        raise BuildError(
+            f"{pruned_dir} and {dense_dir} were built from different models (fingerprints "
+            f"{pruned_m.model['fingerprint']} and {dense_m.model['fingerprint']}); build the baseline from the same model"
+        )
+
+
 def bench_builds(
     pruned_dir: Path, dense_dir: Path, *, runs: int, warmup: int, provider: str, threads: int | None,
     text_tokens: int | None, progress: Callable[[int, int], None] | None = None,
@@ -657,11 +652,7 @@ def bench_builds(
     from engines.prefill import PrefillRunner
 
     pruned_m, dense_m = Manifest.load(pruned_dir, verify="full"), Manifest.load(dense_dir, verify="full")
-    if pruned_m.model["fingerprint"] != dense_m.model["fingerprint"]:
-        raise BuildError(
-            f"{pruned_dir} and {dense_dir} were built from different models (fingerprints "
-            f"{pruned_m.model['fingerprint']} and {dense_m.model['fingerprint']}); build the baseline from the same model"
-        )
+    check_same_model(pruned_dir, pruned_m, dense_dir, dense_m)
     feed = dict(feed) if feed is not None else prompt_feeds(pruned_dir, text_tokens)
     pruned = PrefillRunner(pruned_dir, provider=provider, threads=threads, manifest=pruned_m)  # type: ignore[arg-type]
     dense = PrefillRunner(dense_dir, provider=provider, threads=threads, manifest=dense_m)  # type: ignore[arg-type]

@@ -116,9 +116,11 @@ def eval_build(
     """
     from calib.data import load_rows
     from calib.evaluate import EvalReport, SampleResult, exact_match
-    from graph_passes import census
+    from engines.generate import GenerationStats
     from prune_export.cost import prefill_flops
     from prune_export.spec import GroupSizes, ModelSpec
+
+    from .build import _graph_flops
 
     rows = load_rows(data_path, require_answer=True, limit=limit)
     runner = load_runner(build_dir, provider=provider, threads=threads)
@@ -130,15 +132,13 @@ def eval_build(
     results = []
     start = time.perf_counter()
     for row in rows:
-        from engines.generate import GenerationStats
-
         prompt = runner.prompt(row.load_image(), row.question)
         feeds = runner.prefill_feeds(prompt)
         stats = GenerationStats(prompt_tokens=prompt.num_tokens)
         ids = list(runner.token_ids(feeds, max_new_tokens, stats))
         text = tokenizer.decode(ids, skip_special_tokens=True)
         sys_n, txt_n = prompt.image_start, prompt.num_tokens - prompt.image_end
-        graph = _graph_flops(prefill, feeds, census) - lm_head
+        graph = _graph_flops(prefill, feeds) - lm_head
         results.append(SampleResult(
             line=row.line, question=row.question, answer=row.answer, prediction=text,
             correct=None if row.answer is None else exact_match(text, row.answer),
@@ -148,22 +148,7 @@ def eval_build(
         ))  # fmt: skip
         if progress is not None:
             progress(1)
-    graded = [r.correct for r in results if r.correct is not None]
-    dense = sum(r.dense_flops for r in results)
-    pruned = sum(r.pruned_flops for r in results)
-    report = EvalReport(
-        samples=len(results),
-        accuracy=(sum(graded) / len(graded)) if graded else None,
-        dense_flops=dense,
-        pruned_flops=pruned,
-        flops_ratio=pruned / dense if dense else 1.0,
-        mean_flops_ratio=sum(r.pruned_flops / r.dense_flops for r in results) / len(results) if results else 1.0,
-        mean_visual_tokens_per_layer=[
-            sum(r.visual_tokens_per_layer[i] for r in results) / max(1, len(results)) for i in range(spec.num_layers)
-        ],
-        seconds=time.perf_counter() - start,
-        results=results,
-    )
+    report = EvalReport.from_results(results, spec.num_layers, time.perf_counter() - start)
     provider_name = runner.provider
     runner.deactivate()
     return {"report": report, "engine": "onnxruntime", "provider": provider_name, "build": str(build_dir)}
@@ -179,16 +164,6 @@ def _autoprune_decision(manifest: Manifest, decided: dict[str, Any] | None) -> d
     return {"method": "autoprune", "mode": "table", "tokens": section["tokens"], "n0": section["n0"],
             "i1": decided["i1"], "k": steepness(decided["i1"], section["k0"], section["gamma"]),
             "keep": decided["keep"], "merged": decided["merged"]}  # fmt: skip
-
-
-def _graph_flops(prefill: Any, feeds: dict[str, np.ndarray], census: Any) -> int:
-    """Matmul FLOPs of the prefill graph(s) for these inputs (the head's outputs feed the tail's count)."""
-    m, d = prefill.manifest, prefill.build_dir
-    if m.prefill_layout == "single":
-        return census(m.graph_path(d, "prefill"), input_values=feeds).matmul_flops
-    _, tail = prefill.run_head(feeds)
-    return (census(m.graph_path(d, "prefill_head"), input_values=feeds).matmul_flops
-            + census(m.graph_path(d, "prefill_tail"), input_values=tail).matmul_flops)  # fmt: skip
 
 
 # -- bench --generate ------------------------------------------------------------------------------------
@@ -261,7 +236,8 @@ def bench_generate(
     steps). The prompt is ``image_path`` + ``question``, or the build check's image and longer question.
     """
     from engines.generate import GenerationStats
-    from graph_passes import census
+
+    from .build import _graph_flops, check_same_model
 
     if new_tokens < 2:
         raise BuildError(f"--generate needs at least 2 new tokens (one decode step) to time decoding, got {new_tokens}")
@@ -272,11 +248,7 @@ def bench_generate(
     runners = {"dense": load_runner(dense_dir, provider=provider, threads=threads),
                "pruned": load_runner(pruned_dir, provider=provider, threads=threads)}  # fmt: skip
     dm, pm = runners["dense"].manifest, runners["pruned"].manifest
-    if dm.model["fingerprint"] != pm.model["fingerprint"]:
-        raise BuildError(
-            f"{pruned_dir} and {dense_dir} were built from different models (fingerprints {pm.model['fingerprint']} "
-            f"and {dm.model['fingerprint']}); build the baseline from the same model"
-        )
+    check_same_model(pruned_dir, pm, dense_dir, dm)
     if runners["dense"].provider != runners["pruned"].provider:
         raise BuildError("the two builds run on different providers; pass --provider")
 
@@ -311,7 +283,7 @@ def bench_generate(
     flops = {}
     for name, runner in runners.items():
         lm_head = 2 * int(runner.manifest.model["hidden_size"]) * int(runner.manifest.model["vocab_size"])
-        flops[name] = _graph_flops(runner.prefill_runner, runner.prefill_feeds(prompt), census) - lm_head
+        flops[name] = _graph_flops(runner.prefill_runner, runner.prefill_feeds(prompt)) - lm_head
     report = GenerateBench(
         rounds=rounds, new_tokens=new_tokens, prompt_tokens=prompt.num_tokens, provider=runners["dense"].provider,
         dense=medians(samples["dense"]), pruned=medians(samples["pruned"]),
