@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, Provider, SessionFromOnnx
+from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, Provider
 from engines.prefill import PrefillRunner, graph_runner
 from prune_export.errors import BuildError, PruneExportError
 from prune_export.manifest import Manifest
