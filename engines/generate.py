@@ -44,7 +44,7 @@ from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, Provider
 from engines.prefill import PrefillRunner, graph_runner
 from prune_export.errors import BuildError, PruneExportError
 from prune_export.manifest import Manifest
-from prune_export.prompt import prompt_text
+from prune_export.prompt import TextPieces, prompt_text
 
 KV_KINDS = ("key", "value", "position")
 
@@ -304,21 +304,14 @@ class GenerationRunner:
         prompt = self.prompt(image, question)
         if stats is not None:
             stats.prompt_tokens = prompt.num_tokens
-        tokenizer = self._part("processor").tokenizer
-        ids: list[int] = []
-        shown = ""
+        pieces = TextPieces(self._part("processor").tokenizer)
         for token in self.token_ids(self.prefill_feeds(prompt), max_new_tokens, stats, started=started):
-            ids.append(token)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            # Hold back an incomplete character (a byte-level token mid UTF-8 sequence decodes to U+FFFD).
-            if text.endswith("\ufffd") or not text.startswith(shown):
-                continue
-            piece, shown = text[len(shown) :], text
+            piece = pieces.add(token)
             if piece:
                 yield piece
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.startswith(shown) and len(text) > len(shown):
-            yield text[len(shown) :]
+        rest = pieces.finish()
+        if rest:
+            yield rest
 
     def generate(self, image: Any, question: str, max_new_tokens: int = 64, keep_logits: bool = False) -> Answer:
         """The greedy answer to ``question`` about ``image`` (a PIL image), with its timings."""

@@ -50,3 +50,7 @@ class InternalError(RuntimeError):
 class BuildDirError(BuildError):
     """A build directory is missing, is not a build (no ``manifest.json``), or a file it records is missing
     or differs from the size/sha256 in ``manifest.json`` (truncated, modified, corrupted)."""
+
+
+class ServeError(PruneExportError):
+    """The local Triton server could not be prepared or started, or a request to a server failed."""

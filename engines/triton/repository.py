@@ -1,23 +1,26 @@
-"""The graph models of a Triton model repository, written from a build directory.
+"""A Triton model repository written from a build directory (``prune-export deploy``).
 
-:class:`GraphModelsFromBuild` lays out one Triton model per graph of a build::
+:class:`RepositoryFromBuild` lays out::
 
     REPO/
+      NAME/config.pbtxt             the model a client calls: Python backend, image + question -> answer
+      NAME/1/model.py               engines/triton/models/orchestrator.py (BLS requests to the graph models)
+      NAME/1/generation.json        graph model names, input dtypes, token ids, bounds, schedule table
+      NAME/1/processor/...          the build's tokenizer and image processor
+      NAME/1/prune_export_prompt.py the prompt and detokenisation rules of ``prune-export run``
       NAME_vision/config.pbtxt      NAME_vision/1/model.onnx (+ its external data file, same name as in the build)
       NAME_prefill/...              (or NAME_prefill_head/, NAME_prefill_tail/ for a split AutoPrune build)
       NAME_embed/...                NAME_decode/...
       versions.json                 what the repository was generated for and by
+      README.md                     how to serve it (NGC Triton container, or ``prune-export serve``)
 
-Graphs with a TensorRT engine in the build (``--target tensorrt`` built where TensorRT runs) are served
-as ``tensorrt_plan`` (``1/model.plan``), the others as ``onnxruntime_onnx``. Every configuration is
-generated from the manifest and checked (:mod:`engines.triton.config`) before the repository is renamed
-into place, so a repository directory that exists is complete. Model files are hard-linked from the build
-where the file system allows it (a 7B build's weights are not copied twice), else copied.
-
-The orchestrating Python-backend model a client calls (image + question in, answer out, by BLS requests to
-these graph models; it will carry the tokenizer and processor files in its version folder: a directory
-without ``config.pbtxt`` at the repository's top level would be taken for a broken model) is the next part of
-``prune-export deploy`` and is not written here yet.
+Graphs with a TensorRT engine in the build (``--target tensorrt`` built where TensorRT runs) are served as
+``tensorrt_plan`` (``1/model.plan``), the others as ``onnxruntime_onnx``. Every configuration is generated
+from the manifest and checked (:mod:`engines.triton.config`: Triton's own schema, then names, types and
+ranks against the ONNX graph) before the repository is renamed into place, so a repository directory that
+exists is complete. Model files are hard-linked from the build where the file system allows it (a 7B
+build's weights are not copied twice), else copied. Files at the repository's top level are ignored by
+Triton, which loads directories only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import prune_export.prompt as prompt_rules
+from prune_export.autoprune import INDEX_SLACK, ScheduleTable
 from prune_export.errors import BuildError
 from prune_export.io import staged_directory
 from prune_export.manifest import Manifest
@@ -39,6 +45,10 @@ from .config import MODEL_FILES, GraphModelConfig, Kind, check_against_onnx, par
 #: starting with ``.`` (a hidden directory), at most 128 characters.
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 VERSIONS_FILE = "versions.json"
+GENERATION_FILE = "generation.json"
+#: Answer length of a request that does not send ``max_new_tokens`` (``prune-export run``'s default).
+DEFAULT_NEW_TOKENS = 64
+MODELS_DIR = Path(__file__).parent / "models"
 
 
 def check_model_name(name: str) -> None:
@@ -59,8 +69,31 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-class GraphModelsFromBuild:
-    """Write the graph models of ``build_dir`` into a new Triton repository ``repo_dir`` (atomically)."""
+def orchestrator_config(name: str, *, instances: int, stream: bool) -> str:
+    """``config.pbtxt`` of the Python-backend model a client calls (see ``models/orchestrator.py``)."""
+
+    def tensor(tname: str, dtype: str, optional: bool = False) -> str:
+        extra = "\n    optional: true" if optional else ""
+        return f'  {{\n    name: "{tname}"\n    data_type: {dtype}\n    dims: [ 1 ]{extra}\n  }}'
+
+    inputs = [tensor("image", "TYPE_STRING"), tensor("question", "TYPE_STRING"),
+              tensor("max_new_tokens", "TYPE_INT32", True), tensor("ignore_eos", "TYPE_BOOL", True)]  # fmt: skip
+    outputs = [tensor("answer", "TYPE_STRING"), tensor("new_tokens", "TYPE_INT32")]
+    text = (
+        f'name: "{name}"\n'
+        'backend: "python"\n'
+        "max_batch_size: 0\n"
+        "input [\n" + ",\n".join(inputs) + "\n]\n"
+        "output [\n" + ",\n".join(outputs) + "\n]\n"
+        f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
+    )
+    if stream:
+        text += "model_transaction_policy {\n  decoupled: true\n}\n"
+    return text
+
+
+class RepositoryFromBuild:
+    """Write ``build_dir`` as a new Triton repository ``repo_dir`` (atomically); calling returns its path."""
 
     def __init__(
         self,
@@ -70,6 +103,8 @@ class GraphModelsFromBuild:
         name: str = "prune_export",
         instances: int = 1,
         kind: Kind = "cpu",
+        max_new_tokens: int | None = None,
+        stream: bool = False,
         overwrite: bool = False,
         manifest: Manifest | None = None,
         log: Callable[[str], None] = lambda message: None,
@@ -77,14 +112,27 @@ class GraphModelsFromBuild:
         check_model_name(name)
         if instances < 1:
             raise BuildError(f"--instances must be >= 1, got {instances}")
+        if kind not in ("cpu", "gpu"):
+            raise BuildError(f"--device must be cpu or gpu, got {kind!r}")
         self.build_dir = Path(build_dir)
         self.repo_dir = Path(repo_dir)
         self.name = name
         self.instances = instances
         self.kind: Kind = kind
+        self.stream = stream
         self.overwrite = overwrite
         self.manifest = manifest or Manifest.load(self.build_dir, verify="full")
         self.log = log
+        generation = self.manifest.generation
+        if generation is None or not {"embed", "decode"} <= set(self.manifest.graphs):
+            raise BuildError(
+                f"{self.build_dir} was built without the decode and embed graphs (an older prune-export); "
+                "rebuild it with `prune-export build` to deploy it"
+            )
+        bound = int(generation["max_new_tokens"])
+        if max_new_tokens is not None and not 1 <= max_new_tokens <= bound:
+            raise BuildError(f"--max-new-tokens must be between 1 and the build's bound {bound}, got {max_new_tokens}")
+        self.max_new_tokens = bound if max_new_tokens is None else max_new_tokens
 
     def model_name(self, graph: str) -> str:
         return f"{self.name}_{graph}"
@@ -100,12 +148,17 @@ class GraphModelsFromBuild:
         if repo.exists() and (not repo.is_dir() or any(repo.iterdir())) and not self.overwrite:
             raise BuildError(f"{repo} already exists and is not empty; pass --overwrite to replace it, or choose another --repo")
         with staged_directory(repo) as work:
-            self._write(work)
+            platforms = self._write_graphs(work)
+            self._write_orchestrator(work)
+            self._write_versions(work)
+            (work / "README.md").write_text(self._readme(platforms))
         return repo
 
-    def _write(self, work: Path) -> None:
+    # -- graph models ----------------------------------------------------------------------------------
+    def _write_graphs(self, work: Path) -> dict[str, str]:
         m = self.manifest
         shape_values = frozenset(m.shape_values)
+        platforms = {}
         for graph, entry in m.graphs.items():
             model_dir = work / self.model_name(graph)
             engine = self._engine(graph)
@@ -126,12 +179,130 @@ class GraphModelsFromBuild:
                 _place(onnx_path, model_dir / "1" / MODEL_FILES[platform])
                 if entry.external_data:  # the graph names its data file; keep that name beside model.onnx
                     _place(self.build_dir / entry.external_data, model_dir / "1" / entry.external_data)
+            platforms[self.model_name(graph)] = platform
             self.log(f"  {self.model_name(graph)}: {platform}, {len(entry.inputs)} inputs, {len(entry.outputs)} outputs")
+        return platforms
+
+    # -- the model a client calls ----------------------------------------------------------------------
+    def generation_spec(self) -> dict[str, Any]:
+        """``generation.json``: everything the orchestrator needs that is not in the graphs themselves."""
+        m = self.manifest
+        gen = m.generation or {}
+        graphs = m.graphs
+        prompt_graph = "prefill" if m.prefill_layout == "single" else "prefill_head"
+        dtypes = {spec.name: spec.dtype for spec in graphs[prompt_graph].inputs}
+        dtypes["pixel_values"] = next(s.dtype for s in graphs["vision"].inputs if s.name == "pixel_values")
+        spec: dict[str, Any] = {
+            "format": "prune-export-triton-generation",
+            "version": 1,
+            "models": {graph: self.model_name(graph) for graph in graphs},
+            "prefill_layout": m.prefill_layout,
+            "num_layers": int(m.model["num_layers"]),
+            "visual_tokens": int(m.model["visual_tokens"]),
+            "image_token_id": int(gen["image_token_id"]),
+            "eos_token_ids": [int(i) for i in gen["eos_token_ids"]],
+            "max_new_tokens": self.max_new_tokens,
+            "default_new_tokens": min(DEFAULT_NEW_TOKENS, self.max_new_tokens),
+            "input_dtypes": dtypes,
+            "processor": "processor",
+        }
+        if m.prefill_layout != "single":
+            path = self.build_dir / "schedule_table.json"
+            try:
+                table = ScheduleTable.from_dict(json.loads(path.read_text()), source=str(path))
+            except OSError as exc:
+                raise BuildError(f"cannot read the schedule table {path}: {exc}; rebuild the directory") from None
+            if m.autoprune is None:
+                raise BuildError(f"{self.build_dir}: a split prefill needs the manifest's autoprune section")
+            spec["head_outputs"] = [o.name for o in graphs["prefill_head"].outputs]
+            spec["schedule"] = {
+                "k0": table.k0, "gamma": float(m.autoprune["gamma"]), "k_step": table.k_step,
+                "index_slack": INDEX_SLACK,
+                "keep": [list(e.keep) for e in table.entries], "merged": [list(e.merged) for e in table.entries],
+            }  # fmt: skip
+        return spec
+
+    def _write_orchestrator(self, work: Path) -> None:
+        model_dir = work / self.name
+        version = model_dir / "1"
+        version.mkdir(parents=True)
+        text = orchestrator_config(self.name, instances=self.instances, stream=self.stream)
+        parse_config(text, f"{self.name}/config.pbtxt")
+        (model_dir / "config.pbtxt").write_text(text)
+        shutil.copyfile(MODELS_DIR / "orchestrator.py", version / "model.py")
+        shutil.copyfile(Path(prompt_rules.__file__), version / "prune_export_prompt.py")
+        (version / GENERATION_FILE).write_text(json.dumps(self.generation_spec(), indent=2) + "\n")
+        source = self.build_dir / str((self.manifest.generation or {})["processor"])
+        if not source.is_dir():
+            raise BuildError(f"{source} (the build's tokenizer and image processor) is missing; rebuild the directory")
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                _place(path, version / "processor" / path.relative_to(source))
+        mode = "decoupled, streams text pieces" if self.stream else "one response per request"
+        self.log(f"  {self.name}: python (BLS orchestrator, {mode}), max_new_tokens <= {self.max_new_tokens}")
+
+    def _write_versions(self, work: Path) -> None:
+        m = self.manifest
         versions = {
             "generated_by": {k: v for k, v in m.versions.items() if k == "prune-export"},
+            "triton": "any release with the python and onnxruntime backends (2.51 / NGC 24.10 tested locally)",
             "onnxruntime": m.versions.get("onnxruntime") or m.versions.get("onnxruntime-gpu"),
             "tensorrt": m.engines.tensorrt if m.engines is not None else None,
             "build": {"dtype": m.dtype, "target": m.target, "fingerprint": m.model["fingerprint"],
                       "prefill_layout": m.prefill_layout},  # fmt: skip
+            "orchestrator_needs": ["numpy<2", "transformers", "tokenizers", "pillow"],
         }
         (work / VERSIONS_FILE).write_text(json.dumps(versions, indent=2) + "\n")
+
+    def _readme(self, platforms: dict[str, str]) -> str:
+        rows = "\n".join(f"| `{model}` | `{platform}` |" for model, platform in platforms.items())
+        engine_note = (
+            "TensorRT engines (`model.plan`) only load on the TensorRT version and GPU they were built with "
+            f"({self.manifest.engines.tensorrt if self.manifest.engines else 'see versions.json'}).\n\n"
+            if "tensorrt_plan" in platforms.values() else ""
+        )  # fmt: skip
+        return f"""# Triton model repository: `{self.name}`
+
+Generated by `prune-export deploy` from a build of `{Path(str(self.manifest.model.get("path", "model"))).name}`
+({self.manifest.dtype}, prefill `{self.manifest.prefill_layout}`). Clients call **`{self.name}`**:
+
+| input | type | |
+|---|---|---|
+| `image` | `TYPE_STRING [1]` | the encoded image file (PNG, JPEG, ...) as bytes |
+| `question` | `TYPE_STRING [1]` | UTF-8 text |
+| `max_new_tokens` | `TYPE_INT32 [1]`, optional | 1 to {self.max_new_tokens}; default {min(DEFAULT_NEW_TOKENS, self.max_new_tokens)} |
+| `ignore_eos` | `TYPE_BOOL [1]`, optional | generate exactly `max_new_tokens` (benchmarks) |
+
+Outputs: `answer` (`TYPE_STRING [1]`, greedy) and `new_tokens` (`TYPE_INT32 [1]`).
+{"The model is **decoupled**: it streams the answer's text pieces (gRPC streaming or HTTP `generate_stream`)." if self.stream else ""}
+
+`{self.name}` is a Python-backend model that runs the graph models below by BLS requests
+(vision -> embed -> prefill -> greedy decode steps, carrying every layer's KV cache):
+
+| model | platform |
+|---|---|
+{rows}
+
+{engine_note}## Serve it with the NGC Triton container (production)
+
+The graph models use Triton's native backends; the Python model needs `transformers` and `pillow` with
+`numpy<2` in the container's Python:
+
+```bash
+docker run --rm --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD:/models \\
+  nvcr.io/nvidia/tritonserver:24.10-py3 \\
+  bash -c "pip install 'numpy<2' transformers pillow && tritonserver --model-repository=/models"
+```
+
+(or pack that environment with conda-pack and point the Python model at it with the
+`EXECUTION_ENV_PATH` parameter). Graph models were generated with instance kind
+`KIND_{self.kind.upper()}`; regenerate with `prune-export deploy --device gpu|cpu` to change it.
+
+## Serve it locally (CPU, tests)
+
+`prune-export serve REPO` runs the `tritonserver` bundled with nvidia-pytriton, which has the Python backend
+only; it serves the `onnxruntime` models through a small Python-based backend with ONNX Runtime. The
+repository is the same directory either way.
+
+Ask: `prune-export ask http://127.0.0.1:8000 --image photo.jpg --question "What is in the picture?"`
+"""

@@ -1,0 +1,249 @@
+"""The Triton model a client calls: image + question in, the greedy answer out (Python backend, BLS).
+
+``prune-export deploy`` copies this file to ``REPO/NAME/1/model.py`` with, beside it:
+
+- ``generation.json``: the names of the graph models (``NAME_vision``, ``NAME_embed``, ``NAME_prefill`` or
+  ``NAME_prefill_head``/``NAME_prefill_tail``, ``NAME_decode``), the dtypes of their inputs, the model's
+  layer count, visual tokens, image token and EOS ids, the answer-length bound and default, and for a split
+  AutoPrune prefill the schedule table the host looks the per-layer counts up in;
+- ``processor/``: the build's tokenizer and image processor (loaded with transformers' ``AutoProcessor``);
+- ``prune_export_prompt.py``: prune-export's prompt and detokenisation rules, so a served answer is the
+  answer ``prune-export run`` gives.
+
+One request is: preprocess (chat template, image -> pixels) -> ``vision`` -> ``embed`` -> prefill (single,
+or head -> schedule row -> tail) -> greedy ``decode`` steps, each step sending every layer's cache (its own
+length per layer: pruned layers hold fewer tokens) and receiving it back one token longer, until an EOS
+token or ``max_new_tokens``. A decoupled deployment (``deploy --stream``) sends the answer's text pieces as
+they come and then a final empty response.
+
+Inputs: ``image`` (TYPE_STRING [1]: encoded image bytes), ``question`` (TYPE_STRING [1]), optional
+``max_new_tokens`` (TYPE_INT32 [1]) and ``ignore_eos`` (TYPE_BOOL [1]: generate exactly ``max_new_tokens``,
+for benchmarks). Outputs: ``answer`` (TYPE_STRING [1]) and ``new_tokens`` (TYPE_INT32 [1]). A bad request
+(bytes that are not an image, an empty question, ``max_new_tokens`` out of range) gets an error response
+that says what was wrong; the model stays loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+KV_KINDS = ("key", "value", "position")
+#: The schedule table's rounding slack (prune_export.autoprune.INDEX_SLACK), written into generation.json.
+DEFAULT_INDEX_SLACK = 1e-9
+
+
+class RequestError(Exception):
+    """What was wrong with one request; becomes that request's error response."""
+
+
+def schedule_index(complexity: float, schedule: dict) -> int:
+    """Row of the schedule table for a prompt whose layer-1 complexity is ``complexity``.
+
+    ``k = max(k0 - gamma * I1, 0)``, clamped to ``[0, k0]``, nearest grid point (halves up), as the build's
+    runtime does it; ``tests/engines/test_triton_orchestrator.py`` holds it to ``ScheduleTable.index``.
+    """
+    if math.isnan(complexity):
+        raise RequestError("the prefill head returned a NaN complexity")
+    k0, step = float(schedule["k0"]), float(schedule["k_step"])
+    k = min(max(k0 - float(schedule["gamma"]) * float(complexity), 0.0), k0)
+    slack = float(schedule.get("index_slack", DEFAULT_INDEX_SLACK))
+    return min(math.floor(k / step + 0.5 + slack), len(schedule["keep"]) - 1)
+
+
+def _text(request, name: str) -> str | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size != 1:
+        raise RequestError(f"{name} must hold one element, got {values.size}")
+    value = values[0]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="strict")
+    return str(value)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.config = json.loads(args["model_config"])
+        self.name = self.config["name"]
+        here = Path(args["model_repository"]) / args["model_version"]
+        self.spec = json.loads((here / "generation.json").read_text())
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
+        sys.path.insert(0, str(here))
+        import prune_export_prompt
+
+        self.rules = prune_export_prompt
+        from transformers import AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        self.processor = AutoProcessor.from_pretrained(str(here / self.spec["processor"]), local_files_only=True)
+        self.models = self.spec["models"]
+        self.dtypes = {name: np.dtype(d) for name, d in self.spec["input_dtypes"].items()}
+        self.layers = int(self.spec["num_layers"])
+        self.eos = {int(i) for i in self.spec["eos_token_ids"]}
+        self.kv_inputs = [f"past.{layer}.{kind}" for layer in range(self.layers) for kind in KV_KINDS]
+        self.kv_outputs = [f"present.{layer}.{kind}" for layer in range(self.layers) for kind in KV_KINDS]
+
+    # -- one BLS call ----------------------------------------------------------------------------------
+    def _infer(self, model: str, feeds: dict, outputs: list) -> dict:
+        request = pb_utils.InferenceRequest(
+            model_name=model,
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in feeds.items()],
+            requested_output_names=outputs,
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RequestError(f"{model}: {response.error().message()}")
+        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+
+    # -- request -> prompt -----------------------------------------------------------------------------
+    def _parse(self, request) -> tuple:
+        from PIL import Image, UnidentifiedImageError
+
+        image_tensor = pb_utils.get_input_tensor_by_name(request, "image")
+        if image_tensor is None:
+            raise RequestError("input 'image' is missing: send the encoded image file (PNG, JPEG, ...) as bytes")
+        raw = image_tensor.as_numpy().reshape(-1)
+        if raw.size != 1:
+            raise RequestError(f"image must hold one element (one encoded image file), got {raw.size}")
+        data = raw[0] if isinstance(raw[0], bytes) else bytes(raw[0])
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                image = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise RequestError(f"image: the {len(data)} bytes are not an image Pillow can read ({exc})") from None
+        try:
+            question = _text(request, "question")
+        except UnicodeDecodeError:
+            raise RequestError("question is not UTF-8 text") from None
+        if question is None:
+            raise RequestError("input 'question' is missing")
+        if not question.strip():
+            raise RequestError("question is empty: send the text to ask about the image")
+        bound = int(self.spec["max_new_tokens"])
+        new_tokens = int(self.spec["default_new_tokens"])
+        tensor = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
+        if tensor is not None:
+            values = tensor.as_numpy().reshape(-1)
+            if values.size != 1:
+                raise RequestError(f"max_new_tokens must hold one element, got {values.size}")
+            new_tokens = int(values[0])
+            if not 1 <= new_tokens <= bound:
+                raise RequestError(f"max_new_tokens must be between 1 and {bound} (this deployment's bound), got {new_tokens}")
+        ignore = pb_utils.get_input_tensor_by_name(request, "ignore_eos")
+        ignore_eos = bool(ignore.as_numpy().reshape(-1)[0]) if ignore is not None else False
+        return image, question, new_tokens, ignore_eos
+
+    def _prefill_feeds(self, image, question: str) -> dict:
+        processor = self.processor
+        try:
+            inputs = processor(images=image, text=self.rules.prompt_text(processor, question), return_tensors="np")
+        except Exception as exc:
+            raise RequestError(f"the image processor rejected the input ({type(exc).__name__}: {exc})") from None
+        ids = np.asarray(inputs["input_ids"][0], dtype=np.int64)
+        where = np.flatnonzero(ids == int(self.spec["image_token_id"]))
+        if len(where) != int(self.spec["visual_tokens"]):
+            raise RequestError(f"the prompt holds {len(where)} image tokens, the graphs take {self.spec['visual_tokens']}")
+        start, end = int(where[0]), int(where[-1]) + 1
+        m = self.models
+        vision = self._infer(m["vision"], {"pixel_values": np.asarray(inputs["pixel_values"]).astype(self.dtypes["pixel_values"])},
+                             ["image_features", "cls_attention"])  # fmt: skip
+        embeds = self._infer(m["embed"], {"input_ids": ids[None]}, ["inputs_embeds"])["inputs_embeds"]
+        feeds = {"sys_embeds": embeds[:, :start], "image_embeds": vision["image_features"],
+                 "text_embeds": embeds[:, end:], "cls_attention": vision["cls_attention"]}  # fmt: skip
+        return {k: v.astype(self.dtypes[k], copy=False) for k, v in feeds.items()}
+
+    def _prefill(self, feeds: dict) -> tuple:
+        m = self.models
+        if "prefill" in m:
+            out = self._infer(m["prefill"], feeds, ["logits", *self.kv_outputs])
+            return out["logits"], out
+        head_outputs = self.spec["head_outputs"]
+        head = self._infer(m["prefill_head"], feeds, head_outputs)
+        schedule = self.spec["schedule"]
+        row = schedule_index(float(np.asarray(head["autoprune.complexity"]).reshape(-1)[0]), schedule)
+        tail_feeds = {name: value for name, value in head.items() if name.startswith("tail.")}
+        tail_feeds["keep_counts"] = np.asarray(schedule["keep"][row], dtype=np.int64)
+        tail_feeds["merged_counts"] = np.asarray(schedule["merged"][row], dtype=np.int64)
+        out = self._infer(m["prefill_tail"], tail_feeds, ["logits", *self.kv_outputs])
+        return out["logits"], out
+
+    def _tokens(self, image, question: str, max_new_tokens: int, ignore_eos: bool):
+        """Greedy token ids (EOS not yielded), as the build's runtime generates them."""
+        logits, out = self._prefill(self._prefill_feeds(image, question))
+        logits = logits[0]
+        cache = {f"past.{name[len('present.'):]}": out[name] for name in self.kv_outputs}
+        for step in range(max_new_tokens):
+            token = int(np.argmax(logits))
+            if token in self.eos and not ignore_eos:
+                return
+            yield token
+            if step + 1 == max_new_tokens:
+                return
+            result = self._infer(self.models["decode"], {"input_ids": np.array([[token]], dtype=np.int64), **cache},
+                                 ["logits", *self.kv_outputs])  # fmt: skip
+            logits = result["logits"][0]
+            cache = {f"past.{name[len('present.'):]}": result[name] for name in self.kv_outputs}
+
+    # -- responses -------------------------------------------------------------------------------------
+    @staticmethod
+    def _response(text: str, new_tokens: int):
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor("answer", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("new_tokens", np.array([new_tokens], dtype=np.int32)),
+        ])  # fmt: skip
+
+    @staticmethod
+    def _error(message: str):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+    def _answer(self, request):
+        image, question, max_new_tokens, ignore_eos = self._parse(request)
+        pieces = self.rules.TextPieces(self.processor.tokenizer)
+        for token in self._tokens(image, question, max_new_tokens, ignore_eos):
+            pieces.add(token)
+        return self._response(pieces.text(), len(pieces.ids))
+
+    def _stream(self, request) -> None:
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            image, question, max_new_tokens, ignore_eos = self._parse(request)
+            pieces = self.rules.TextPieces(self.processor.tokenizer)
+            for token in self._tokens(image, question, max_new_tokens, ignore_eos):
+                piece = pieces.add(token)
+                if piece:
+                    sender.send(self._response(piece, len(pieces.ids)))
+            rest = pieces.finish()
+            if rest:
+                sender.send(self._response(rest, len(pieces.ids)))
+            sender.send(flags=final)
+        except RequestError as exc:
+            sender.send(self._error(f"{self.name}: {exc}"), flags=final)
+        except Exception as exc:  # an internal failure still ends the stream, with its reason
+            sender.send(self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}"), flags=final)
+
+    def execute(self, requests: list):
+        if self.decoupled:
+            for request in requests:
+                self._stream(request)
+            return None
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._answer(request))
+            except RequestError as exc:
+                responses.append(self._error(f"{self.name}: {exc}"))
+            except Exception as exc:
+                responses.append(self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}"))
+        return responses
