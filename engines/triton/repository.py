@@ -215,6 +215,7 @@ class RepositoryFromBuild:
             if m.autoprune is None:
                 raise BuildError(f"{self.build_dir}: a split prefill needs the manifest's autoprune section")
             spec["head_outputs"] = [o.name for o in graphs["prefill_head"].outputs]
+            spec["tail_outputs"] = [o.name for o in graphs["prefill_tail"].outputs]
             spec["schedule"] = {
                 "k0": table.k0, "gamma": float(m.autoprune["gamma"]), "k_step": table.k_step,
                 "index_slack": INDEX_SLACK,

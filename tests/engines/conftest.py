@@ -12,3 +12,23 @@ from engine_graphs import matmul_add_model
 def model_path(tmp_path: Path) -> Path:
     """A two-node MatMul + Add graph with a dynamic batch dim (see :func:`engine_graphs.matmul_add_model`)."""
     return matmul_add_model(tmp_path / "matmul_add.onnx")
+
+
+@pytest.fixture(scope="session")
+def triton_builds(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny builds to deploy: dense, AutoPrune (single prefill) and AutoPrune split (the TensorRT layout)."""
+    from prune_export.plan import AutoPruneSection
+    from prune_export.workflows.build import BuildSettings, PlanChoice, build
+
+    root = tmp_path_factory.mktemp("triton-builds")
+    kinds = {
+        "dense": (PlanChoice(), "onnxruntime"),
+        "autoprune": (PlanChoice(tokens=AutoPruneSection(tokens=4)), "onnxruntime"),
+        "split": (PlanChoice(tokens=AutoPruneSection(tokens=4, positions="original")), "tensorrt"),
+    }
+    out = {}
+    for name, (choice, target) in kinds.items():
+        out[name] = root / name
+        manifest = build(tiny_model, out[name], choice, BuildSettings(target=target), lambda message: None)
+        assert manifest.check.status == "passed"
+    return out

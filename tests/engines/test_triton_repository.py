@@ -1,44 +1,40 @@
-"""The graph models of a Triton repository written from a real tiny build (AutoPrune, single prefill)."""
+"""A Triton repository written from real tiny builds: graph models, the orchestrator model, bad requests."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from engines.triton.config import check_against_onnx, parse_config
-from engines.triton.repository import GraphModelsFromBuild
+from engines.triton.repository import RepositoryFromBuild
+from prune_export.autoprune import ScheduleTable
+from prune_export.cli import main
 from prune_export.errors import BuildError
-from prune_export.plan import AutoPruneSection
-from prune_export.workflows.build import BuildSettings, PlanChoice, build
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is a dependency")
-
-
-@pytest.fixture(scope="module")
-def autoprune_build(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("triton") / "ap"
-    build(tiny_model, out, PlanChoice(tokens=AutoPruneSection(tokens=4)), BuildSettings(), lambda m: None)
-    return out
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_every_graph_becomes_a_checked_onnxruntime_model(autoprune_build: Path, tmp_path: Path) -> None:
-    repo = GraphModelsFromBuild(autoprune_build, tmp_path / "repo", name="vlm", instances=2)()
+def test_every_graph_becomes_a_checked_onnxruntime_model(triton_builds: dict[str, Path], tmp_path: Path) -> None:
+    build = triton_builds["autoprune"]
+    repo = RepositoryFromBuild(build, tmp_path / "repo", name="vlm", instances=2)()
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    assert models == ["vlm_decode", "vlm_embed", "vlm_prefill", "vlm_vision"]
-    for model in models:
+    assert models == ["vlm", "vlm_decode", "vlm_embed", "vlm_prefill", "vlm_vision"]
+    for model in models[1:]:
         graph = model.removeprefix("vlm_")
         cfg = parse_config((repo / model / "config.pbtxt").read_text(), model)
         assert cfg.name == model and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 0
         assert cfg.instance_group[0].count == 2
         served = repo / model / "1" / "model.onnx"
-        assert _sha(served) == _sha(autoprune_build / f"{graph}.onnx")  # the build's graph, unchanged
+        assert _sha(served) == _sha(build / f"{graph}.onnx")  # the build's graph, unchanged
         check_against_onnx(cfg, served, model)
     decode = parse_config((repo / "vlm_decode" / "config.pbtxt").read_text(), "decode")
     assert [list(t.dims) for t in decode.input[:4]] == [[1, 1], [1, 4, -1, 16], [1, 4, -1, 16], [1, -1]]
@@ -47,25 +43,77 @@ def test_every_graph_becomes_a_checked_onnxruntime_model(autoprune_build: Path, 
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial directory left
 
 
-def test_bad_repository_requests_are_refused(autoprune_build: Path, tmp_path: Path) -> None:
+def test_the_model_clients_call(triton_builds: dict[str, Path], tmp_path: Path) -> None:
+    build = triton_builds["autoprune"]
+    repo = RepositoryFromBuild(build, tmp_path / "repo", name="vlm", max_new_tokens=32, stream=True)()
+    cfg = parse_config((repo / "vlm" / "config.pbtxt").read_text(), "vlm")
+    assert cfg.backend == "python" and cfg.model_transaction_policy.decoupled
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    inputs = {t.name: (pb.DataType.Name(t.data_type), list(t.dims), t.optional) for t in cfg.input}
+    assert inputs == {"image": ("TYPE_STRING", [1], False), "question": ("TYPE_STRING", [1], False),
+                      "max_new_tokens": ("TYPE_INT32", [1], True), "ignore_eos": ("TYPE_BOOL", [1], True)}  # fmt: skip
+    assert [t.name for t in cfg.output] == ["answer", "new_tokens"]
+    version = repo / "vlm" / "1"
+    assert (version / "model.py").read_text().startswith('"""The Triton model a client calls')
+    manifest = json.loads((build / "manifest.json").read_text())
+    for name in ("tokenizer.json", "processor_config.json"):
+        assert _sha(version / "processor" / name) == _sha(build / "processor" / name)
+    spec = json.loads((version / "generation.json").read_text())
+    assert spec["models"] == {g: f"vlm_{g}" for g in ("vision", "prefill", "embed", "decode")}
+    assert spec["eos_token_ids"] == manifest["generation"]["eos_token_ids"]
+    assert spec["image_token_id"] == manifest["generation"]["image_token_id"]
+    assert (spec["max_new_tokens"], spec["default_new_tokens"], spec["num_layers"]) == (32, 32, 4)
+    assert spec["input_dtypes"]["pixel_values"] == "float32" and "schedule" not in spec
+    assert "Clients call **`vlm`**" in (repo / "README.md").read_text()
+
+
+def test_a_split_build_carries_its_schedule_table(triton_builds: dict[str, Path], tmp_path: Path) -> None:
+    build = triton_builds["split"]
+    repo = RepositoryFromBuild(build, tmp_path / "repo", name="vlm")()
+    spec = json.loads((repo / "vlm" / "1" / "generation.json").read_text())
+    assert set(spec["models"]) == {"vision", "embed", "decode", "prefill_head", "prefill_tail"}
+    table = ScheduleTable.from_dict(json.loads((build / "schedule_table.json").read_text()))
+    assert spec["schedule"]["keep"] == [list(e.keep) for e in table.entries]
+    assert spec["schedule"]["merged"] == [list(e.merged) for e in table.entries]
+    assert "autoprune.complexity" in spec["head_outputs"] and spec["prefill_layout"] == "split"
+
+
+def test_bad_repository_requests_are_refused(triton_builds: dict[str, Path], tmp_path: Path) -> None:
+    build = triton_builds["autoprune"]
     for bad in ("my model", ".hidden", "a/b", "x" * 129, ""):
         with pytest.raises(BuildError, match="cannot be served"):
-            GraphModelsFromBuild(autoprune_build, tmp_path / "r", name=bad)
-    repo = GraphModelsFromBuild(autoprune_build, tmp_path / "r")()
+            RepositoryFromBuild(build, tmp_path / "r", name=bad)
+    with pytest.raises(BuildError, match="between 1 and the build's bound 1024"):
+        RepositoryFromBuild(build, tmp_path / "r", max_new_tokens=5000)
+    repo = RepositoryFromBuild(build, tmp_path / "r")()
     with pytest.raises(BuildError, match="already exists and is not empty; pass --overwrite"):
-        GraphModelsFromBuild(autoprune_build, repo)()
-    assert GraphModelsFromBuild(autoprune_build, repo, overwrite=True)() == repo
+        RepositoryFromBuild(build, repo)()
+    assert RepositoryFromBuild(build, repo, overwrite=True)() == repo
     with pytest.raises(BuildError, match="not a build directory"):
-        GraphModelsFromBuild(tmp_path, tmp_path / "r2")
+        RepositoryFromBuild(tmp_path, tmp_path / "r2")
 
 
-def test_a_damaged_build_is_named_before_anything_is_written(autoprune_build: Path, tmp_path: Path) -> None:
-    import shutil
-
-    copy = tmp_path / "damaged"
-    shutil.copytree(autoprune_build, copy)
-    data = (copy / "decode.onnx").read_bytes()
-    (copy / "decode.onnx").write_bytes(data[:100])
-    with pytest.raises(BuildError, match="decode.onnx is truncated"):
-        GraphModelsFromBuild(copy, tmp_path / "repo")
-    assert not (tmp_path / "repo").exists()
+def test_deploy_cli_errors_are_one_line(triton_builds: dict[str, Path], tmp_path: Path) -> None:
+    build = triton_builds["autoprune"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(build, damaged)
+    (damaged / "decode.onnx").write_bytes((damaged / "decode.onnx").read_bytes()[:100])
+    existing = tmp_path / "existing"
+    (existing / "something").mkdir(parents=True)
+    cases = [
+        ([str(tmp_path), "--repo", str(tmp_path / "a")], "not a build directory"),
+        ([str(damaged), "--repo", str(tmp_path / "b")], "decode.onnx is truncated"),
+        ([str(build), "--repo", str(existing)], "already exists and is not empty; pass --overwrite"),
+        ([str(build), "--repo", str(tmp_path / "c"), "--name", "my model"], "cannot be served"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["deploy", *args])
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert sorted(p.name for p in existing.iterdir()) == ["something"]  # nothing lost
+    ok = CliRunner().invoke(main, ["deploy", str(build), "--repo", str(tmp_path / "d"), "--name", "vlm", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["models"] == ["vlm", "vlm_decode", "vlm_embed", "vlm_prefill", "vlm_vision"]

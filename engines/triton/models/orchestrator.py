@@ -175,7 +175,11 @@ class TritonPythonModel:
         tail_feeds = {name: value for name, value in head.items() if name.startswith("tail.")}
         tail_feeds["keep_counts"] = np.asarray(schedule["keep"][row], dtype=np.int64)
         tail_feeds["merged_counts"] = np.asarray(schedule["merged"][row], dtype=np.int64)
-        out = self._infer(m["prefill_tail"], tail_feeds, ["logits", *self.kv_outputs])
+        out = {name: value for name, value in head.items() if name.startswith("present.")}
+        out.update(self._infer(m["prefill_tail"], tail_feeds, self.spec["tail_outputs"]))
+        missing = [name for name in ["logits", *self.kv_outputs] if name not in out]
+        if missing:
+            raise RequestError(f"the split prefill did not return {missing[:3]}; redeploy the build")
         return out["logits"], out
 
     def _tokens(self, image, question: str, max_new_tokens: int, ignore_eos: bool):

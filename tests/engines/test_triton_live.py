@@ -1,0 +1,237 @@
+"""Live: deploy tiny builds, ``prune-export serve`` them on loopback, ask over HTTP and gRPC.
+
+One server for the module serves three repositories: a dense build (``dense``), an AutoPrune build
+(``ap``) and a split AutoPrune build deployed with ``--stream`` (``apsplit``, decoupled). The reference
+answers come from ``prune-export run``'s workflow on the same build directories, in this process; the
+served ones from the orchestrator model inside Triton's Python backend. Loops are bounded, the server is
+stopped by PID (SIGTERM) at the end, and no server or model process may outlive it.
+
+Skips only where the server environment (the nvidia-pytriton wheel) cannot be installed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engines.triton.client import TritonAsker
+from engines.triton.server import ServerEnvironment
+from prune_export.cli import main
+from prune_export.errors import ServeError
+from prune_export.workflows.generate import run_build
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 12
+QUESTIONS = ["What color is the circle?", "How many shapes are there, and where are they?", "Is it big?"]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def server_env() -> ServerEnvironment:
+    try:
+        return ServerEnvironment().ensure()
+    except ServeError as exc:
+        pytest.skip(f"the local Triton server cannot be installed here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def prompts(demo_data: Path) -> list[tuple[Path, str]]:
+    images = sorted((demo_data.parent / "images").iterdir())
+    return [(images[i % len(images)], q) for i, q in enumerate(QUESTIONS)]
+
+
+@pytest.fixture(scope="module")
+def expected(triton_builds: dict[str, Path], prompts) -> dict[str, list[str]]:
+    """``prune-export run``'s answers, per served model and prompt."""
+    builds = {"dense": triton_builds["dense"], "ap": triton_builds["autoprune"], "apsplit": triton_builds["split"]}
+    return {model: [run_build(build, image, q, max_new_tokens=NEW_TOKENS, provider="cpu")["answer"] for image, q in prompts]
+            for model, build in builds.items()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(server_env, triton_builds: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("triton-live")
+    repos = []
+    for model, build, extra in (("dense", "dense", []), ("ap", "autoprune", []), ("apsplit", "split", ["--stream"])):
+        repo = root / f"repo-{model}"
+        result = CliRunner().invoke(main, ["deploy", str(triton_builds[build]), "--repo", str(repo), "--name", model, *extra])
+        assert result.exit_code == 0, result.output
+        repos.append(str(repo))
+    http, grpc, metrics = _free_ports(3)
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    cmd = [sys.executable, "-m", "prune_export.cli", "serve", *repos, "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics)]  # fmt: skip
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    info = {"http": f"http://127.0.0.1:{http}", "grpc": f"grpc://127.0.0.1:{grpc}", "process": process,
+            "log": root / "server.log", "root": root}  # fmt: skip
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with TritonAsker(info["http"], model="dense") as asker:
+                if asker._client.is_server_ready():
+                    break
+        except ServeError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the server did not become ready: {(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield info
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    log.close()
+
+
+def _ask(url: str, model: str, image: Path, question: str, **kwargs) -> str:
+    with TritonAsker(url, model=model) as asker:
+        return asker.ask(image.read_bytes(), question, max_new_tokens=NEW_TOKENS, **kwargs).answer
+
+
+def test_served_answers_equal_run_over_http_and_grpc(server, prompts, expected) -> None:
+    assert len({a for answers in expected.values() for a in answers}) > 1  # the prompts tell builds apart
+    for model in ("dense", "ap"):
+        for (image, question), want in zip(prompts, expected[model], strict=True):
+            assert _ask(server["http"], model, image, question) == want, (model, question)
+            assert _ask(server["grpc"], model, image, question) == want, (model, question)
+
+
+def test_a_decoupled_model_streams_the_answer(server, prompts, expected) -> None:
+    for (image, question), want in zip(prompts, expected["apsplit"], strict=True):
+        got: list[str] = []
+        with TritonAsker(server["grpc"], model="apsplit") as asker:
+            assert asker.decoupled
+            result = asker.ask(image.read_bytes(), question, max_new_tokens=NEW_TOKENS, on_text=got.append)
+        assert "".join(got) == result.answer == want
+        assert result.ttft_ms is not None and result.ttft_ms <= result.latency_ms
+        if len(want.split()) > 2:
+            assert len(got) > 1  # pieces as they come, not one final string
+    with pytest.raises(ServeError, match="ask it with --protocol grpc"):
+        _ask(server["http"], "apsplit", *prompts[0])
+
+
+def test_eight_concurrent_clients(server, prompts, expected) -> None:
+    jobs = [(c, r) for c in range(8) for r in range(5)]
+
+    def client(index: int) -> list[bool]:
+        url = server["http"] if index % 2 else server["grpc"]
+        model = ("dense", "ap")[index % 2 if index < 4 else (index // 2) % 2]
+        oks = []
+        with TritonAsker(url, model=model) as asker:
+            for r in range(5):
+                image, question = prompts[(index + r) % len(prompts)]
+                answer = asker.ask(image.read_bytes(), question, max_new_tokens=NEW_TOKENS).answer
+                oks.append(answer == expected[model][(index + r) % len(prompts)])
+        return oks
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(client, range(8), timeout=300))
+    assert sum(len(r) for r in results) == len(jobs) and all(all(r) for r in results)
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, prompts, expected) -> None:
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    image, question = prompts[0]
+    client = httpclient.InferenceServerClient(server["http"].removeprefix("http://"))
+
+    def send(fields: dict[str, tuple[np.ndarray, str]]) -> str:
+        inputs = []
+        for name, (value, dtype) in fields.items():
+            tensor = httpclient.InferInput(name, list(value.shape), dtype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("ap", inputs)
+        return err.value.message()
+
+    img = (np.array([image.read_bytes()], dtype=np.object_), "BYTES")
+    q = (np.array([question.encode()], dtype=np.object_), "BYTES")
+    assert "question" in send({"image": img})
+    assert "image" in send({"question": q})
+    assert "not an image" in send({"image": (np.array([b"definitely not a PNG"], dtype=np.object_), "BYTES"), "question": q})
+    assert "question is empty" in send({"image": img, "question": (np.array([b"   "], dtype=np.object_), "BYTES")})
+    for bad in (0, -3, 100_000):
+        message = send({"image": img, "question": q, "max_new_tokens": (np.array([bad], dtype=np.int32), "INT32")})
+        assert "max_new_tokens must be between 1 and 1024" in message and str(bad) in message
+    message = send({"image": img, "question": (np.array([7], dtype=np.int32), "INT32")})
+    assert "'question' data-type is 'INT32'" in message and "expects 'BYTES'" in message
+    assert client.is_server_ready() and client.is_model_ready("ap")
+    client.close()
+    assert _ask(server["http"], "ap", image, question) == expected["ap"][0]
+
+
+def test_ask_cli(server, prompts, expected) -> None:
+    import json
+
+    image, question = prompts[1]
+    result = CliRunner().invoke(main, ["ask", server["http"], "--model", "dense", "--image", str(image),
+                                       "--question", question, "--max-new-tokens", str(NEW_TOKENS), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["answer"] == expected["dense"][1] and out["latency_ms"] > 0 and out["protocol"] == "http"
+    streamed = CliRunner().invoke(main, ["ask", server["grpc"], "--model", "apsplit", "--image", str(image),
+                                         "--question", question, "--max-new-tokens", str(NEW_TOKENS), "--stream"])  # fmt: skip
+    assert streamed.exit_code == 0 and streamed.output == expected["apsplit"][1] + "\n"
+    several = CliRunner().invoke(main, ["ask", server["http"], "--image", str(image), "--question", question])
+    assert several.exit_code == 1 and "name one with --model" in several.output
+    closed = _free_ports(1)[0]
+    down = CliRunner().invoke(main, ["ask", f"http://127.0.0.1:{closed}", "--image", str(image), "--question", "hi"])
+    assert down.exit_code == 1 and "cannot reach a Triton server" in down.output and len(down.output.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_the_server_and_every_model_process(server) -> None:
+    """Last in the module: stop the server by PID and look for anything left behind."""
+    process = server["process"]
+    children = _descendants(process.pid)
+    assert len(children) >= 1 + 15  # tritonserver and one stub per model instance (3 repositories x 5 models)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    time.sleep(1.0)
+    alive = [pid for pid in children if _alive(pid)]
+    assert not alive, f"still running after SIGTERM: {alive}"
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    parents: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = (int(x) for x in line.split())
+        parents.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone in all but name
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
