@@ -53,3 +53,20 @@ prune-export run "$OUT/build-autoprune" --image "$IMAGE" --question "What color 
 
 echo "== 13. end to end, pruned vs dense, interleaved: time to first token and decode ms/token"
 prune-export bench "$OUT/build-autoprune" --baseline "$OUT/build-dense" --generate 8 --runs 4 --warmup 1
+
+echo "== 14. deploy the pruned build as a Triton model repository, serve it on 127.0.0.1, ask it over HTTP"
+prune-export deploy "$OUT/build-autoprune" --repo "$OUT/triton-repo" --name llava_autoprune --overwrite
+PORT=${PORT:-8000}
+prune-export serve "$OUT/triton-repo" --http-port "$PORT" --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
+  > "$OUT/triton-server.log" 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+if ! prune-export ask "http://127.0.0.1:$PORT" --image "$IMAGE" --question "What color is the circle?" \
+     --max-new-tokens 8 --wait 300 --json; then
+  echo "the server did not answer; its log ($OUT/triton-server.log) ends with:"; tail -n 20 "$OUT/triton-server.log"
+  exit 1
+fi
+kill -TERM $SERVER
+wait $SERVER
+trap - EXIT
+echo "server stopped; serve $OUT/triton-repo in production with the NGC Triton container ($OUT/triton-repo/README.md)"

@@ -163,6 +163,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, prom
             inputs.append(tensor)
         with pytest.raises(InferenceServerException) as err:
             client.infer("ap", inputs)
+        assert err.value.status() == "400", err.value  # a bad request, not a server failure
         return err.value.message()
 
     img = (np.array([image.read_bytes()], dtype=np.object_), "BYTES")

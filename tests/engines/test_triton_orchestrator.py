@@ -45,7 +45,7 @@ def test_schedule_row_matches_the_build_runtime(orchestrator, k0: float, k_step:
     for i1 in values:
         k = max(k0 - gamma * i1, 0.0)
         assert orchestrator.schedule_index(i1, spec) == table.index(k), i1
-    with pytest.raises(orchestrator.RequestError, match="NaN"):
+    with pytest.raises(orchestrator.GraphModelError, match="NaN"):
         orchestrator.schedule_index(math.nan, spec)
 
 

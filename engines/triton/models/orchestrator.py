@@ -40,7 +40,11 @@ DEFAULT_INDEX_SLACK = 1e-9
 
 
 class RequestError(Exception):
-    """What was wrong with one request; becomes that request's error response."""
+    """What was wrong with one request; becomes that request's error response (INVALID_ARG)."""
+
+
+class GraphModelError(Exception):
+    """A graph model failed a BLS request; the request gets an INTERNAL error naming it."""
 
 
 def schedule_index(complexity: float, schedule: dict) -> int:
@@ -50,7 +54,7 @@ def schedule_index(complexity: float, schedule: dict) -> int:
     runtime does it; ``tests/engines/test_triton_orchestrator.py`` holds it to ``ScheduleTable.index``.
     """
     if math.isnan(complexity):
-        raise RequestError("the prefill head returned a NaN complexity")
+        raise GraphModelError("the prefill head returned a NaN complexity")
     k0, step = float(schedule["k0"]), float(schedule["k_step"])
     k = min(max(k0 - float(schedule["gamma"]) * float(complexity), 0.0), k0)
     slack = float(schedule.get("index_slack", DEFAULT_INDEX_SLACK))
@@ -102,7 +106,7 @@ class TritonPythonModel:
         )
         response = request.exec()
         if response.has_error():
-            raise RequestError(f"{model}: {response.error().message()}")
+            raise GraphModelError(f"{model}: {response.error().message()}")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
     # -- request -> prompt -----------------------------------------------------------------------------
@@ -120,8 +124,10 @@ class TritonPythonModel:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 image = img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise RequestError(f"image: the {len(data)} bytes are not an image Pillow can read ({exc})") from None
+        except UnidentifiedImageError:
+            raise RequestError(f"image: the {len(data)} bytes are not an image file Pillow can read (send PNG, JPEG, ...)") from None
+        except (OSError, ValueError) as exc:
+            raise RequestError(f"image: the {len(data)} bytes are not a readable image ({exc})") from None
         try:
             question = _text(request, "question")
         except UnicodeDecodeError:
@@ -153,7 +159,8 @@ class TritonPythonModel:
         ids = np.asarray(inputs["input_ids"][0], dtype=np.int64)
         where = np.flatnonzero(ids == int(self.spec["image_token_id"]))
         if len(where) != int(self.spec["visual_tokens"]):
-            raise RequestError(f"the prompt holds {len(where)} image tokens, the graphs take {self.spec['visual_tokens']}")
+            raise RequestError(f"the prompt holds {len(where)} image tokens, the graphs take {self.spec['visual_tokens']}: "
+                               "the question must not contain the image placeholder")  # fmt: skip
         start, end = int(where[0]), int(where[-1]) + 1
         m = self.models
         vision = self._infer(m["vision"], {"pixel_values": np.asarray(inputs["pixel_values"]).astype(self.dtypes["pixel_values"])},
@@ -179,7 +186,7 @@ class TritonPythonModel:
         out.update(self._infer(m["prefill_tail"], tail_feeds, self.spec["tail_outputs"]))
         missing = [name for name in ["logits", *self.kv_outputs] if name not in out]
         if missing:
-            raise RequestError(f"the split prefill did not return {missing[:3]}; redeploy the build")
+            raise GraphModelError(f"the split prefill did not return {missing[:3]}; redeploy the build")
         return out["logits"], out
 
     def _tokens(self, image, question: str, max_new_tokens: int, ignore_eos: bool):
@@ -208,8 +215,11 @@ class TritonPythonModel:
         ])  # fmt: skip
 
     @staticmethod
-    def _error(message: str):
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+    def _error(message: str, bad_request: bool = True):
+        """An error response: INVALID_ARG (HTTP 400) for a bad request, INTERNAL (500) for a failure here."""
+        code = getattr(pb_utils.TritonError, "INVALID_ARG" if bad_request else "INTERNAL", None)
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        return pb_utils.InferenceResponse(error=error)
 
     def _answer(self, request):
         image, question, max_new_tokens, ignore_eos = self._parse(request)
@@ -234,8 +244,10 @@ class TritonPythonModel:
             sender.send(flags=final)
         except RequestError as exc:
             sender.send(self._error(f"{self.name}: {exc}"), flags=final)
+        except GraphModelError as exc:
+            sender.send(self._error(f"{self.name}: {exc}", False), flags=final)
         except Exception as exc:  # an internal failure still ends the stream, with its reason
-            sender.send(self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}"), flags=final)
+            sender.send(self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}", False), flags=final)
 
     def execute(self, requests: list):
         if self.decoupled:
@@ -248,6 +260,8 @@ class TritonPythonModel:
                 responses.append(self._answer(request))
             except RequestError as exc:
                 responses.append(self._error(f"{self.name}: {exc}"))
+            except GraphModelError as exc:
+                responses.append(self._error(f"{self.name}: {exc}", False))
             except Exception as exc:
-                responses.append(self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}"))
+                responses.append(self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}", False))
         return responses
