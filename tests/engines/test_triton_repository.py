@@ -117,3 +117,41 @@ def test_deploy_cli_errors_are_one_line(triton_builds: dict[str, Path], tmp_path
     ok = CliRunner().invoke(main, ["deploy", str(build), "--repo", str(tmp_path / "d"), "--name", "vlm", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["models"] == ["vlm", "vlm_decode", "vlm_embed", "vlm_prefill", "vlm_vision"]
+
+
+def test_graphs_with_tensorrt_engines_are_served_as_plans(triton_builds: dict[str, Path], tmp_path: Path) -> None:
+    """A split build whose manifest records built engines: ``tensorrt_plan`` models, shape tensors marked."""
+    from prune_export.manifest import EngineReport, Manifest
+
+    build = tmp_path / "split"
+    shutil.copytree(triton_builds["split"], build)
+    manifest = Manifest.load(build)
+    files = {}
+    for graph in manifest.graphs:
+        files[graph] = f"{graph}.plan"
+        (build / files[graph]).write_bytes(f"engine of {graph}".encode())  # the repository copies, never parses it
+    manifest = manifest.model_copy(update={"engines": EngineReport(status="built", files=files, tensorrt="10.7.0")})
+    manifest.with_file_digests(build).save(build)
+    repo = RepositoryFromBuild(build, tmp_path / "repo", name="vlm", kind="gpu")()
+    for graph in manifest.graphs:
+        cfg = parse_config((repo / f"vlm_{graph}" / "config.pbtxt").read_text(), graph)
+        assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
+        assert (repo / f"vlm_{graph}" / "1" / "model.plan").read_bytes() == f"engine of {graph}".encode()
+        assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
+        shape = {t.name for t in cfg.input if t.is_shape_tensor}
+        assert shape == ({"keep_counts", "merged_counts"} if graph == "prefill_tail" else set())
+    assert json.loads((repo / "versions.json").read_text())["tensorrt"] == "10.7.0"
+    assert "TensorRT engines (`model.plan`) only load on the TensorRT version and GPU" in (repo / "README.md").read_text()
+
+
+def test_local_serving_refuses_gpu_instances_without_a_gpu(triton_builds: dict[str, Path], tmp_path: Path) -> None:
+    from engines.triton.server import LocalTritonServer, _gpus_present
+    from prune_export.errors import ServeError
+
+    if _gpus_present():
+        pytest.skip("this machine has a GPU")
+    repo = RepositoryFromBuild(triton_builds["dense"], tmp_path / "repo", name="vlm", kind="gpu")()
+    with pytest.raises(ServeError, match="ask for KIND_GPU instances and this machine has no GPU; deploy again with --device cpu"):
+        LocalTritonServer(repo)
+    with pytest.raises(ServeError, match="holds no model"):
+        LocalTritonServer(tmp_path)
