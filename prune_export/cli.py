@@ -613,7 +613,7 @@ def deploy_cmd(build_dir: Path, repo_dir: Path, name: str, instances: int, devic
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--env", "env_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The server's Python environment (made once if missing) "
-                   "[default: $PRUNE_EXPORT_TRITON_ENV or ~/.cache/prune-export/triton-server-py3.X].")
+                   "[default: $PRUNE_EXPORT_TRITON_ENV or ~/.cache/prune-export/triton-server-py3.X-HASH].")
 def serve_cmd(repos: tuple[Path, ...], http_port: int, grpc_port: int, metrics_port: int, env_dir: Path | None) -> None:
     """Serve Triton model repositories on 127.0.0.1 until SIGTERM or Ctrl-C (local use and tests).
 

@@ -246,7 +246,8 @@ class RepositoryFromBuild:
         m = self.manifest
         versions = {
             "generated_by": {k: v for k, v in m.versions.items() if k == "prune-export"},
-            "triton": "any release with the python and onnxruntime backends (2.51 / NGC 24.10 tested locally)",
+            "triton": {"served_locally_by": "tritonserver 2.51 (nvidia-pytriton 0.7.0), Python backend",
+                       "production": "an NGC tritonserver release with the python and onnxruntime (or tensorrt) backends"},
             "onnxruntime": m.versions.get("onnxruntime") or m.versions.get("onnxruntime-gpu"),
             "tensorrt": m.engines.tensorrt if m.engines is not None else None,
             "build": {"dtype": m.dtype, "target": m.target, "fingerprint": m.model["fingerprint"],

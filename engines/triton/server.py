@@ -17,6 +17,7 @@ processes). The server process also receives SIGTERM if this process dies.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -44,11 +45,16 @@ ENV_VARIABLE = "PRUNE_EXPORT_TRITON_ENV"
 
 
 def default_env_dir() -> Path:
-    """``$PRUNE_EXPORT_TRITON_ENV``, else ``~/.cache/prune-export/triton-server-py3.X``."""
+    """``$PRUNE_EXPORT_TRITON_ENV``, else ``~/.cache/prune-export/triton-server-py3.X-HASH``.
+
+    HASH names this Python environment: each prune-export installation gets its own server environment,
+    which sees that installation's packages.
+    """
     if os.environ.get(ENV_VARIABLE):
         return Path(os.environ[ENV_VARIABLE])
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "prune-export" / f"triton-server-py{sys.version_info.major}.{sys.version_info.minor}"
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    return cache / "prune-export" / f"triton-server-py{sys.version_info.major}.{sys.version_info.minor}-{tag}"
 
 
 class ServerEnvironment:
@@ -57,7 +63,8 @@ class ServerEnvironment:
     def __init__(self, path: str | Path | None = None, *, log: Callable[[str], None] = lambda m: None) -> None:
         self.path = Path(path) if path is not None else default_env_dir()
         self.log = log
-        self.host_site = sysconfig.get_paths()["purelib"]
+        paths = sysconfig.get_paths()
+        self.host_sites = list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
         self.pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
 
     @property
@@ -123,7 +130,7 @@ class ServerEnvironment:
     def _link_host(self) -> None:
         """Let the environment see this one's packages after its own (its numpy<2 wins)."""
         pth = self.site_packages / "zz_prune_export_host.pth"
-        line = f"import site; site.addsitedir({self.host_site!r})\n"
+        line = "import site; " + "; ".join(f"site.addsitedir({p!r})" for p in self.host_sites) + "\n"
         if not pth.exists() or pth.read_text() != line:
             pth.write_text(line)
 
