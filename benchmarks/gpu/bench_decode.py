@@ -34,7 +34,7 @@ from exporter.executor import PlanExecutor  # noqa: E402
 from prune_export.plan import AutoPruneSection  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llava-1.5-7b")
     ap.add_argument("--layers", type=int, default=None)
@@ -44,12 +44,13 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=100)
     ap.add_argument("--budget", type=float, default=0.3)
     ap.add_argument("--tokens", type=float, default=64.0)
+    ap.add_argument("--combined-budget", type=float, default=0.7)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/gpu-decode.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "environment": environment(device, args.dtype)}
 
@@ -67,6 +68,9 @@ def main() -> None:
         "dense": (frozenset(), None),
         f"gsop-{args.budget:g}": (selection.ops, None),
         f"autoprune-T{args.tokens:g}": (frozenset(), AutoPrunePolicy(AutoPruneSection(tokens=args.tokens), spec, mode="table")),
+        f"combined-gsop{args.combined_budget:g}-T{args.tokens:g}": (
+            heuristic_plan(spec).select(args.combined_budget).ops,
+            AutoPrunePolicy(AutoPruneSection(tokens=args.tokens), spec, mode="table")),
     }
     step = DecodeStep(adapter).eval()
     n = args.new_tokens
@@ -119,16 +123,18 @@ def main() -> None:
     timer = Timer(device)
     timings = interleaved(timer, fns, args.rounds, args.warmup)
     results["timings_ms_per_call"] = timings
-    print(f"\n{results['environment']}\n\n| engine | config | KV tokens (all layers) | ms/token | vs dense |")
-    print("| --- | --- | --- | --- | --- |")
+    lines = ["| engine | config | KV tokens (all layers) | ms/token | vs dense decode |", "| --- | --- | --- | --- | --- |"]
     dense_ms = timings["decode/dense"]["median_ms"] / n
     for key, t in timings.items():
         engine, name = key.split("/")
         ms = t["median_ms"] / n
         kv = results["configs"].get(name, {}).get("kv_tokens", "-")
-        print(f"| {engine} | {name} | {kv} | {ms:.2f} | {dense_ms / ms:.3f} |")
+        lines.append(f"| {engine} | {name} | {kv} | {ms:.2f} | {dense_ms / ms:.3f} |")
+    results["markdown"] = "\n".join(lines)
+    print(f"\n{results['environment']}\n\n{results['markdown']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
+    return results
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def baked_kv_lengths(outputs: tuple, num_layers: int) -> list[int]:
     return [int(outputs[1 + 3 * layer].shape[2]) for layer in range(num_layers)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llava-1.5-7b")
     ap.add_argument("--layers", type=int, default=None, help="override the preset's decoder layers (smoke runs)")
@@ -188,18 +188,20 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=100)
     ap.add_argument("--budget", type=float, default=0.3, help="GSOP budget (fraction of dense FLOPs)")
     ap.add_argument("--tokens", type=float, default=64.0, help="AutoPrune T")
+    ap.add_argument("--combined-budget", type=float, default=0.7,
+                    help="GSOP budget of the combined plan (its operations plus AutoPrune at --tokens)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile phases")
-    ap.add_argument("--configs", default="dense,gsop,autoprune",
-                    help="comma list of dense, gsop, autoprune (dense is always measured); the compile order")
+    ap.add_argument("--configs", default="dense,gsop,autoprune,combined",
+                    help="comma list of dense, gsop, autoprune, combined (dense is always measured); the compile order")
     ap.add_argument("--one-phase", action="store_true",
                     help="compile every configuration (in --configs order), then time them in one phase")
     ap.add_argument("--deadline-s", type=float, default=1e9,
                     help="start no compile after this many seconds (a device lease is short)")
     ap.add_argument("--out", type=Path, default=Path("out/gpu-prefill.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -231,7 +233,9 @@ def main() -> None:
     plan = heuristic_plan(spec)
     selection = plan.select(args.budget)
     section = AutoPruneSection(tokens=args.tokens)
+    combined_selection = plan.select(args.combined_budget)
     gsop_name, ap_name = f"gsop-{args.budget:g}", f"autoprune-T{args.tokens:g}"
+    combined_name = f"combined-gsop{args.combined_budget:g}-T{args.tokens:g}"
     available = {
         "dense": lambda: {"ops": frozenset(), "policy": None, "module": BakedPrefill(adapter)},
         "gsop": lambda: {"ops": selection.ops, "policy": None, "module": BakedPrefill(adapter, selection.ops)},
@@ -241,8 +245,14 @@ def main() -> None:
             "module": BakedPrefill(adapter, autoprune=AutoPruneBake.for_model(
                 section, spec.num_layers, spec.visual_tokens)),
         },
+        "combined": lambda: {
+            "ops": combined_selection.ops,
+            "policy": AutoPrunePolicy(section, spec, mode="table"),
+            "module": BakedPrefill(adapter, combined_selection.ops, autoprune=AutoPruneBake.for_model(
+                section, spec.num_layers, spec.visual_tokens)),
+        },
     }
-    names = {"dense": "dense", "gsop": gsop_name, "autoprune": ap_name}
+    names = {"dense": "dense", "gsop": gsop_name, "autoprune": ap_name, "combined": combined_name}
     wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = sorted(set(wanted) - set(available))
     if unknown:
@@ -273,9 +283,10 @@ def main() -> None:
             "visual_tokens_per_layer": ref.visual_tokens_per_layer,
             "kv_tokens_per_layer": [int(c.keys.shape[1]) for c in ref.cache],
         }
-        if name.startswith("gsop"):
+        if cfg["ops"]:
             entry["plan_ops"] = len(cfg["ops"])
-            entry["plan_flops_ratio"] = selection.flops_ratio
+            entry["plan_budget"] = args.budget if name == gsop_name else args.combined_budget
+            entry["plan_flops_ratio"] = (selection if name == gsop_name else combined_selection).flops_ratio
         decision = getattr(ref.policy, "decision", None)
         if decision is not None:
             entry["autoprune"] = {"i1": decision.i1, "k": decision.k, "n0": decision.n0}
@@ -371,42 +382,50 @@ def main() -> None:
                     compile_one(name, mode)
             timed_phase("compiled", ["baked/dense", *(f"{engines[m]}/{n}" for n in compile_order for m in modes)])
         else:
-            static = [n for n in configs if not n.startswith("autoprune")]
+            static = [n for n in configs if configs[n]["policy"] is None]
             for mode in modes:
                 for name in static:
                     compile_one(name, mode)
             timed_phase("compiled", ["baked/dense", *(f"{engines[m]}/{n}" for m in modes for n in static)])
-            dynamic = [n for n in configs if n.startswith("autoprune")]
+            dynamic = [n for n in configs if configs[n]["policy"] is not None]
             for mode in modes:
                 for name in dynamic:
                     compile_one(name, mode)
             dense_keys = ["baked/dense", *(f"{engines[m]}/dense" for m in modes)]
             timed_phase("compiled-autoprune",
                         [*dense_keys, *(f"{engines[m]}/{n}" for m in modes for n in dynamic)])
+    results["markdown"] = report(results, echo=False)
+    save()
     log(f"done; results in {args.out}")
+    return results
 
 
-def report(results: dict) -> None:
+def report(results: dict, echo: bool = True) -> str:
     """Markdown tables, one per timing phase: per engine and configuration, median ms, speedup over that
-    engine's dense run in the same phase, FLOPs speedup and efficiency."""
+    engine's dense run in the same phase, FLOPs speedup and efficiency (printed when ``echo``)."""
     configs = results["configs"]
+    lines: list[str] = []
     for phase in ("eager", "compiled", "compiled-autoprune"):
         timings = results.get(phase)
         if not timings:
             continue
-        print(f"\n{phase} phase")
-        print("| engine | config | FLOPs ratio | median ms | p90 ms | speedup vs dense | FLOPs speedup | efficiency |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines += ["", f"{phase} phase", "",
+                  "| engine | config | FLOPs ratio | median ms | p90 ms | speedup vs dense | FLOPs speedup | efficiency |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for key, t in timings.items():
             engine, name = key.split("/", 1)
             dense = timings.get(f"{engine}/dense")
             cfg = configs[name]
             speedup = dense["median_ms"] / t["median_ms"] if dense else float("nan")
-            print(f"| {engine} | {name} | {cfg['flops_ratio']:.4f} | {t['median_ms']:.2f} | {t['p90_ms']:.2f} | "
-                  f"{speedup:.3f} | {cfg['flops_speedup']:.3f} | {speedup / cfg['flops_speedup']:.3f} |")
+            lines.append(f"| {engine} | {name} | {cfg['flops_ratio']:.4f} | {t['median_ms']:.2f} | {t['p90_ms']:.2f} | "
+                         f"{speedup:.3f} | {cfg['flops_speedup']:.3f} | {speedup / cfg['flops_speedup']:.3f} |")
     env = results["environment"]
-    print(f"\n{env.get('gpu', env['device'])}, {env['dtype']}, torch {env['torch']}, CUDA {env['cuda']}, "
-          f"transformers {env.get('transformers')}; peak memory GiB {results.get('peak_memory_gib')}", flush=True)
+    lines += ["", f"{env.get('gpu', env['device'])}, {env['dtype']}, torch {env['torch']}, CUDA {env['cuda']}, "
+              f"transformers {env.get('transformers')}; peak memory GiB {results.get('peak_memory_gib')}"]
+    text = "\n".join(lines)
+    if echo:
+        print(text, flush=True)
+    return text
 
 
 if __name__ == "__main__":
