@@ -115,7 +115,7 @@ class CalibrationSet:
             if info.name == "kl":
                 assert item.forced is not None
                 logits = executor.prefill(item.forced, with_cache=False, logits_rows=len(answer)).row_logits
-                item.dense_logprobs = torch.log_softmax(logits, dim=-1)
+                item.dense_logprobs = torch.log_softmax(logits.float(), dim=-1)  # metrics in fp32, on the device
             items.append(item)
             if progress is not None:
                 progress(1)
@@ -235,7 +235,7 @@ class ModelEvaluator:
             item.forced, ops, with_cache=False, start=start, keep_states=keep, states_out=out,
             logits_rows=len(item.answer_ids),
         )
-        logprobs = torch.log_softmax(result.row_logits, dim=-1)
+        logprobs = torch.log_softmax(result.row_logits.float(), dim=-1)
         if name == "nll":
             target = torch.tensor(item.answer_ids, device=logprobs.device)
             value = -logprobs.gather(1, target.view(-1, 1)).mean()

@@ -208,15 +208,19 @@ def candidate_operations(spec: ModelSpec, settings: SearchSettings) -> list[Oper
 
 
 def journal_identity(
-    spec: ModelSpec, metric: Metric, settings: SearchSettings, calibration_hash: str
+    spec: ModelSpec, metric: Metric, settings: SearchSettings, calibration_hash: str, dtype: str = "fp32"
 ) -> dict[str, Any]:
-    """What a journal's values depend on: the model, the calibration data, the metric and the settings."""
-    return {
+    """What a journal's values depend on: the model, the calibration data, the metric, the settings and the
+    precision the model ran in (recorded when not fp32, so fp32 journals of earlier versions still resume)."""
+    identity = {
         "model_fingerprint": spec.fingerprint(),
         "calibration": calibration_hash,
         "metric": {"name": metric.name, "higher_is_better": bool(metric.higher_is_better)},
         "settings": settings.identity(),
     }
+    if dtype != "fp32":
+        identity["dtype"] = dtype
+    return identity
 
 
 # -- progress -----------------------------------------------------------------------------------------------

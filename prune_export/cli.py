@@ -190,9 +190,12 @@ def _describe_ops(ops: frozenset[Operation], num_layers: int) -> str:
 @click.option("--resume", is_flag=True, help="Continue an interrupted search from its journal (OUT.journal.jsonl).")
 @click.option("--no-prefix-reuse", is_flag=True, help="Recompute every layer for every candidate (slower).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="Where PyTorch runs the model: cpu, cuda or cuda:N [default: cpu].")
+@click.option("--dtype", "torch_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Precision of the PyTorch model (metrics stay fp32) [default: fp32].")
 def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, tolerance: float, steps: int,
            key_danger_layers: int, allow_layer0_kv: bool, limit: int | None, resume: bool,
-           no_prefix_reuse: bool, seed: int) -> None:
+           no_prefix_reuse: bool, seed: int, device: str | None, torch_dtype: str | None) -> None:
     """Search the GSOP operation order on calibration data and write the plan.
 
     Every finished evaluation is journaled next to the plan; after an interruption (even kill -9) rerun
@@ -202,7 +205,8 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, toler
 
     out = run_search(model_dir, calib_path, out_path, metric=metric, tolerance=tolerance, steps=steps,
                      key_danger_layers=key_danger_layers, protect_layer0_kv=not allow_layer0_kv, limit=limit,
-                     resume=resume, prefix_reuse=not no_prefix_reuse, seed=seed, log=_log_err)
+                     resume=resume, prefix_reuse=not no_prefix_reuse, seed=seed, device=device or "cpu",
+                     dtype=torch_dtype or "fp32", log=_log_err)
     result, stats = out.result, out.stats
     click.echo(f"wrote {out_path}: {len(out.plan.steps)} steps, metric {out.metric} baseline "
                f"{result.baseline:.4f}, last step FLOPs ratio {out.plan.ladder[-1]:.4f}")
@@ -241,12 +245,17 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, toler
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--samples-out", type=click.Path(path_type=Path), default=None, help="Write per-sample results (JSONL).")
+@click.option("--device", default=None,
+              help="cpu, cuda or cuda:N: where PyTorch runs the model; for a build directory, the ONNX Runtime "
+                   "provider (cpu or cuda) [default: cpu; a build: auto].")
+@click.option("--dtype", "torch_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Precision of the PyTorch model (metrics stay fp32) [default: fp32]; a build's is baked in.")
 def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: float | None,
              keep_schedule: str | None, autoprune_tokens: float | None, autoprune_x0: float | None,
              autoprune_k0: float | None, autoprune_gamma: float | None, autoprune_amplitude: float | None,
              autoprune_positions: str | None, autoprune_k_step: float | None, no_recycle: bool,
              autoprune_mode: str | None, max_new_tokens: int, limit: int | None, as_json: bool,
-             samples_out: Path | None) -> None:
+             samples_out: Path | None, device: str | None, torch_dtype: str | None) -> None:
     """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan.
 
     MODEL_DIR is a HuggingFace model folder (answers from the PyTorch executor) or a build directory (answers
@@ -262,13 +271,13 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
             ("--autoprune-k0", autoprune_k0), ("--autoprune-gamma", autoprune_gamma),
             ("--autoprune-amplitude", autoprune_amplitude), ("--autoprune-positions", autoprune_positions),
             ("--autoprune-k-step", autoprune_k_step), ("--no-recycle", no_recycle or None),
-            ("--autoprune-mode", autoprune_mode)) if value is not None]  # fmt: skip
+            ("--autoprune-mode", autoprune_mode), ("--dtype", torch_dtype)) if value is not None]  # fmt: skip
         if given:
             raise PruneExportError(
-                f"{model_dir} is a build directory: its plan is baked into the graphs, so {', '.join(given)} "
+                f"{model_dir} is a build directory: its plan and precision are baked into the graphs, so {', '.join(given)} "
                 "cannot change it; evaluate the model folder with those options, or build another directory"
             )
-        _eval_build(model_dir, data_path, max_new_tokens, limit, as_json, samples_out)
+        _eval_build(model_dir, data_path, max_new_tokens, limit, as_json, samples_out, _build_provider(device))
         return
     _check_budget_option(budget, plan_path)
     stages = _keep_schedule(keep_schedule)
@@ -279,19 +288,37 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
 
     run = evaluate_model(model_dir, data_path, plan_path=plan_path, budget=budget, stages=stages,
                          autoprune=autoprune, autoprune_mode=autoprune_mode, max_new_tokens=max_new_tokens,
-                         limit=limit, samples_out=samples_out)
-    _echo_eval(run.report, run.policy, as_json)
+                         limit=limit, samples_out=samples_out, device=device or "cpu", dtype=torch_dtype or "fp32")
+    _echo_eval(run.report, run.policy, as_json, {"device": device or "cpu", "dtype": torch_dtype or "fp32"})
+
+
+def _build_provider(device: str | None, provider: str = "auto") -> str:
+    """The ONNX Runtime provider for ``--device`` on a build (``--provider`` where ``--device`` is not given)."""
+    if device is None:
+        return provider
+    from .device import DeviceError
+
+    text = device.strip().lower()
+    if text == "cpu":
+        return "cpu"
+    if text in ("cuda", "cuda:0"):
+        return "cuda"
+    if text.startswith("cuda:") and text[5:].isdigit():
+        raise DeviceError(f"--device {device}: builds run on ONNX Runtime's first visible GPU; select GPU "
+                          f"{text[5:]} with CUDA_VISIBLE_DEVICES={text[5:]} and --device cuda")  # fmt: skip
+    raise DeviceError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
 
 
 def _eval_build(build_dir: Path, data_path: Path, max_new_tokens: int, limit: int | None, as_json: bool,
-                samples_out: Path | None) -> None:
+                samples_out: Path | None, provider: str = "auto") -> None:
     from tqdm import tqdm
 
     from .workflows.evaluate import write_samples
     from .workflows.generate import eval_build
 
     with tqdm(desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
-        run = eval_build(build_dir, data_path, max_new_tokens=max_new_tokens, limit=limit, progress=bar.update)
+        run = eval_build(build_dir, data_path, max_new_tokens=max_new_tokens, limit=limit, progress=bar.update,
+                         provider=provider)
     if samples_out is not None:
         write_samples(samples_out, run["report"])
     if as_json:
@@ -301,11 +328,13 @@ def _eval_build(build_dir: Path, data_path: Path, max_new_tokens: int, limit: in
     _echo_eval(run["report"], None, False)
 
 
-def _echo_eval(report: Any, policy: Any, as_json: bool) -> None:
-    """Print an eval report (``calib.evaluate.EvalReport``) and the token policy it ran."""
+def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | None = None) -> None:
+    """Print an eval report (``calib.evaluate.EvalReport``), the token policy it ran and where it ran."""
     if as_json:
-        _echo_json(report.to_json())
+        _echo_json({**report.to_json(), **(where or {})})
         return
+    if where:
+        click.echo(f"model         {where['device']}, {where['dtype']}")
     acc = "n/a" if report.accuracy is None else f"{report.accuracy:.4f}"
     click.echo(f"samples       {report.samples}")
     click.echo(f"accuracy      {acc} (exact match)")
@@ -401,13 +430,15 @@ def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | Non
 @click.option("--max-sys-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="ONNX Runtime provider of the parity check.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where PyTorch runs the model for the export and the parity check's reference: cpu, cuda, cuda:N.")
 @click.option("--skip-check", is_flag=True, help="Do not check the graphs against the PyTorch executor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: float | None,
               keep_schedule: str | None, autoprune_tokens: float | None, autoprune_positions: str | None,
               no_recycle: bool, dtype: str, target: str, max_text_tokens: int, max_sys_tokens: int,
-              provider: str, skip_check: bool, overwrite: bool, as_json: bool) -> None:
+              provider: str, device: str, skip_check: bool, overwrite: bool, as_json: bool) -> None:
     """Bake a plan into vision.onnx + prefill.onnx, optimize them, check them, write manifest.json.
 
     Static GSOP operations are removed from the graph; token selection (fixed schedule, AutoPrune) is TopK
@@ -422,7 +453,7 @@ def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: fl
     _, choice = choose_plan(model_dir, plan_path, budget, stages, autoprune)
     settings = BuildSettings(target=target, dtype=dtype, max_text_tokens=max_text_tokens,
                              max_sys_tokens=max_sys_tokens, check=not skip_check, provider=provider,
-                             overwrite=overwrite)
+                             device=device, overwrite=overwrite)
     manifest = build(model_dir, out_dir, choice, settings, _log_err)
     if as_json:
         _echo_json(manifest.model_dump(mode="json"))
@@ -548,11 +579,14 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Largest number of answer tokens.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--device", default=None, help="cpu or cuda: the ONNX Runtime provider (instead of --provider).")
+@click.option("--dtype", "expect_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Refuse the build unless its graphs are in this precision (a build's dtype is baked in).")
 @click.option("--stream", is_flag=True, help="Print the answer as its tokens come.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: answer, prompt_tokens, new_tokens, ttft_ms, decode_ms_per_token, ...")
 def run_cmd(build_dir: Path, image_path: Path, question: str, max_new_tokens: int, provider: str,
-            threads: int | None, stream: bool, as_json: bool) -> None:
+            threads: int | None, device: str | None, expect_dtype: str | None, stream: bool, as_json: bool) -> None:
     """Answer a question about an image with a build directory's graphs (greedy, on ONNX Runtime).
 
     The build carries its tokenizer and image processor: the model folder is not needed.
@@ -562,8 +596,11 @@ def run_cmd(build_dir: Path, image_path: Path, question: str, max_new_tokens: in
     def echo_piece(piece: str) -> None:
         click.echo(piece, nl=False)
 
-    result = run_build(build_dir, image_path, question, max_new_tokens=max_new_tokens, provider=provider,
-                       threads=threads, on_text=echo_piece if stream and not as_json else None)  # fmt: skip
+    if device is not None and provider != "auto":
+        raise PruneExportError("--device and --provider both choose the provider; pass one of them")
+    result = run_build(build_dir, image_path, question, max_new_tokens=max_new_tokens,
+                       provider=_build_provider(device, provider), threads=threads, expect_dtype=expect_dtype,
+                       on_text=echo_piece if stream and not as_json else None)  # fmt: skip
     if as_json:
         _echo_json(result)
     elif stream:

@@ -64,6 +64,8 @@ class BuildSettings:
         max_batch: largest image batch of the vision graph.
         check: run the parity check (``--skip-check`` turns it off).
         provider: ONNX Runtime provider of the check (``auto``: CUDA when it really runs, else CPU).
+        device: where PyTorch runs the model for the export and the executor's reference (``cpu``,
+            ``cuda``, ``cuda:N``); the graphs are the same wherever they were traced.
         overwrite: replace an existing build directory.
         max_new_tokens: tokens a decode cache may grow by (the decode graph's shape ranges, TensorRT
             profiles); the runtime refuses longer answers only where an engine was built for this bound.
@@ -80,6 +82,7 @@ class BuildSettings:
     max_batch: int = 16
     check: bool = True
     provider: str = "auto"
+    device: str = "cpu"
     overwrite: bool = False
     workspace_gb: float | None = None
     max_new_tokens: int = 1024
@@ -203,6 +206,9 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
     if settings.dtype not in FLOAT_DTYPES:
         raise BuildError(f"unknown dtype {settings.dtype!r}; expected one of {sorted(FLOAT_DTYPES)}")
     check_dtype_target(settings)
+    from ..device import resolve_device
+
+    resolve_device(settings.device)  # one line now, not after the export has started
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not settings.overwrite:
         raise BuildError(
@@ -233,7 +239,9 @@ def _build_into(
     )
 
     start = time.perf_counter()
-    adapter = load_adapter(model_dir)
+    from ..device import resolve_device
+
+    adapter = load_adapter(model_dir, device=resolve_device(settings.device))
     spec = adapter.spec
     tokens = choice.tokens
     bake = None
@@ -401,10 +409,10 @@ def _check(
         samples.append(build_sample(adapter, tokens.input_ids, tokens.image_start, tokens.image_end,
                                     vision.features[0], vision.cls_attention[0]))  # fmt: skip
     feeds = [
-        dict(zip(PREFILL_INPUTS, (x.float().numpy() for x in BakedPrefill.inputs_from_sample(s)), strict=True))
+        dict(zip(PREFILL_INPUTS, (x.float().cpu().numpy() for x in BakedPrefill.inputs_from_sample(s)), strict=True))
         for s in samples
     ]
-    np.savez(work / CHECK_INPUTS, pixel_values=pixels[0].float().numpy(), **feeds[0])
+    np.savez(work / CHECK_INPUTS, pixel_values=pixels[0].float().cpu().numpy(), **feeds[0])
     references = [executor.prefill(s, choice.ops, policy) for s in samples]
     flops = _flops_doc(spec, choice, samples, references, lm_head)
     if not settings.check:
@@ -421,9 +429,9 @@ def _check(
     batch = torch.cat(pixels)
     ref = adapter.vision(batch)
     pixel_dtype = vision.input_metadata()["pixel_values"][0]
-    got = vision.infer({"pixel_values": batch.float().numpy().astype(pixel_dtype)})
-    record("vision.image_features", float(np.abs(got["image_features"].astype(np.float64) - ref.features.double().numpy()).max()))
-    record("vision.cls_attention", float(np.abs(got["cls_attention"].astype(np.float64) - ref.cls_attention.double().numpy()).max()))
+    got = vision.infer({"pixel_values": batch.float().cpu().numpy().astype(pixel_dtype)})
+    record("vision.image_features", float(np.abs(got["image_features"].astype(np.float64) - ref.features.double().cpu().numpy()).max()))
+    record("vision.cls_attention", float(np.abs(got["cls_attention"].astype(np.float64) - ref.cls_attention.double().cpu().numpy()).max()))
 
     prefill = PrefillRunner(work, provider=settings.provider, manifest=manifest)
     same_token = True
@@ -431,7 +439,7 @@ def _check(
     for result, feed in zip(references, feeds, strict=True):
         out = prefill.infer(_cast_feeds(prefill, feed))
         logits = out["logits"][0].astype(np.float64)
-        record("logits", float(np.abs(logits - result.logits.double().numpy()).max()))
+        record("logits", float(np.abs(logits - result.logits.double().cpu().numpy()).max()))
         same_token &= int(logits.argmax()) == int(result.logits.argmax())
         assert result.cache is not None
         for layer, cache in enumerate(result.cache):
@@ -439,8 +447,8 @@ def _check(
             if keys.shape != tuple(cache.keys.shape):
                 record(f"present.{layer}.key", float("inf"))
                 continue
-            record(f"present.{layer}.key", float(np.abs(keys.astype(np.float64) - cache.keys.double().numpy()).max()))
-            record(f"present.{layer}.value", float(np.abs(values.astype(np.float64) - cache.values.double().numpy()).max()))
+            record(f"present.{layer}.key", float(np.abs(keys.astype(np.float64) - cache.keys.double().cpu().numpy()).max()))
+            record(f"present.{layer}.value", float(np.abs(values.astype(np.float64) - cache.values.double().cpu().numpy()).max()))
         if policy is not None and hasattr(result.policy, "decision"):
             decision = result.policy.decision
             if list(out["autoprune.keep"]) != list(decision.schedule.keep):

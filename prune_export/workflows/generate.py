@@ -50,12 +50,13 @@ def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int |
 
 def run_build(
     build_dir: Path, image_path: Path, question: str, *, max_new_tokens: int = 64, provider: str = "auto",
-    threads: int | None = None, on_text: Callable[[str], None] | None = None,
+    threads: int | None = None, on_text: Callable[[str], None] | None = None, expect_dtype: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Answer ``question`` about the image at ``image_path``; ``on_text`` receives the answer as it streams.
 
     Returns the answer with its timings (``answer``, ``prompt_tokens``, ``new_tokens``, ``ttft_ms``,
-    ``decode_ms_per_token``, ``kv_tokens_per_layer``, ``provider``, ...).
+    ``decode_ms_per_token``, ``kv_tokens_per_layer``, ``provider``, ...). ``expect_dtype``: refuse a build
+    whose graphs are in another precision (``run --dtype``).
     """
     from engines.generate import GenerationError, GenerationStats
 
@@ -65,6 +66,11 @@ def run_build(
         raise GenerationError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     image = open_image(image_path)
     runner = load_runner(build_dir, provider=provider, threads=threads)
+    if expect_dtype is not None and runner.manifest.dtype != expect_dtype:
+        raise BuildError(
+            f"{build_dir} holds {runner.manifest.dtype} graphs, not {expect_dtype}; a build's precision is baked "
+            f"in: build another directory with `prune-export build --dtype {expect_dtype}`"
+        )
     if on_text is None:
         answer = runner.generate(image, question, max_new_tokens)
         text, stats = answer.text, answer.stats
