@@ -58,10 +58,13 @@ class DemoPreset:
 PRESETS: dict[str, DemoPreset] = {
     "tiny": DemoPreset(56, 14, 32, 64, 3, 4, 64, 128, 4, 4, 4, 400),
     "bench": DemoPreset(336, 14, 256, 1024, 4, 4, 1024, 2816, 8, 16, 16, 2000),
-    # LLaVA-1.5-7B's shapes (CLIP ViT-L/336, Vicuna-7B): ~7.1B parameters, 14 GB in fp16. Meant for
-    # random_llava() on a GPU; saving it in fp32 needs ~28 GB of memory and disk.
+    # LLaVA-1.5-7B's shapes (CLIP ViT-L/336, Vicuna-7B): ~7.1B parameters, 14 GB in fp16. Built directly in
+    # fp16 (random_llava(dtype=torch.float16), demo-model --preset llava-7b): an fp32 copy would be 28 GB.
     "llava-1.5-7b": DemoPreset(336, 14, 1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, 2000, lm_vocab=32064),
 }
+PRESETS["llava-7b"] = PRESETS["llava-1.5-7b"]  # the name the CLI offers
+#: The precision a preset is written in when none is asked for: the 7B shapes only ever in fp16.
+DEFAULT_DTYPES: dict[str, torch.dtype] = {"llava-1.5-7b": torch.float16, "llava-7b": torch.float16}
 
 
 def _train_tokenizer(vocab_size: int):
@@ -182,21 +185,25 @@ def random_llava(
 
 
 def build_demo_model(
-    out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False, **overrides: int
-) -> Path:
+    out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
+    dtype: torch.dtype | None = None, max_shard_size: str = "2GB", **overrides: int,
+) -> Path:  # fmt: skip
     """Write a random LLaVA-1.5-architecture model with tokenizer and processor to ``out_dir``.
 
-    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model). The folder is written
-    atomically: built in a temporary sibling folder, then renamed.
+    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model). The weights are created in
+    ``dtype`` (default: fp32, fp16 for the 7B preset) and written as safetensors shards of at most
+    ``max_shard_size``, so a 7B model needs its 14 GB once plus one shard, never an fp32 copy. The folder is
+    written atomically: built in a temporary sibling folder, then renamed.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PruneExportError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
-    model, processor = random_llava(preset, seed, **overrides)
+    dtype = dtype if dtype is not None else DEFAULT_DTYPES.get(preset, torch.float32)
+    model, processor = random_llava(preset, seed, dtype=dtype, **overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         processor.save_pretrained(str(tmp))
         if out.exists():
             shutil.rmtree(out)

@@ -45,17 +45,25 @@ def main() -> None:
 # -- demo-model / demo-data -------------------------------------------------------------------------------
 @main.command("demo-model")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "bench"]), default="tiny", show_default=True,
-              help="tiny: seconds to build, for tests; bench: 576 visual tokens, hidden 1024, 8 layers.")
+@click.option("--preset", type=click.Choice(["tiny", "bench", "llava-7b"]), default="tiny", show_default=True,
+              help="tiny: seconds to build, for tests; bench: 576 visual tokens, hidden 1024, 8 layers; llava-7b: "
+                   "LLaVA-1.5-7B's shapes (7.06 B parameters, 14 GB in fp16).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--kv-heads", type=int, default=None, help="Override the number of KV heads (GQA).")
+@click.option("--layers", type=click.IntRange(min=2), default=None, help="Override the number of decoder layers.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Precision the weights are made and written in [default: fp32; llava-7b: fp16, never an fp32 copy].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, overwrite: bool) -> None:
-    """Write a random LLaVA-1.5-architecture model (weights, tokenizer, processor) to OUT_DIR."""
+def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, layers: int | None, dtype: str | None,
+               overwrite: bool) -> None:
+    """Write a random LLaVA-1.5-architecture model (weights as safetensors shards, tokenizer, processor)."""
+    import time
+
     from .workflows.model import demo_model as write_demo_model
 
-    path = write_demo_model(out_dir, preset, seed=seed, kv_heads=kv_heads, overwrite=overwrite)
-    click.echo(f"wrote {preset} demo model to {path}")
+    started = time.perf_counter()
+    path = write_demo_model(out_dir, preset, seed=seed, kv_heads=kv_heads, overwrite=overwrite, dtype=dtype, layers=layers)
+    click.echo(f"wrote {preset} demo model to {path} in {time.perf_counter() - started:.1f} s")
 
 
 @main.command("demo-data")

@@ -17,12 +17,21 @@ from ..tokens import autoprune_section
 
 
 def demo_model(out_dir: Path, preset: str, seed: int = 0, kv_heads: int | None = None,
-               overwrite: bool = False) -> Path:
-    """Write a random LLaVA-1.5-architecture model of ``preset`` to ``out_dir``; return its path."""
+               overwrite: bool = False, dtype: str | None = None, layers: int | None = None) -> Path:
+    """Write a random LLaVA-1.5-architecture model of ``preset`` to ``out_dir``; return its path.
+
+    ``dtype`` (fp32/fp16/bf16; default fp32, fp16 for llava-7b) is the precision the weights are created
+    and written in; ``layers`` overrides the decoder's layer count (a 7B-wide model with few layers).
+    """
     from exporter.demo import build_demo_model
 
+    from ..device import torch_dtype
+
     overrides = {"kv_heads": kv_heads} if kv_heads else {}
-    return build_demo_model(out_dir, preset, seed=seed, overwrite=overwrite, **overrides)
+    if layers is not None:
+        overrides["layers"] = layers
+    return build_demo_model(out_dir, preset, seed=seed, overwrite=overwrite,
+                            dtype=torch_dtype(dtype) if dtype else None, **overrides)
 
 
 def demo_data(out_dir: Path, samples: int = 8, seed: int = 0) -> Path:
