@@ -400,3 +400,58 @@ class EnginesFromBuild:
                 raise BuildError(f"graph {graph!r}: {err}") from err
             files[graph] = engine_file(graph)
         return files
+
+
+def _spec_list(parts: Mapping[str, Sequence[int]]) -> str:
+    """``name:AxBxC,name2:...`` (trtexec); shape-tensor inputs give their values in the same notation."""
+    return ",".join(f"{name}:{'x'.join(str(int(v)) for v in dims)}" for name, dims in parts.items())
+
+
+def _poly_list(parts: Mapping[str, Sequence[int]]) -> str:
+    """``name:[A,B,C] name2:[...]`` (Polygraphy); shape-tensor inputs give their values."""
+    return " ".join(f"{name}:[{','.join(str(int(v)) for v in dims)}]" for name, dims in parts.items())
+
+
+def tensorrt_commands(manifest: Manifest, *, workspace_gb: float | None = None) -> str:
+    """A shell script that builds and times every graph's engine with ``trtexec`` and, alternatively,
+    ``polygraphy``, with the manifest's optimization profiles (:func:`profile_for_graph`).
+
+    Shape-tensor inputs (the split prefill's ``keep_counts``/``merged_counts``) are given by value: both tools
+    read a shape-tensor input's profile entry as the tensor's values. Networks are strongly typed (the
+    graphs carry their precision), as :class:`EngineFromOnnx` builds them.
+    """
+    lines = [
+        "#!/usr/bin/env bash",
+        "# TensorRT engines of this build, by hand: written by `prune-export build --target tensorrt` from",
+        "# manifest.json's profiles (`prune-export engines .` does the same through the TensorRT Python API).",
+        "# Run it in this directory on the GPU the engines are for; engines only load on the TensorRT version",
+        "# and GPU that built them.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        "",
+    ]
+    pool = f" --memPoolSize=workspace:{int(workspace_gb * 1024)}" if workspace_gb else ""
+    pool_poly = f" --pool-limit workspace:{int(workspace_gb * 2**30)}" if workspace_gb else ""
+    for graph, entry in manifest.graphs.items():
+        profile, values = profile_for_graph(manifest, graph)
+        shapes = {i: {**{n: s[i] for n, s in profile.items()}, **{n: v[i] for n, v in values.items()}} for i in range(3)}
+        plan = engine_file(graph)
+        lines.append(f"# {graph}: {entry.file} -> {plan}")
+        if not profile and not values:
+            lines.append(f"trtexec --onnx={entry.file} --stronglyTyped --saveEngine={plan}{pool}")
+            lines.append(f"trtexec --loadEngine={plan} --useCudaGraph --warmUp=500 --iterations=100")
+            lines.append(f"# polygraphy convert {entry.file} --convert-to trt --strongly-typed{pool_poly} -o {plan}")
+        else:
+            lines.append(
+                f"trtexec --onnx={entry.file} --stronglyTyped --saveEngine={plan}{pool} \\\n"
+                f"  --minShapes={_spec_list(shapes[0])} \\\n  --optShapes={_spec_list(shapes[1])} \\\n"
+                f"  --maxShapes={_spec_list(shapes[2])}"
+            )
+            lines.append(f"trtexec --loadEngine={plan} --shapes={_spec_list(shapes[1])} --useCudaGraph --warmUp=500 --iterations=100")
+            lines.append(
+                f"# polygraphy convert {entry.file} --convert-to trt --strongly-typed{pool_poly} -o {plan} \\\n"
+                f"#   --trt-min-shapes {_poly_list(shapes[0])} \\\n#   --trt-opt-shapes {_poly_list(shapes[1])} \\\n"
+                f"#   --trt-max-shapes {_poly_list(shapes[2])}"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -344,11 +344,19 @@ def _build_into(
             "rebuild with --skip-check only if you know why they differ"
         )
     if settings.target == "tensorrt":
+        from engines.tensorrt import tensorrt_commands
+
+        (work / TRT_COMMANDS).write_text(tensorrt_commands(manifest, workspace_gb=settings.workspace_gb))
+        log(f"wrote {TRT_COMMANDS}: trtexec and polygraphy command lines for every engine, with the build's profiles")
         manifest = manifest.model_copy(update={"engines": _tensorrt_engines(work, manifest, settings, log)})
     manifest = manifest.with_file_digests(work)  # after the engines: their files are part of the build
     manifest.save(work)
     log(f"build finished in {time.perf_counter() - start:.1f} s")
     return manifest
+
+
+#: The trtexec / polygraphy command lines of a ``--target tensorrt`` build (:func:`engines.tensorrt.tensorrt_commands`).
+TRT_COMMANDS = "tensorrt_commands.sh"
 
 
 def _tensorrt_engines(work: Path, manifest: Manifest, settings: BuildSettings, log: Log) -> EngineReport:

@@ -1,0 +1,52 @@
+"""trtexec / polygraphy command lines of a ``--target tensorrt`` build, against its manifest and schedule table."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from engines.tensorrt import tensorrt_commands
+from prune_export.autoprune import ScheduleTable
+from prune_export.manifest import Manifest
+
+
+def _specs(text: str) -> dict[str, list[int]]:
+    return {name: [int(v) for v in dims.split("x")] for name, dims in (p.rsplit(":", 1) for p in text.split(","))}
+
+
+def test_build_writes_trtexec_commands_with_its_profiles(triton_builds: dict[str, Path]) -> None:
+    build = triton_builds["split"]
+    manifest = Manifest.load(build)
+    script = (build / "tensorrt_commands.sh").read_text()
+    assert "tensorrt_commands.sh" in manifest.files  # part of the build, digest recorded
+    assert script == tensorrt_commands(manifest)
+    commands = [shlex.split(c.replace("\\\n", " ")) for c in re.split(r"\n(?=trtexec)", script) if c.startswith("trtexec --onnx")]
+    builds = {}
+    for argv in commands:
+        opts = dict(a.removeprefix("--").split("=", 1) for a in argv[1:] if "=" in a)
+        builds[opts["onnx"]] = opts
+        assert "--stronglyTyped" in argv and opts["saveEngine"] == opts["onnx"].replace(".onnx", ".plan")
+    assert sorted(builds) == sorted(g.file for g in manifest.graphs.values())
+    ranges = manifest.shape_ranges
+    decode = builds["decode.onnx"]
+    kv_heads, head_dim = manifest.model["num_kv_heads"], manifest.model["head_dim"]
+    for i, key in enumerate(("minShapes", "optShapes", "maxShapes")):
+        shapes = _specs(decode[key])
+        assert shapes["past.2.key"] == [1, kv_heads, ranges["past_len_2"][i], head_dim]
+        assert shapes["past.2.position"] == [1, ranges["past_len_2"][i]]
+        assert "input_ids" not in shapes  # static [1, 1]: no profile entry
+    # the split prefill's shape tensors are given by value: the schedule table's per-layer count ranges
+    table = ScheduleTable.from_dict(json.loads((build / "schedule_table.json").read_text()))
+    keep, merged = table.count_ranges()
+    tail = builds["prefill_tail.onnx"]
+    for i, key in enumerate(("minShapes", "optShapes", "maxShapes")):
+        shapes = _specs(tail[key])
+        assert shapes["keep_counts"] == keep[i] and shapes["merged_counts"] == merged[i]
+        assert shapes["tail.text_hidden"][1] == ranges["text_len"][i]
+    assert "# polygraphy convert prefill_tail.onnx" in script
+
+
+def test_onnxruntime_builds_have_no_command_file(triton_builds: dict[str, Path]) -> None:
+    assert not (triton_builds["autoprune"] / "tensorrt_commands.sh").exists()
