@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -83,6 +84,42 @@ def save_for_ort(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    stale = path.parent / data_name
+    if not external and stale.exists():
+        stale.unlink()
+    return path.parent / data_name if external else None
+
+
+def save_ir_for_ort(model: Any, path: str | os.PathLike[str], inline_limit: int = INLINE_LIMIT) -> Path | None:
+    """Save an ``onnx_ir`` model over ``path`` as :func:`save_for_ort` does, with a fresh external data file.
+
+    A model loaded from ``path`` keeps its unchanged weights as references into ``path``'s data file;
+    saving the proto again would append the changed ones (a cast pass: every weight) to that file and leave
+    the old bytes in it, unreferenced (an fp16 7B decode graph would carry its fp32 weights too). Here the
+    model and a new data file holding exactly the weights it references are written into a staging folder
+    beside ``path`` (old weights streamed from their memory map, never all in memory), then renamed over
+    the old files. Returns the external data path, or None when the weights are inline.
+    """
+    import shutil
+
+    import onnx_ir as ir
+
+    path = Path(path)
+    model.ir_version = min(model.ir_version, IR_VERSION) if model.ir_version else IR_VERSION
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = size > inline_limit
+    data_name = path.name + ".data"
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".save", dir=path.parent))
+    try:
+        if external:
+            ir.save(model, stage / path.name, external_data=data_name, size_threshold_bytes=1024)
+            os.replace(stage / data_name, path.parent / data_name)
+        else:
+            ir.external_data.load_to_model(model)  # inline: every weight into the proto
+            ir.save(model, stage / path.name)
+        os.replace(stage / path.name, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     stale = path.parent / data_name
     if not external and stale.exists():
         stale.unlink()

@@ -143,14 +143,14 @@ def _optimize(path: Path, target: str, dtype: str, bounds: Mapping[str, Any], lo
     import onnx_ir as ir
 
     from exporter.baked import BakedPrefill
-    from exporter.onnx_export import save_for_ort
+    from exporter.onnx_export import save_ir_for_ort
     from graph_passes import PassManager, default_pipeline
 
     model = ir.load(str(path))
     # One bounds dict (and one float32 I/O list) serves every graph: names a graph does not use are ignored.
     pipeline = default_pipeline(target, dtype, bounds, keep_fp32_io=BakedPrefill.FLOAT32_IO)
     result = PassManager(pipeline).run(model)
-    save_for_ort(ir.serde.serialize_model(result.model), path)
+    save_ir_for_ort(result.model, path)
     changed = [r.name for r in result.reports if r.modified]
     log(f"  passes on {path.name}: {', '.join(r.name for r in result.reports)} (changed: {', '.join(changed) or 'none'})")
     return [{"graph": path.stem, "pass": r.name, "modified": r.modified, "seconds": round(r.seconds, 3)}
