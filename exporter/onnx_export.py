@@ -162,9 +162,13 @@ def _export(
                 ) from exc
             finally:
                 onnx_logger.setLevel(level)
-        program.save(str(raw), external_data=False)
-        model = onnx.load(str(raw))
-    external = save_for_ort(model, path, inline_limit)
+        # Weights go to an external file and are streamed from its memory map into the final one: an
+        # inline save would hold the whole model in one protobuf (and fail past protobuf's 2 GB limit).
+        program.save(str(raw), external_data=True)
+        del program
+        import onnx_ir as ir
+
+        external = save_ir_for_ort(ir.load(str(raw)), path, inline_limit)
     return ExportReport(path, time.perf_counter() - start, input_names, output_names, external)
 
 

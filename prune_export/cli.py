@@ -440,13 +440,16 @@ def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | Non
               help="ONNX Runtime provider of the parity check.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where PyTorch runs the model for the export and the parity check's reference: cpu, cuda, cuda:N.")
+@click.option("--low-memory", is_flag=True,
+              help="With --dtype fp16/bf16: load and export the model in that precision, never an fp32 copy of the "
+                   "weights (7B on a 24 GB machine); the check's reference then runs in that precision too.")
 @click.option("--skip-check", is_flag=True, help="Do not check the graphs against the PyTorch executor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: float | None,
               keep_schedule: str | None, autoprune_tokens: float | None, autoprune_positions: str | None,
               no_recycle: bool, dtype: str, target: str, max_text_tokens: int, max_sys_tokens: int,
-              provider: str, device: str, skip_check: bool, overwrite: bool, as_json: bool) -> None:
+              provider: str, device: str, low_memory: bool, skip_check: bool, overwrite: bool, as_json: bool) -> None:
     """Bake a plan into vision.onnx + prefill.onnx, optimize them, check them, write manifest.json.
 
     Static GSOP operations are removed from the graph; token selection (fixed schedule, AutoPrune) is TopK
@@ -461,7 +464,7 @@ def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: fl
     _, choice = choose_plan(model_dir, plan_path, budget, stages, autoprune)
     settings = BuildSettings(target=target, dtype=dtype, max_text_tokens=max_text_tokens,
                              max_sys_tokens=max_sys_tokens, check=not skip_check, provider=provider,
-                             device=device, overwrite=overwrite)
+                             device=device, low_memory=low_memory, overwrite=overwrite)
     manifest = build(model_dir, out_dir, choice, settings, _log_err)
     if as_json:
         _echo_json(manifest.model_dump(mode="json"))

@@ -66,6 +66,10 @@ class BuildSettings:
         provider: ONNX Runtime provider of the check (``auto``: CUDA when it really runs, else CPU).
         device: where PyTorch runs the model for the export and the executor's reference (``cpu``,
             ``cuda``, ``cuda:N``); the graphs are the same wherever they were traced.
+        low_memory: with ``dtype`` fp16/bf16, load the model in that precision and export it as it is (no
+            fp32 copy of the weights, no weight cast afterwards); the parity check's reference is then the
+            executor in that precision. Default: load in fp32, export, cast the graphs (fp32 islands kept)
+            and check against the fp32 executor.
         overwrite: replace an existing build directory.
         max_new_tokens: tokens a decode cache may grow by (the decode graph's shape ranges, TensorRT
             profiles); the runtime refuses longer answers only where an engine was built for this bound.
@@ -83,6 +87,7 @@ class BuildSettings:
     check: bool = True
     provider: str = "auto"
     device: str = "cpu"
+    low_memory: bool = False
     overwrite: bool = False
     workspace_gb: float | None = None
     max_new_tokens: int = 1024
@@ -209,6 +214,8 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
     from ..device import resolve_device
 
     resolve_device(settings.device)  # one line now, not after the export has started
+    if settings.low_memory and settings.dtype == "fp32":
+        raise BuildError("--low-memory exports the model in the precision it is built in: pass --dtype fp16 or bf16")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not settings.overwrite:
         raise BuildError(
@@ -239,9 +246,13 @@ def _build_into(
     )
 
     start = time.perf_counter()
-    from ..device import resolve_device
+    from ..device import resolve_device, torch_dtype
 
-    adapter = load_adapter(model_dir, device=resolve_device(settings.device))
+    load_dtype = torch_dtype(settings.dtype) if settings.low_memory else torch.float32
+    adapter = load_adapter(model_dir, dtype=load_dtype, device=resolve_device(settings.device))
+    if settings.low_memory:
+        log(f"--low-memory: the model is loaded and exported in {settings.dtype} (no fp32 copy); the parity "
+            f"check's reference is the executor in {settings.dtype}")  # fmt: skip
     spec = adapter.spec
     tokens = choice.tokens
     bake = None
@@ -257,7 +268,8 @@ def _build_into(
 
     def exporter(part: str) -> OnnxFromPlan:
         return OnnxFromPlan(
-            adapter, choice.ops, keep_stages, opset=settings.opset, max_sys_tokens=settings.max_sys_tokens,
+            adapter, choice.ops, keep_stages, dtype=settings.dtype if settings.low_memory else "fp32",
+            opset=settings.opset, max_sys_tokens=settings.max_sys_tokens,
             max_text_tokens=settings.max_text_tokens, positions=positions, autoprune=bake, part=part,
         )  # fmt: skip
 
