@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .device import provider_for
 from .errors import PruneExportError
 from .ops import Operation
 
@@ -285,7 +287,7 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
                 f"{model_dir} is a build directory: its plan and precision are baked into the graphs, so {', '.join(given)} "
                 "cannot change it; evaluate the model folder with those options, or build another directory"
             )
-        _eval_build(model_dir, data_path, max_new_tokens, limit, as_json, samples_out, _build_provider(device))
+        _eval_build(model_dir, data_path, max_new_tokens, limit, as_json, samples_out, provider_for(device))
         return
     _check_budget_option(budget, plan_path)
     stages = _keep_schedule(keep_schedule)
@@ -294,27 +296,11 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
                  "k_step": autoprune_k_step, "recycle": False if no_recycle else None}
     from .workflows.evaluate import evaluate_model
 
+    where = {"device": device or "cpu", "dtype": torch_dtype or "fp32"}
     run = evaluate_model(model_dir, data_path, plan_path=plan_path, budget=budget, stages=stages,
                          autoprune=autoprune, autoprune_mode=autoprune_mode, max_new_tokens=max_new_tokens,
-                         limit=limit, samples_out=samples_out, device=device or "cpu", dtype=torch_dtype or "fp32")
-    _echo_eval(run.report, run.policy, as_json, {"device": device or "cpu", "dtype": torch_dtype or "fp32"})
-
-
-def _build_provider(device: str | None, provider: str = "auto") -> str:
-    """The ONNX Runtime provider for ``--device`` on a build (``--provider`` where ``--device`` is not given)."""
-    if device is None:
-        return provider
-    from .device import DeviceError
-
-    text = device.strip().lower()
-    if text == "cpu":
-        return "cpu"
-    if text in ("cuda", "cuda:0"):
-        return "cuda"
-    if text.startswith("cuda:") and text[5:].isdigit():
-        raise DeviceError(f"--device {device}: builds run on ONNX Runtime's first visible GPU; select GPU "
-                          f"{text[5:]} with CUDA_VISIBLE_DEVICES={text[5:]} and --device cuda")  # fmt: skip
-    raise DeviceError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
+                         limit=limit, samples_out=samples_out, **where)
+    _echo_eval(run.report, run.policy, as_json, where)
 
 
 def _eval_build(build_dir: Path, data_path: Path, max_new_tokens: int, limit: int | None, as_json: bool,
@@ -604,14 +590,20 @@ def run_cmd(build_dir: Path, image_path: Path, question: str, max_new_tokens: in
     """
     from .workflows.generate import run_build
 
+    if device is not None and provider != "auto":
+        raise PruneExportError("--device and --provider both choose the provider; pass one of them")
+    _echo_answer(lambda on_text: run_build(build_dir, image_path, question, max_new_tokens=max_new_tokens,
+                                           provider=provider_for(device, provider), threads=threads,
+                                           expect_dtype=expect_dtype, on_text=on_text), stream, as_json)  # fmt: skip
+
+
+def _echo_answer(produce: Callable[[Callable[[str], None] | None], dict[str, Any]], stream: bool, as_json: bool) -> None:
+    """Print the answer of ``produce(on_text)`` (``run``, ``ask``): as it streams, as JSON, or whole."""
+
     def echo_piece(piece: str) -> None:
         click.echo(piece, nl=False)
 
-    if device is not None and provider != "auto":
-        raise PruneExportError("--device and --provider both choose the provider; pass one of them")
-    result = run_build(build_dir, image_path, question, max_new_tokens=max_new_tokens,
-                       provider=_build_provider(device, provider), threads=threads, expect_dtype=expect_dtype,
-                       on_text=echo_piece if stream and not as_json else None)  # fmt: skip
+    result = produce(echo_piece if stream and not as_json else None)
     if as_json:
         _echo_json(result)
     elif stream:
@@ -694,17 +686,8 @@ def ask_cmd(url: str, image_path: Path, question: str, protocol: str | None, mod
     """Ask a model served by Triton (URL: http://HOST:PORT or grpc://HOST:PORT) a question about an image."""
     from .workflows.deploy import ask
 
-    def echo_piece(piece: str) -> None:
-        click.echo(piece, nl=False)
-
-    result = ask(url, image_path, question, protocol=protocol, model=model, max_new_tokens=max_new_tokens,
-                 wait=wait, on_text=echo_piece if stream and not as_json else None)  # fmt: skip
-    if as_json:
-        _echo_json(result)
-    elif stream:
-        click.echo()
-    else:
-        click.echo(result["answer"])
+    _echo_answer(lambda on_text: ask(url, image_path, question, protocol=protocol, model=model,
+                                     max_new_tokens=max_new_tokens, wait=wait, on_text=on_text), stream, as_json)  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,6 +51,21 @@ def torch_dtype(name: str) -> Any:
     return table[name]
 
 
-def provider_for(device: str) -> str:
-    """The ONNX Runtime provider choice for a ``--device`` (builds run on ONNX Runtime)."""
-    return "cpu" if device == "cpu" else "cuda"
+def provider_for(device: str | None, provider: str = "auto") -> str:
+    """The ONNX Runtime provider for ``--device`` on a build (``provider`` where ``--device`` is not given).
+
+    Builds run on ONNX Runtime, which uses the first visible GPU: ``cuda:N`` with N > 0 is refused with the
+    environment variable that selects that GPU.
+    """
+    if device is None:
+        return provider
+    text = device.strip().lower()
+    if not _DEVICE.match(text):
+        raise DeviceError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N")
+    if text == "cpu":
+        return "cpu"
+    index = text.partition(":")[2]
+    if index and int(index) > 0:
+        raise DeviceError(f"--device {device}: builds run on ONNX Runtime's first visible GPU; select GPU "
+                          f"{index} with CUDA_VISIBLE_DEVICES={index} and --device cuda")  # fmt: skip
+    return "cuda"

@@ -79,11 +79,12 @@ def ask(
     """
     from engines.triton.client import TritonAsker
 
-    if not image_path.is_file():
-        raise DataError(f"image {image_path} does not exist" if not image_path.exists() else f"image {image_path} is not a file")
+    from .generate import require_file
+
+    image_file = require_file(image_path)
     if not question.strip():
         raise DataError("the question is empty; pass --question with the text to ask about the image")
-    image = image_path.read_bytes()
+    image = image_file.read_bytes()
     deadline = time.monotonic() + wait
     while True:
         try:

@@ -25,13 +25,19 @@ from ..manifest import Manifest
 BENCH_QUESTION = "How many dogs are there in this picture, and where are they standing? Answer in one sentence."
 
 
+def require_file(path: str | Path, what: str = "image") -> Path:
+    """``path`` if it is a file, else one line saying whether it is missing or not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    return path
+
+
 def open_image(path: str | Path) -> Any:
     """A PIL image from ``path``, or one line saying why it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image {path} does not exist" if not path.exists() else f"image {path} is not a file")
+    path = require_file(path)
     try:
         with Image.open(path) as img:
             img.load()
