@@ -37,7 +37,7 @@ from .executor import PositionMode
 IR_VERSION = 10
 DEFAULT_OPSET = 20
 #: Graphs with more weight bytes than this keep them in one external ``.onnx.data`` file.
-INLINE_LIMIT = 1 << 30
+INLINE_LIMIT = 256 << 20
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -97,8 +97,11 @@ def save_ir_for_ort(model: Any, path: str | os.PathLike[str], inline_limit: int 
     saving the proto again would append the changed ones (a cast pass: every weight) to that file and leave
     the old bytes in it, unreferenced (an fp16 7B decode graph would carry its fp32 weights too). Here the
     model and a new data file holding exactly the weights it references are written into a staging folder
-    beside ``path`` (old weights streamed from their memory map, never all in memory), then renamed over
-    the old files. Returns the external data path, or None when the weights are inline.
+    beside ``path``, then renamed over the old files. The weights are streamed one at a time: those read
+    from a data file are copied with plain reads in chunks (never memory-mapped, so they do not stay
+    resident), the others (in-memory arrays, the exporter's torch parameters) are serialized one by one.
+    Peak memory is one weight, whatever the model's size. Returns the external data path, or None when the
+    weights are inline.
     """
     import shutil
 
@@ -106,17 +109,17 @@ def save_ir_for_ort(model: Any, path: str | os.PathLike[str], inline_limit: int 
 
     path = Path(path)
     model.ir_version = min(model.ir_version, IR_VERSION) if model.ir_version else IR_VERSION
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    external = size > inline_limit
+    values = [v for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None]
+    external = sum(v.const_value.nbytes for v in values) > inline_limit
     data_name = path.name + ".data"
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".save", dir=path.parent))
     try:
         if external:
-            ir.save(model, stage / path.name, external_data=data_name, size_threshold_bytes=1024)
+            _stream_weights(values, stage / data_name, data_name, path.parent)
             os.replace(stage / data_name, path.parent / data_name)
         else:
             ir.external_data.load_to_model(model)  # inline: every weight into the proto
-            ir.save(model, stage / path.name)
+        ir.save(model, stage / path.name)
         os.replace(stage / path.name, path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -124,6 +127,63 @@ def save_ir_for_ort(model: Any, path: str | os.PathLike[str], inline_limit: int 
     if not external and stale.exists():
         stale.unlink()
     return path.parent / data_name if external else None
+
+
+#: Weights above this size go to the external data file (smaller ones stay in the proto).
+EXTERNAL_THRESHOLD = 1024
+#: Large weights start at offsets aligned to this, so runtimes can memory-map them.
+_ALIGN, _ALIGN_ABOVE = 4096, 1 << 20
+_CHUNK = 64 << 20
+
+
+def _stream_weights(values: list[Any], data_path: Path, data_name: str, base_dir: Path) -> None:
+    """Write every initializer above :data:`EXTERNAL_THRESHOLD` into ``data_path`` and point it there.
+
+    ``base_dir`` is where ``data_name`` will live once the staged files are renamed. Weights already in an
+    external data file are copied by ``read``/``write`` in :data:`_CHUNK` pieces; any memory map a loaded
+    weight holds is released.
+    """
+    import onnx_ir as ir
+
+    sources: dict[str, Any] = {}
+    moved = []
+    try:
+        with open(data_path, "wb") as out:
+            for value in values:
+                tensor = value.const_value
+                if tensor.nbytes <= EXTERNAL_THRESHOLD:
+                    if isinstance(tensor, ir.ExternalTensor):
+                        value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name)
+                        tensor.release()
+                    continue
+                offset = out.tell()
+                if tensor.nbytes > _ALIGN_ABOVE and offset % _ALIGN:
+                    out.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                    offset = out.tell()
+                if isinstance(tensor, ir.ExternalTensor):
+                    src = sources.get(tensor.path)
+                    if src is None:
+                        src = sources[tensor.path] = open(tensor.path, "rb")  # noqa: SIM115
+                    src.seek(tensor.offset or 0)
+                    left = tensor.length or tensor.nbytes
+                    while left:
+                        chunk = src.read(min(left, _CHUNK))
+                        if not chunk:
+                            raise BuildError(f"{tensor.path} ends inside weight {tensor.name!r}; the file is truncated")
+                        out.write(chunk)
+                        left -= len(chunk)
+                    tensor.release()
+                else:
+                    out.write(tensor.tobytes())
+                moved.append((value, ir.ExternalTensor(
+                    data_name, offset, out.tell() - offset, tensor.dtype, shape=tensor.shape,
+                    name=tensor.name or value.name, base_dir=base_dir,
+                )))  # fmt: skip
+    finally:
+        for src in sources.values():
+            src.close()
+    for value, tensor in moved:
+        value.const_value = tensor
 
 
 def _export(
@@ -137,39 +197,82 @@ def _export(
     inline_limit: int,
 ) -> ExportReport:
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="prune-export-") as tmp:
-        raw = Path(tmp) / path.name
-        onnx_logger = logging.getLogger("torch.onnx")
-        level = onnx_logger.level
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch/transformers)
-            onnx_logger.setLevel(logging.ERROR)
-            try:
-                program = torch.onnx.export(
-                    module,
-                    args,
-                    dynamo=True,
-                    input_names=input_names,
-                    output_names=output_names,
-                    dynamic_shapes=dynamic_shapes,
-                    opset_version=opset,
-                    optimize=True,
-                    verbose=False,
-                )
-            except Exception as exc:  # torch.export / onnx conversion failures
-                raise BuildError(
-                    f"ONNX export of {type(module).__name__} failed: {type(exc).__name__}: {exc}"
-                ) from exc
-            finally:
-                onnx_logger.setLevel(level)
-        # Weights go to an external file and are streamed from its memory map into the final one: an
-        # inline save would hold the whole model in one protobuf (and fail past protobuf's 2 GB limit).
-        program.save(str(raw), external_data=True)
-        del program
-        import onnx_ir as ir
-
-        external = save_ir_for_ort(ir.load(str(raw)), path, inline_limit)
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # exporter chatter (deprecations inside torch/transformers)
+        onnx_logger.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                optimize=False,  # below, once the weights the graph does not use are gone
+                verbose=False,
+            )
+            _forget_removed_values(program.model)
+            _drop_unused_initializers(program.model)
+            program.optimize()
+        except Exception as exc:  # torch.export / onnx conversion failures
+            raise BuildError(
+                f"ONNX export of {type(module).__name__} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            onnx_logger.setLevel(level)
+    # The exported weights are the module's own tensors (no copy); they are streamed into the data file
+    # one by one. An inline save would hold the whole model in one protobuf (and fail past 2 GB).
+    external = save_ir_for_ort(program.model, path, inline_limit)
+    # onnxscript's optimizer keeps its global rewrite rules pointing at the last graph they matched; a graph
+    # whose initializers still held the module's tensors would keep them alive (at 7B, 13 GB of weights
+    # resident after the model is gone). The saved file holds them now.
+    _drop_weights(program.model)
+    del program
     return ExportReport(path, time.perf_counter() - start, input_names, output_names, external)
+
+
+def _drop_unused_initializers(model: Any) -> None:
+    """Remove the weights no node reads (a baked module owns the whole model; a graph uses a part of it).
+
+    The optimizer would remove them too, but would keep the removed values, and so the module's tensors,
+    reachable from its global rewrite rules after the export (see :func:`_drop_weights`).
+    """
+    for graph in model.graphs():
+        outputs = set(map(id, graph.outputs))
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and id(value) not in outputs:
+                value.const_value = None
+                del graph.initializers[name]
+
+
+def _forget_removed_values(model: Any) -> None:
+    """Release the tensors of values the exporter removed from the graph's inputs.
+
+    torch.onnx lifts every parameter of the module as a graph input and removes the ones the graph does not
+    read; onnx_ir's input list keeps such a removed value (with the module's tensor) as a zero-count key
+    of its reference counter, so a graph reachable from the optimizer's global rules would keep those
+    tensors alive. The counter is private: where it is absent (another onnx_ir), there is nothing to do.
+    """
+    for graph in model.graphs():
+        for io in (graph.inputs, graph.outputs):
+            counter = getattr(io, "_ref_counter", None)
+            if not isinstance(counter, dict):
+                continue
+            for value, count in list(counter.items()):
+                if count <= 0:
+                    del counter[value]
+                    if value.name not in graph.initializers:
+                        value.const_value = None
+
+
+def _drop_weights(model: Any) -> None:
+    """Let go of every initializer's tensor (after the save: the files hold them)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            value.const_value = None
 
 
 class OnnxFromPlan:

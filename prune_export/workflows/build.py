@@ -292,6 +292,18 @@ def _build_into(
     log(f"  exported in {time.perf_counter() - t0:.1f} s")
     adapter.save_preprocessing(work / PROCESSOR_DIR)
     graph_names = ["vision", *parts, "embed", "decode"]
+    inputs = _check_inputs(adapter, work, settings)
+    generation = {"processor": PROCESSOR_DIR, "image_token_id": int(adapter.image_token_id),
+                  "eos_token_ids": [int(i) for i in adapter.eos_token_ids],
+                  "max_new_tokens": settings.max_new_tokens}  # fmt: skip
+    if not settings.check:
+        # Nothing runs in PyTorch after the export: let the weights go before the passes read the graphs
+        # (at 7B the model's pages and a graph's would not fit in memory together).
+        del adapter
+        import gc
+
+        gc.collect()
+        adapter = None
 
     bounds: dict[str, Any] = {
         "batch": (1, 1, settings.max_batch),
@@ -329,13 +341,11 @@ def _build_into(
         autoprune=autoprune_doc,
         passes=passes,
         versions=_versions(),
-        generation={"processor": PROCESSOR_DIR, "image_token_id": int(adapter.image_token_id),
-                    "eos_token_ids": [int(i) for i in adapter.eos_token_ids],
-                    "max_new_tokens": settings.max_new_tokens},  # fmt: skip
+        generation=generation,
     )
     provisional = Manifest(flops={}, check=CheckReport(status="skipped"), **manifest_base)
     provisional.save(work)  # engines read the graph list from it; replaced below, renamed in last
-    check, flops = _check(adapter, work, provisional, choice, settings, log)
+    check, flops = _check(adapter, spec, inputs, work, provisional, choice, settings, log)
     manifest = Manifest(flops=flops, check=check, **manifest_base)
     if check.status == "failed":
         (work / "manifest.json").unlink()
@@ -401,27 +411,21 @@ def _engine_report(
         return EngineReport(status="failed", reason=str(err), tensorrt=tensorrt_version())
 
 
-def _check(
-    adapter: Any, work: Path, manifest: Manifest, choice: PlanChoice, settings: BuildSettings, log: Log
-) -> tuple[CheckReport, dict[str, Any]]:
-    """Parity of vision and prefill against the executor, and census FLOPs against the cost model."""
-    import torch
+@dataclass
+class _CheckInputs:
+    """The check prompts, prepared once right after the export: samples, pixels and prefill feeds."""
 
-    from engines.onnxruntime import OrtRunner, SessionFromOnnx
-    from engines.prefill import PrefillRunner
+    samples: list[Any]
+    pixels: list[Any]
+    feeds: list[dict[str, np.ndarray]]
+
+
+def _check_inputs(adapter: Any, work: Path, settings: BuildSettings) -> _CheckInputs:
+    """Tokenize the check prompts and run the vision tower; writes ``check_inputs.npz`` (``inspect``, ``bench``)."""
     from exporter.baked import BakedPrefill
-    from exporter.executor import PlanExecutor
     from exporter.sample import build_sample
 
-    from .selection import token_policy
-
-    spec = adapter.spec
-    tolerance = TOLERANCE[settings.dtype]
-    lm_head = 2 * spec.hidden_size * spec.vocab_size  # the graph's one logits row; the cost model leaves it out
-    executor = PlanExecutor(adapter)
-    policy = token_policy(choice.tokens, spec, mode="table")  # what the graph does: the schedule table
-    samples = []
-    pixels = []
+    samples, pixels = [], []
     for seed, question in settings.check_prompts:
         tokens = adapter.tokenize(_check_image(seed), question)
         vision = adapter.vision(tokens.pixel_values)
@@ -433,11 +437,35 @@ def _check(
         for s in samples
     ]
     np.savez(work / CHECK_INPUTS, pixel_values=pixels[0].float().cpu().numpy(), **feeds[0])
+    return _CheckInputs(samples, pixels, feeds)
+
+
+def _check(
+    adapter: Any, spec: Any, inputs: _CheckInputs, work: Path, manifest: Manifest, choice: PlanChoice,
+    settings: BuildSettings, log: Log,
+) -> tuple[CheckReport, dict[str, Any]]:  # fmt: skip
+    """Parity of vision and prefill against the executor, and census FLOPs against the cost model.
+
+    With the check off (``adapter`` is then None) nothing runs: the FLOPs document holds the plan's ratio only.
+    """
+    import torch
+
+    from engines.onnxruntime import OrtRunner, SessionFromOnnx
+    from engines.prefill import PrefillRunner
+    from exporter.executor import PlanExecutor
+
+    from .selection import token_policy
+
+    lm_head = 2 * spec.hidden_size * spec.vocab_size  # the graph's one logits row; the cost model leaves it out
+    if not settings.check:
+        log("parity check skipped (--skip-check): the graphs were not run")
+        return CheckReport(status="skipped"), _flops_doc(spec, choice, [], [], lm_head)
+    tolerance = TOLERANCE[settings.dtype]
+    executor = PlanExecutor(adapter)
+    policy = token_policy(choice.tokens, spec, mode="table")  # what the graph does: the schedule table
+    samples, pixels, feeds = inputs.samples, inputs.pixels, inputs.feeds
     references = [executor.prefill(s, choice.ops, policy) for s in samples]
     flops = _flops_doc(spec, choice, samples, references, lm_head)
-    if not settings.check:
-        log("parity check skipped (--skip-check)")
-        return CheckReport(status="skipped"), flops
 
     log(f"checking against the PyTorch executor on {len(samples)} prompts (tolerance {tolerance:g})")
     results: dict[str, float] = {}
@@ -547,7 +575,8 @@ def _flops_doc(spec: Any, choice: PlanChoice, samples: list[Any], results: list[
     for s, result in zip(samples, results, strict=True):
         dense = prefill_flops(spec, s.sizes)
         per.append({"tokens": s.num_tokens, "dense": dense, "executed": result.flops, "ratio": result.flops / dense})
-    doc["check_prompts"] = per
+    if per:
+        doc["check_prompts"] = per
     return doc
 
 
