@@ -35,7 +35,7 @@ _INFERENCE_CONST_LIMIT = 4096
 #: onnxruntime 1.31 reads at most this IR version.
 _ORT_MAX_IR_VERSION = 13
 
-Method = Literal["auto", "shape_inference", "onnxruntime"]
+Method = Literal["auto", "shape_inference", "symbolic", "static", "onnxruntime"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,16 +83,20 @@ def census(
         input_values: values for inputs whose *values* steer shapes (keep counts K, spans);
             required for integer scalar inputs.
         method: ``"shape_inference"`` (fast, no weights needed; fails if a shape stays
-            unresolved), ``"onnxruntime"`` (runs the graph once on CPU; zeros for inputs without
-            values), or ``"auto"`` (inference first, onnxruntime when it leaves shapes unresolved).
+            unresolved), ``"symbolic"`` (ONNX Runtime's symbolic shape inference, which follows shape
+            arithmetic further: a GSOP graph's per-group row counts; no weights needed either),
+            ``"static"`` (shape inference, then symbolic: never runs the graph), ``"onnxruntime"`` (runs
+            the graph once on CPU; zeros for inputs without values), or ``"auto"`` (inference first,
+            onnxruntime when it leaves shapes unresolved).
 
     Raises:
         BuildError: an input is missing a shape or value, a shape conflicts with the graph, or
             the requested method cannot resolve the operand shapes.
     """
-    if method not in ("auto", "shape_inference", "onnxruntime"):
+    if method not in ("auto", "shape_inference", "symbolic", "static", "onnxruntime"):
         raise BuildError(
-            f"unknown census method {method!r}; expected 'auto', 'shape_inference' or 'onnxruntime'"
+            f"unknown census method {method!r}; expected 'auto', 'shape_inference', 'symbolic', 'static' or "
+            "'onnxruntime'"
         )
     ir_model = _as_ir_model(model)
     feeds = _concrete_inputs(ir_model.graph, input_shapes or {}, input_values or {})
@@ -100,12 +104,21 @@ def census(
 
     operand_shapes: dict[str, tuple[int, ...]] | None = None
     used = "shape_inference"
-    if method in ("auto", "shape_inference"):
+    if method in ("auto", "shape_inference", "static"):
         operand_shapes = _shapes_by_inference(ir_model, feeds, nodes)
         if operand_shapes is None and method == "shape_inference":
             raise BuildError(
                 "ONNX shape inference could not resolve every matmul operand shape; use "
                 "method='onnxruntime' (runs the graph once) or 'auto'"
+            )
+    if operand_shapes is None and method in ("symbolic", "static"):
+        operand_shapes = _shapes_by_symbolic_inference(ir_model, feeds, nodes)
+        used = "symbolic"
+        if operand_shapes is None:
+            raise BuildError(
+                "neither ONNX shape inference nor ONNX Runtime's symbolic shape inference could resolve every "
+                "matmul operand shape (a shape depends on the inputs' values); use method='onnxruntime' "
+                "(runs the graph once) or 'auto'"
             )
     if operand_shapes is None:
         operand_shapes = _shapes_by_onnxruntime(ir_model, feeds, nodes)
@@ -255,16 +268,15 @@ def _operands(nodes: Sequence[ir.Node]) -> list[ir.Value]:
     return list(seen.values())
 
 
-def _shapes_by_inference(
-    model: ir.Model, feeds: Mapping[str, np.ndarray], nodes: Sequence[ir.Node]
-) -> dict[str, tuple[int, ...]] | None:
-    """Operand shapes from ONNX shape inference with integer feeds folded in as constants."""
+def _inference_proto(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """The graph without weights for shape inference: integer feeds folded in as constants, float inputs
+    typed with their feeds' shapes, small initializers kept (shape arithmetic reads them), large ones typed
+    inputs (their data is never read)."""
     proto = ir.to_proto(model)
     graph = proto.graph
     del graph.value_info[:]
     for output in graph.output:
         output.type.tensor_type.ClearField("shape")
-    # Small initializers stay (shape arithmetic reads them); large ones become typed inputs.
     del graph.initializer[:]
     for init in model.graph.initializers.values():
         tensor = init.const_value
@@ -290,12 +302,10 @@ def _shapes_by_inference(
                     inp.name, inp.type.tensor_type.elem_type, list(array.shape)
                 )
             )
-    try:
-        inferred = onnx.shape_inference.infer_shapes(
-            proto, check_type=False, strict_mode=False, data_prop=True
-        )
-    except Exception:  # noqa: BLE001 - any inference failure means "unresolved", not an error
-        return None
+    return proto
+
+
+def _known_shapes(inferred: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     known: dict[str, tuple[int, ...]] = {}
     for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
@@ -305,6 +315,12 @@ def _shapes_by_inference(
             known[info.name] = tuple(int(d.dim_value) for d in dims)
     for init in inferred.graph.initializer:
         known[init.name] = tuple(int(d) for d in init.dims)
+    return known
+
+
+def _operand_shapes(
+    known: Mapping[str, tuple[int, ...]], nodes: Sequence[ir.Node]
+) -> dict[str, tuple[int, ...]] | None:
     shapes: dict[str, tuple[int, ...]] = {}
     for value in _operands(nodes):
         shape = known.get(_key(value))
@@ -312,6 +328,36 @@ def _shapes_by_inference(
             return None
         shapes[_key(value)] = shape
     return shapes
+
+
+def _shapes_by_inference(
+    model: ir.Model, feeds: Mapping[str, np.ndarray], nodes: Sequence[ir.Node]
+) -> dict[str, tuple[int, ...]] | None:
+    """Operand shapes from ONNX shape inference with integer feeds folded in as constants."""
+    proto = _inference_proto(model, feeds)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False, data_prop=True
+        )
+    except Exception:  # noqa: BLE001 - any inference failure means "unresolved", not an error
+        return None
+    return _operand_shapes(_known_shapes(inferred), nodes)
+
+
+def _shapes_by_symbolic_inference(
+    model: ir.Model, feeds: Mapping[str, np.ndarray], nodes: Sequence[ir.Node]
+) -> dict[str, tuple[int, ...]] | None:
+    """Operand shapes from ONNX Runtime's symbolic shape inference (no weights read, nothing run)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # lazy: only this path
+
+    proto = _inference_proto(model, feeds)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception:  # noqa: BLE001 - any inference failure means "unresolved", not an error
+        return None
+    if inferred is None:
+        return None
+    return _operand_shapes(_known_shapes(inferred), nodes)
 
 
 def _shapes_by_onnxruntime(

@@ -496,12 +496,15 @@ def _log_err(message: str) -> None:
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Count for a prompt with this many text tokens [default: the build's check prompt].")
+@click.option("--no-run", is_flag=True,
+              help="Count by ONNX shape inference without running the graph (no weights loaded: builds too "
+                   "large to run here, e.g. 7B fp16 on a CPU). Static plans only; KV lengths are not reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect_cmd(build_dir: Path, text_tokens: int | None, as_json: bool) -> None:
+def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json: bool) -> None:
     """Node counts by op type and matmul FLOPs of the prefill graph, computed from the graph itself."""
     from .workflows.build import inspect_build
 
-    doc = inspect_build(build_dir, text_tokens)
+    doc = inspect_build(build_dir, text_tokens, run=not no_run)
     if as_json:
         _echo_json(doc)
         return
@@ -509,7 +512,8 @@ def inspect_cmd(build_dir: Path, text_tokens: int | None, as_json: bool) -> None
     click.echo(f"{build_dir}: {doc['target']}, {doc['dtype']}, prefill {doc['prefill_layout']}")
     click.echo(f"prompt        {p['sys_tokens']} sys + {p['visual_tokens']} visual + {p['text_tokens']} text tokens")
     click.echo(f"matmul FLOPs  {_tflops(doc['matmul_flops'])}")
-    click.echo("KV tokens     " + " ".join(str(n) for n in doc["kv_tokens_per_layer"]))
+    kv = doc["kv_tokens_per_layer"]
+    click.echo("KV tokens     " + (" ".join(str(n) for n in kv) if kv is not None else "(not run: --no-run)"))
     if "autoprune" in doc:
         a = doc["autoprune"]
         click.echo(f"AutoPrune     I1 {a['complexity']:.5f}, keep {a['keep']}, merged {a['merged']}")

@@ -326,6 +326,26 @@ def test_skip_check_writes_a_skipped_check(other_model: Path) -> None:
     assert m.check.status == "skipped" and m.check.outputs == [] and m.check.provider is None
     assert m.model["num_layers"] == 3
     assert {"vision.onnx", "prefill.onnx", CHECK_INPUTS} <= {p.name for p in other_model.iterdir()}
+    assert "check_prompts" not in m.flops  # nothing ran in PyTorch after the export
+
+
+def test_inspect_without_running_counts_what_the_cost_model_says(gsop: Path, dense: Path, plan, other_model: Path) -> None:
+    """``--no-run`` (shape inference, no weights loaded: how a 7B build is inspected on a CPU) gives the run's counts."""
+    _, p, budget = plan
+    for build, ops in ((dense, ()), (gsop, p.select(budget).ops), (other_model, ())):
+        ran, counted = _json("inspect", build, "--json"), _json("inspect", build, "--json", "--no-run")
+        assert counted["matmul_flops"] == ran["matmul_flops"]
+        assert counted["op_counts"] == ran["op_counts"] and counted["prompt"] == ran["prompt"]
+        assert counted["kv_tokens_per_layer"] is None and ran["kv_tokens_per_layer"]
+        spec = load_spec(Manifest.load(build).model["path"])
+        assert counted["matmul_flops"] == _check_prompt_flops(build, spec, ops)  # LM-head row included
+    code, output = run("inspect", dense, "--no-run", "--text-tokens", 9)
+    assert code == 0 and "(not run: --no-run)" in output
+
+
+def test_inspect_without_running_refuses_an_autoprune_build(autoprune_trt: Path) -> None:
+    code, output = run("inspect", autoprune_trt, "--no-run")
+    assert_clean_error(code, output, "depends on the prompt")
 
 
 # -- errors --------------------------------------------------------------------------------------------------

@@ -640,19 +640,40 @@ def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0)
     return feed
 
 
-def inspect_build(build_dir: Path, text_tokens: int | None = None) -> dict[str, Any]:
-    """Op counts and matmul FLOPs of the prefill graph(s) for one prompt, computed from the graphs."""
+def inspect_build(build_dir: Path, text_tokens: int | None = None, *, run: bool = True) -> dict[str, Any]:
+    """Op counts and matmul FLOPs of the prefill graph(s) for one prompt, computed from the graphs.
+
+    With ``run=False`` the graphs are never run: the FLOPs come from ONNX shape inference alone (no
+    weights are loaded; for builds too large to run on this machine, a 7B fp16 graph on a CPU), and the
+    per-layer KV lengths (read from a run) are None. Shapes that depend on the prompt's values (AutoPrune)
+    cannot be inferred: such a build is refused.
+    """
     import onnx
 
     from engines.prefill import PrefillRunner
+    from graph_passes import census
 
     manifest = Manifest.load(build_dir, verify="full")
     feed = prompt_feeds(build_dir, text_tokens)
-    prefill = PrefillRunner(build_dir, provider="cpu", manifest=manifest)
     names = ["prefill"] if manifest.prefill_layout == "single" else ["prefill_head", "prefill_tail"]
+    out: dict[str, np.ndarray] = {}
+    if run:
+        prefill = PrefillRunner(build_dir, provider="cpu", manifest=manifest)
+        flops = _graph_flops(prefill, feed)
+        out = prefill.infer(_cast_feeds(prefill, feed))
+    elif manifest.prefill_layout != "single" or manifest.autoprune is not None:
+        raise BuildError(
+            f"inspect --no-run cannot count {build_dir}: its AutoPrune prefill keeps a number of tokens that "
+            "depends on the prompt, which shape inference cannot know without running the graph; inspect "
+            "it without --no-run"
+        )
+    else:
+        try:
+            flops = census(manifest.graph_path(build_dir, "prefill"), input_values=feed, method="static").matmul_flops
+        except BuildError as err:
+            raise BuildError(f"inspect --no-run cannot count {build_dir}: {err}; inspect it without --no-run") from None
     op_counts: dict[str, dict[str, int]] = {}
     counts_total: dict[str, int] = {}
-    flops = _graph_flops(prefill, feed)
     for name in names:
         model = onnx.load(str(manifest.graph_path(build_dir, name)), load_external_data=False)
         counts: dict[str, int] = {}
@@ -662,8 +683,7 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None) -> dict[str, 
         op_counts[name] = dict(sorted(counts.items()))
         for k, v in counts.items():
             counts_total[k] = counts_total.get(k, 0) + v
-    out = prefill.infer(_cast_feeds(prefill, feed))
-    kv = [int(out[f"present.{layer}.key"].shape[2]) for layer in range(manifest.model["num_layers"])]
+    kv = [int(out[f"present.{layer}.key"].shape[2]) for layer in range(manifest.model["num_layers"])] if run else None
     sys_len, txt_len = feed["sys_embeds"].shape[1], feed["text_embeds"].shape[1]
     doc: dict[str, Any] = {
         "build": str(build_dir),

@@ -87,7 +87,7 @@ def test_two_matmuls_static_inference(make_model: MakeModel) -> None:
     assert census(model, {"x": (2, 3, 8)}, method="onnxruntime").matmul_flops == 2304
 
 
-@pytest.mark.parametrize("method", ["auto", "onnxruntime", "shape_inference"])
+@pytest.mark.parametrize("method", ["auto", "onnxruntime", "shape_inference", "symbolic"])
 @pytest.mark.parametrize("k", [3, 5])
 def test_topk_k_from_input_sets_the_flops(make_model: MakeModel, method: str, k: int) -> None:
     model = ir.from_proto(_topk_graph(make_model))
@@ -133,6 +133,8 @@ def test_onnxruntime_is_used_when_inference_cannot_resolve(make_model: MakeModel
     assert result.matmul_flops == 2 * 4 * 8 * 16
     with pytest.raises(BuildError, match="could not resolve"):
         census(ir.from_proto(proto), {"x": (6, 8)}, {"mask": mask}, method="shape_inference")
+    with pytest.raises(BuildError, match="neither ONNX shape inference nor ONNX Runtime's symbolic"):
+        census(ir.from_proto(proto), {"x": (6, 8)}, {"mask": mask}, method="static")  # never runs it
 
 
 def test_missing_inputs_are_reported(make_model: MakeModel) -> None:
