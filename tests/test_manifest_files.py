@@ -241,3 +241,16 @@ def test_a_record_outside_the_build_is_refused(build: Path, name: str) -> None:
     assert "files" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ValueError):
         _manifest().with_file_digests(build, only=[name])
+
+
+def test_atomic_writes_get_the_mode_of_an_ordinary_file(tmp_path: Path) -> None:
+    """Not mkstemp's private 0600: a manifest must be readable by a server running as another user."""
+    import stat
+
+    from prune_export.io import atomic_write_json
+
+    ordinary = tmp_path / "ordinary.json"
+    ordinary.write_text("{}")
+    atomic_write_json(tmp_path / "manifest.json", {})
+    mode = stat.S_IMODE((tmp_path / "manifest.json").stat().st_mode)
+    assert mode == stat.S_IMODE(ordinary.stat().st_mode) and mode & stat.S_IROTH
