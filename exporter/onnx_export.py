@@ -211,12 +211,10 @@ def _export(
                 output_names=output_names,
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
-                optimize=False,  # below, once the weights the graph does not use are gone
+                optimize=True,
                 verbose=False,
             )
             _forget_removed_values(program.model)
-            _drop_unused_initializers(program.model)
-            program.optimize()
         except Exception as exc:  # torch.export / onnx conversion failures
             raise BuildError(
                 f"ONNX export of {type(module).__name__} failed: {type(exc).__name__}: {exc}"
@@ -232,20 +230,6 @@ def _export(
     _drop_weights(program.model)
     del program
     return ExportReport(path, time.perf_counter() - start, input_names, output_names, external)
-
-
-def _drop_unused_initializers(model: Any) -> None:
-    """Remove the weights no node reads (a baked module owns the whole model; a graph uses a part of it).
-
-    The optimizer would remove them too, but would keep the removed values, and so the module's tensors,
-    reachable from its global rewrite rules after the export (see :func:`_drop_weights`).
-    """
-    for graph in model.graphs():
-        outputs = set(map(id, graph.outputs))
-        for name, value in list(graph.initializers.items()):
-            if not value.uses() and id(value) not in outputs:
-                value.const_value = None
-                del graph.initializers[name]
 
 
 def _forget_removed_values(model: Any) -> None:

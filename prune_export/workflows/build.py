@@ -299,11 +299,10 @@ def _build_into(
     if not settings.check:
         # Nothing runs in PyTorch after the export: let the weights go before the passes read the graphs
         # (at 7B the model's pages and a graph's would not fit in memory together).
-        del adapter
         import gc
 
-        gc.collect()
         adapter = None
+        gc.collect()
 
     bounds: dict[str, Any] = {
         "batch": (1, 1, settings.max_batch),
@@ -643,9 +642,9 @@ def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0)
 def inspect_build(build_dir: Path, text_tokens: int | None = None, *, run: bool = True) -> dict[str, Any]:
     """Op counts and matmul FLOPs of the prefill graph(s) for one prompt, computed from the graphs.
 
-    With ``run=False`` the graphs are never run: the FLOPs come from ONNX shape inference alone (no
-    weights are loaded; for builds too large to run on this machine, a 7B fp16 graph on a CPU), and the
-    per-layer KV lengths (read from a run) are None. Shapes that depend on the prompt's values (AutoPrune)
+    With ``run=False`` the graphs are never run: the FLOPs come from shape inference alone (ONNX's, then
+    ONNX Runtime's symbolic one: census method ``static``; no weights are loaded, for builds too large to
+    run on this machine, a 7B fp16 graph on a CPU), and the per-layer KV lengths (read from a run) are None. Shapes that depend on the prompt's values (AutoPrune)
     cannot be inferred: such a build is refused.
     """
     import onnx
