@@ -497,7 +497,7 @@ def _log_err(message: str) -> None:
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Count for a prompt with this many text tokens [default: the build's check prompt].")
 @click.option("--no-run", is_flag=True,
-              help="Count by ONNX shape inference without running the graph (no weights loaded: builds too "
+              help="Count by shape inference (ONNX's, then ONNX Runtime's symbolic) without running the graph (no weights loaded: builds too "
                    "large to run here, e.g. 7B fp16 on a CPU). Static plans only; KV lengths are not reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json: bool) -> None:
