@@ -23,11 +23,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from exporter.adapters.base import VLMAdapter
-from exporter.executor import LayerCache, PlanExecutor, PrefillState
+from exporter.executor import LayerCache, PlanExecutor, PrefillState, prefill_batch
 from exporter.sample import Sample, build_sample, prepare_sample
 from prune_export.errors import DataError, PruneExportError
 from prune_export.ops import Operation
@@ -62,13 +63,16 @@ def metric_info(name: str) -> MetricInfo:
 
 @dataclass
 class CalibrationItem:
-    """One calibration row, prepared: the prompt sample and, for teacher-forced metrics, the answer."""
+    """One calibration row, prepared: the prompt sample and, for teacher-forced metrics, the answer.
+
+    ``index`` is the row's position among the file's rows (0-based, after ``limit``)."""
 
     row: DataRow
     prompt: Sample
     answer_ids: list[int]  # the reference answer (labels) or the dense greedy answer (kl)
     forced: Sample | None = None  # prompt + answer[:-1], for nll / kl
     dense_logprobs: torch.Tensor | None = None  # [len(answer), vocab], kl only
+    index: int = 0
 
 
 @dataclass
@@ -90,15 +94,26 @@ class CalibrationSet:
         key_fraction: float = DEFAULT_KEY_FRACTION,
         max_new_tokens: int = 8,
         progress: Callable[[int], None] | None = None,
+        indices: Sequence[int] | None = None,
     ) -> CalibrationSet:
-        """Load rows, preprocess images and run the vision tower once per row."""
+        """Load rows, preprocess images and run the vision tower once per row.
+
+        ``indices`` prepares only those rows (a worker's shard); the fingerprint is always that of every
+        row, so all shards of one data file name the same data.
+        """
         info = metric_info(metric)
-        rows = load_rows(path, require_answer=info.needs_labels, limit=limit)
+        all_rows = load_rows(path, require_answer=info.needs_labels, limit=limit)
+        if indices is None:
+            indices = range(len(all_rows))
+        bad = [i for i in indices if not 0 <= i < len(all_rows)]
+        if bad:
+            raise DataError(f"{path} has {len(all_rows)} rows; no row {bad[0]} to prepare")
         executor = PlanExecutor(adapter)
         tokenizer = adapter.processor.tokenizer  # type: ignore[attr-defined]
         eos = list(adapter.eos_token_ids)[:1]
         items: list[CalibrationItem] = []
-        for row in rows:
+        for index in indices:
+            row = all_rows[index]
             prompt = prepare_sample(adapter, row.load_image(), row.question, key_fraction)
             if info.name == "kl":
                 gen = executor.generate(prompt, max_new_tokens=max_new_tokens)
@@ -109,7 +124,7 @@ class CalibrationSet:
                 answer = tokenizer(" " + row.answer.strip(), add_special_tokens=False).input_ids + eos
             if not answer:
                 raise DataError(f"line {row.line}: the answer tokenizes to nothing")
-            item = CalibrationItem(row, prompt, answer)
+            item = CalibrationItem(row, prompt, answer, index=index)
             if info.name in ("nll", "kl"):
                 item.forced = _teacher_forced(adapter, prompt, answer, key_fraction)
             if info.name == "kl":
@@ -119,7 +134,7 @@ class CalibrationSet:
             items.append(item)
             if progress is not None:
                 progress(1)
-        return cls(items, data_fingerprint(rows), info)
+        return cls(items, data_fingerprint(all_rows), info)
 
 
 def _teacher_forced(adapter: VLMAdapter, prompt: Sample, answer: list[int], key_fraction: float) -> Sample:
@@ -130,11 +145,12 @@ def _teacher_forced(adapter: VLMAdapter, prompt: Sample, answer: list[int], key_
 
 @dataclass
 class _Anchor:
-    """Per-sample states entering each layer (and KV caches of each layer) of one evaluated op set."""
+    """States entering each layer (and KV caches of each layer) of one evaluated op set, per evaluation
+    unit (one row, or one batch of rows with ``batch_size > 1``)."""
 
     ops: frozenset[Operation]
-    states: list[dict[int, PrefillState]]
-    caches: list[list[LayerCache]] | None
+    states: list[dict[int, Any]]  # PrefillState per row, or BatchState per batch
+    caches: list[list[Any]] | None  # LayerCache per layer per row, or BatchLayerCache per layer per batch
 
 
 @dataclass
@@ -152,33 +168,54 @@ class EvaluatorStats:
 
 @dataclass
 class ModelEvaluator:
-    """Evaluates op sets on a calibration set with the executor (the search's :class:`Evaluator`)."""
+    """Evaluates op sets on a calibration set with the executor (the search's :class:`Evaluator`).
+
+    ``batch_size`` rows go through one forward (:func:`exporter.executor.prefill_batch`: packed tokens,
+    attention padded and masked per row); the values equal row-by-row evaluation up to float summation
+    order (within 1e-6). Batches are consecutive rows of the calibration set, so a set sharded on batch
+    boundaries (the Ray workers') forms the very same batches.
+    """
 
     adapter: VLMAdapter
     calib: CalibrationSet
     prefix_reuse: bool = True
     max_anchors: int = 3
+    batch_size: int = 1
     stats: EvaluatorStats = field(default_factory=EvaluatorStats)
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise PruneExportError(f"--batch-size must be >= 1, got {self.batch_size}")
         self.executor = PlanExecutor(self.adapter)
         self.metric = self.calib.metric
         self._anchors: OrderedDict[frozenset[Operation], _Anchor] = OrderedDict()
         self._layers = self.adapter.spec.num_layers
+        items = self.calib.items
+        self._units = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
     def evaluate_many(self, op_sets: Sequence[frozenset[Operation]]) -> list[float]:
         return [self.evaluate(ops) for ops in op_sets]
 
     def evaluate(self, ops: frozenset[Operation]) -> float:
+        values = self.evaluate_rows(ops)
+        return float(sum(values) / len(values))
+
+    def evaluate_rows(self, ops: frozenset[Operation]) -> list[float]:
+        """The metric of every calibration row (in the set's order) with ``ops`` pruned; their mean is
+        :meth:`evaluate`'s value."""
         start = time.perf_counter()
         ops = frozenset(ops)
         anchor, layer = self._best_anchor(ops)
         values: list[float] = []
-        states: list[dict[int, PrefillState]] = []
-        caches: list[list[LayerCache]] = []
-        for i, item in enumerate(self.calib.items):
-            value, st, ca = self._evaluate_item(i, item, ops, anchor, layer)
-            values.append(value)
+        states: list[dict[int, Any]] = []
+        caches: list[list[Any]] = []
+        for u, unit in enumerate(self._units):
+            if self.batch_size == 1:
+                value, st, ca = self._evaluate_item(u, unit[0], ops, anchor, layer)
+                values.append(value)
+            else:
+                vals, st, ca = self._evaluate_batch(u, unit, ops, anchor, layer)
+                values.extend(vals)
             states.append(st)
             if ca is not None:
                 caches.append(ca)
@@ -190,7 +227,7 @@ class ModelEvaluator:
         self.stats.layers_run += (self._layers - layer) * len(self.calib)
         self.stats.layers_full += self._layers * len(self.calib)
         self.stats.seconds += time.perf_counter() - start
-        return float(sum(values) / len(values))
+        return values
 
     # -- internals -------------------------------------------------------------------------------------
     def _best_anchor(self, ops: frozenset[Operation]) -> tuple[_Anchor | None, int]:
@@ -235,12 +272,52 @@ class ModelEvaluator:
             item.forced, ops, with_cache=False, start=start, keep_states=keep, states_out=out,
             logits_rows=len(item.answer_ids),
         )
-        logprobs = torch.log_softmax(result.row_logits.float(), dim=-1)
-        if name == "nll":
+        assert result.row_logits is not None
+        return self._score(item, result.row_logits), out, None
+
+    def _score(self, item: CalibrationItem, row_logits: torch.Tensor) -> float:
+        """``nll`` or ``kl`` of one row from its answer rows' logits."""
+        logprobs = torch.log_softmax(row_logits.float(), dim=-1)
+        if self.metric.name == "nll":
             target = torch.tensor(item.answer_ids, device=logprobs.device)
             value = -logprobs.gather(1, target.view(-1, 1)).mean()
         else:
             assert item.dense_logprobs is not None
             p = item.dense_logprobs
             value = (p.exp() * (p - logprobs)).sum(dim=-1).mean()
-        return float(value), out, None
+        return float(value)
+
+    def _evaluate_batch(
+        self, index: int, items: list[CalibrationItem], ops: frozenset[Operation], anchor: _Anchor | None, layer: int
+    ) -> tuple[list[float], dict[int, Any], list[Any] | None]:
+        """Rows of one batch in a single forward; the batched counterpart of :meth:`_evaluate_item`."""
+        keep = list(range(layer, self._layers)) if self.prefix_reuse else []
+        out: dict[int, Any] = {}
+        start = None
+        start_cache = None
+        if anchor is not None:
+            start = (layer, anchor.states[index][layer])
+            out.update({j: s for j, s in anchor.states[index].items() if j < layer})
+            if anchor.caches is not None:
+                start_cache = anchor.caches[index][:layer]
+        if self.metric.name == "accuracy":
+            result = prefill_batch(
+                self.executor, [item.prompt for item in items], ops, with_cache=True, start=start,
+                start_cache=start_cache, keep_states=keep, states_out=out,
+            )
+            assert result.cache is not None
+            values = []
+            for b, item in enumerate(items):
+                ids = self.executor.continue_greedy(result.row_result(b), max_new_tokens=len(item.answer_ids) + 2)
+                assert item.row.answer is not None
+                values.append(float(exact_match(self.adapter.decode(ids), item.row.answer)))
+            return values, out, result.cache
+        forced = []
+        for item in items:
+            assert item.forced is not None
+            forced.append(item.forced)
+        result = prefill_batch(
+            self.executor, forced, ops, with_cache=False, start=start, keep_states=keep, states_out=out,
+            logits_rows=[len(item.answer_ids) for item in items],
+        )
+        return [self._score(item, rows) for item, rows in zip(items, result.row_logits, strict=True)], out, None

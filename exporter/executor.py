@@ -522,3 +522,183 @@ class PlanExecutor:
         if policy.positions == "renumbered":
             new = PrefillState(new.hidden, torch.arange(new.num_tokens, device=dev), new.groups, new.original_index, new.cls_attention)
         return new
+
+
+# -- batched prefill (GSOP operations only) ----------------------------------------------------------------
+@dataclass
+class BatchState:
+    """The tokens of several prompts packed one after another (row-contiguous, each in sequence order).
+
+    ``row[i]`` is the batch row (0..B-1) of token ``i``. Only per-token work (norms, projections, MLP) runs
+    on the packed tokens, so no FLOP is spent on padding; attention pads each row to the batch's longest
+    and masks. Tensors are never modified in place, so a state can be kept and resumed from.
+    """
+
+    hidden: torch.Tensor  # [T, hidden]
+    positions: torch.Tensor  # [T] int64, per row from 0
+    groups: torch.Tensor  # [T] int64
+    row: torch.Tensor  # [T] int64
+    rows: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+@dataclass
+class BatchLayerCache:
+    """One layer's packed KV cache of a batch: keys/values ``[kv_heads, T_kv, head_dim]`` and their rows."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    row: torch.Tensor  # [T_kv]
+    next_position: list[int]  # per row
+
+    def split(self) -> list[LayerCache]:
+        """Per-row :class:`LayerCache` records (what decoding appends to)."""
+        out = []
+        for b, nxt in enumerate(self.next_position):
+            idx = (self.row == b).nonzero().flatten()
+            out.append(LayerCache(self.keys[:, idx], self.values[:, idx], nxt))
+        return out
+
+
+@dataclass
+class BatchPrefillResult:
+    row_logits: list[torch.Tensor]  # per row: [logits_rows[b], vocab] float32
+    cache: list[BatchLayerCache] | None
+    state: BatchState
+
+    def row_result(self, b: int) -> PrefillResult:
+        """Row ``b`` as a single-prompt :class:`PrefillResult` (its logits and, with a cache, its own KV
+        cache), ready for :meth:`PlanExecutor.continue_greedy`."""
+        cache = [c.split()[b] for c in self.cache] if self.cache is not None else None
+        rows = self.row_logits[b]
+        result = PrefillResult(rows[-1], cache, [], 0)
+        result.row_logits = rows
+        return result
+
+
+def _slots(row: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
+    """Each packed token's index within its row (tokens are row-contiguous) and the longest row."""
+    counts = torch.bincount(row, minlength=rows)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(row.shape[0], device=row.device) - starts[row], int(counts.max()) if rows else 0
+
+
+def _batch_prefill_layer(
+    ex: PlanExecutor, layer: int, state: BatchState, pruned: dict[Module, frozenset[Group]]
+) -> tuple[BatchState, BatchLayerCache]:
+    spec, parts = ex.spec, ex.adapter.layers[layer]
+    B = state.rows
+    q_idx = PlanExecutor._rows(state.groups, pruned[Module.Q])
+    kv_idx = PlanExecutor._rows(state.groups, pruned[Module.KV])
+    mlp_idx = PlanExecutor._rows(state.groups, pruned[Module.MLP])
+
+    def pick(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return t if idx is None else t[idx]
+
+    h = state.hidden
+    dev = h.device
+    x = parts.attn_norm(h)
+    cos, sin = ex.adapter.rope(state.positions)
+    xk = pick(x, kv_idx)
+    k = apply_rope(ex._heads(parts.k_proj(xk), spec.num_kv_heads), pick(cos, kv_idx), pick(sin, kv_idx))
+    v = ex._heads(parts.v_proj(xk), spec.num_kv_heads)
+    kv_row, kv_pos = pick(state.row, kv_idx), pick(state.positions, kv_idx)
+    last = torch.full((B,), -1, dtype=torch.long, device=dev).scatter_reduce(0, state.row, state.positions, "amax")
+    cache = BatchLayerCache(k, v, kv_row, [int(p) + 1 for p in last.tolist()])
+
+    q_row, q_pos = pick(state.row, q_idx), pick(state.positions, q_idx)
+    if q_row.numel():
+        q = apply_rope(ex._heads(parts.q_proj(pick(x, q_idx)), spec.num_heads), pick(cos, q_idx), pick(sin, q_idx))
+        q_slot, mq = _slots(q_row, B)
+        Q = q.new_zeros(B, spec.num_heads, mq, spec.head_dim)
+        Q[q_row, :, q_slot] = q.transpose(0, 1)
+        pos_q = torch.full((B, mq), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)  # padding sees all
+        pos_q[q_row, q_slot] = q_pos
+        if kv_row.numel():
+            kv_slot, mk = _slots(kv_row, B)
+            K = k.new_zeros(B, spec.num_kv_heads, mk, spec.head_dim)
+            V = v.new_zeros(B, spec.num_kv_heads, mk, spec.head_dim)
+            K[kv_row, :, kv_slot] = k.transpose(0, 1)
+            V[kv_row, :, kv_slot] = v.transpose(0, 1)
+            pos_k = torch.full((B, mk), torch.iinfo(torch.long).max, dtype=torch.long, device=dev)  # padding: unseen
+            pos_k[kv_row, kv_slot] = kv_pos
+            allowed = pos_q.unsqueeze(2) >= pos_k.unsqueeze(1)  # [B, mq, mk]
+            empty = ~allowed.any(dim=2)
+            # a row with no visible key (padding of a row without K/V, or a real query before every key):
+            # let it see slot 0 to keep softmax finite, then zero its output as the single-prompt path does
+            allowed = allowed | (empty.unsqueeze(2) & (torch.arange(mk, device=dev) == 0))
+            attn = F.scaled_dot_product_attention(
+                Q, K, V, attn_mask=allowed.unsqueeze(1), scale=parts.scaling,
+                enable_gqa=spec.num_kv_heads != spec.num_heads,
+            )
+            if bool(empty.any()):
+                attn = attn.masked_fill(empty.view(B, 1, mq, 1), 0.0)
+            out = attn[q_row, :, q_slot]  # [T_q, heads, head_dim]
+        else:
+            out = q.new_zeros(q_row.shape[0], spec.num_heads, spec.head_dim)
+        o = parts.o_proj(out.reshape(q_row.shape[0], spec.q_dim))
+        h = h + o if q_idx is None else h.index_add(0, q_idx, o)
+    n_mlp = state.num_tokens if mlp_idx is None else int(mlp_idx.shape[0])
+    if n_mlp:
+        y = ex._mlp(parts, parts.mlp_norm(pick(h, mlp_idx)))
+        h = h + y if mlp_idx is None else h.index_add(0, mlp_idx, y)
+    return BatchState(h, state.positions, state.groups, state.row, B), cache
+
+
+def initial_batch_state(ex: PlanExecutor, samples: Sequence[Sample]) -> BatchState:
+    """The packed entry state of several prompts (each with positions from 0)."""
+    parts = [ex.initial_state(s) for s in samples]
+    dev = parts[0].hidden.device
+    return BatchState(
+        hidden=torch.cat([p.hidden for p in parts]),
+        positions=torch.cat([p.positions for p in parts]),
+        groups=torch.cat([p.groups.to(dev) for p in parts]),
+        row=torch.cat([torch.full((p.num_tokens,), b, dtype=torch.long, device=dev) for b, p in enumerate(parts)]),
+        rows=len(parts),
+    )
+
+
+@torch.no_grad()
+def prefill_batch(
+    ex: PlanExecutor,
+    samples: Sequence[Sample],
+    ops: Iterable[Operation] = (),
+    *,
+    with_cache: bool = False,
+    logits_rows: Sequence[int] | None = None,
+    start: tuple[int, BatchState] | None = None,
+    start_cache: Sequence[BatchLayerCache] | None = None,
+    keep_states: Sequence[int] = (),
+    states_out: dict[int, BatchState] | None = None,
+) -> BatchPrefillResult:
+    """Prefill several prompts in one forward under pruned GSOP ``ops`` (no token policy).
+
+    The same computation as :meth:`PlanExecutor.prefill` on each prompt alone, row by row, up to float
+    summation order (attention runs padded and masked over the batch; projections and MLPs on the packed
+    tokens). ``logits_rows[b]`` of each row's last tokens get logits. ``start``/``start_cache``/
+    ``keep_states``/``states_out`` resume from and keep packed states as the single-prompt prefill does.
+    """
+    if not samples:
+        raise ValueError("prefill_batch needs at least one sample")
+    logits_rows = list(logits_rows) if logits_rows is not None else [1] * len(samples)
+    table = pruned_by_layer(ops, ex._num_layers)
+    first, state = start if start is not None else (0, initial_batch_state(ex, samples))
+    cache: list[BatchLayerCache] | None = [] if with_cache else None
+    if cache is not None and first != 0:
+        if start_cache is None or len(start_cache) != first:
+            raise ValueError(f"resuming at layer {first} with a KV cache needs the caches of layers 0..{first - 1}")
+        cache = list(start_cache)
+    for layer in range(first, ex._num_layers):
+        if states_out is not None and layer in keep_states:
+            states_out[layer] = state
+        state, layer_cache = _batch_prefill_layer(ex, layer, state, table[layer])
+        if cache is not None:
+            cache.append(layer_cache)
+    counts = torch.bincount(state.row, minlength=state.rows)
+    ends = torch.cumsum(counts, 0).tolist()
+    picks = [torch.arange(e - n, e, device=state.hidden.device) for e, n in zip(ends, logits_rows, strict=True)]
+    logits = ex.adapter.lm_head(ex.adapter.final_norm(state.hidden[torch.cat(picks)])).float()
+    return BatchPrefillResult(list(torch.split(logits, logits_rows)), cache, state)
