@@ -208,10 +208,13 @@ def candidate_operations(spec: ModelSpec, settings: SearchSettings) -> list[Oper
 
 
 def journal_identity(
-    spec: ModelSpec, metric: Metric, settings: SearchSettings, calibration_hash: str, dtype: str = "fp32"
+    spec: ModelSpec, metric: Metric, settings: SearchSettings, calibration_hash: str, dtype: str = "fp32",
+    batch_size: int = 1,
 ) -> dict[str, Any]:
-    """What a journal's values depend on: the model, the calibration data, the metric, the settings and the
-    precision the model ran in (recorded when not fp32, so fp32 journals of earlier versions still resume)."""
+    """What a journal's values depend on: the model, the calibration data, the metric, the settings, the
+    precision the model ran in and the calibration rows per forward (``--batch-size``: batched values
+    equal row-by-row ones only to ~1e-7). The last two are recorded when not the default, so journals of
+    earlier versions still resume. The worker count is not: values do not depend on it."""
     identity = {
         "model_fingerprint": spec.fingerprint(),
         "calibration": calibration_hash,
@@ -220,6 +223,8 @@ def journal_identity(
     }
     if dtype != "fp32":
         identity["dtype"] = dtype
+    if batch_size != 1:
+        identity["calibration_batch_size"] = batch_size
     return identity
 
 
@@ -229,7 +234,8 @@ class SearchEvent:
     """A progress report, sent after every evaluation (or chunk of them) and at phase changes.
 
     ``pending`` is the number of evaluations still to run in the current sweep (0 outside sweeps); with
-    the rate of finished ones it gives an ETA.
+    the rate of finished ones it gives an ETA. ``workers`` is ``(alive, started)`` for an evaluator with
+    workers (Ray), else None.
     """
 
     phase: str
@@ -241,6 +247,7 @@ class SearchEvent:
     ops: int
     flops_ratio: float
     value: float | None
+    workers: tuple[int, int] | None = None
 
 
 ProgressCallback = Callable[[SearchEvent], None]
@@ -270,6 +277,7 @@ class TqdmProgress:
             metric="-" if event.value is None else f"{event.value:.4g}",
             reused=event.reused,
             refresh=False,
+            **({"workers": f"{event.workers[0]}/{event.workers[1]}"} if event.workers else {}),
         )
         self.bar.refresh()
 
@@ -475,6 +483,8 @@ class _Search:
     def _notify(self, pending: int) -> None:
         if self.progress is None:
             return
+        evaluator = self.memo.evaluator
+        alive, total = getattr(evaluator, "workers_alive", None), getattr(evaluator, "workers_total", None)
         self.progress(SearchEvent(
             phase=self.memo.phase,
             evaluations=self.memo.run,
@@ -485,6 +495,7 @@ class _Search:
             ops=len(self.policy),
             flops_ratio=prefill_flops(self.spec, self.layout, self.policy) / self.dense_flops,
             value=self.last_value,
+            workers=(alive, total) if alive is not None and total is not None else None,
         ))
 
     def drop(self, value: float) -> float:

@@ -203,26 +203,44 @@ def _describe_ops(ops: frozenset[Operation], num_layers: int) -> str:
 @click.option("--device", default=None, help="Where PyTorch runs the model: cpu, cuda or cuda:N [default: cpu].")
 @click.option("--dtype", "torch_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Precision of the PyTorch model (metrics stay fp32) [default: fp32].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Calibration rows per forward (padded and masked; values equal row by row to ~1e-7). "
+                   "Raise it on a GPU.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray workers, each holding the model and a shard of the calibration rows (one GPU each "
+                   "with --device cuda). 1: no Ray. Needs pip install \"prune-export[ray]\".")
+@click.option("--ray-address", default=None,
+              help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local "
+                   "instance on 127.0.0.1.")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads of each Ray worker (CPU only; the serial run's thread count gives the "
+                   "serial run's exact values).")
 def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, tolerance: float, steps: int,
            key_danger_layers: int, allow_layer0_kv: bool, limit: int | None, resume: bool,
-           no_prefix_reuse: bool, seed: int, device: str | None, torch_dtype: str | None) -> None:
+           no_prefix_reuse: bool, seed: int, device: str | None, torch_dtype: str | None, batch_size: int,
+           workers: int, ray_address: str | None, threads_per_worker: int) -> None:
     """Search the GSOP operation order on calibration data and write the plan.
 
     Every finished evaluation is journaled next to the plan; after an interruption (even kill -9) rerun
-    the same command with --resume: no finished evaluation is redone and the plan is the same.
+    the same command with --resume (with any --workers): no finished evaluation is redone and the plan is
+    the same. With --workers N the calibration rows are split over N Ray workers; a worker that dies has
+    its rows taken over by another.
     """
     from .workflows.search import search as run_search
 
     out = run_search(model_dir, calib_path, out_path, metric=metric, tolerance=tolerance, steps=steps,
                      key_danger_layers=key_danger_layers, protect_layer0_kv=not allow_layer0_kv, limit=limit,
                      resume=resume, prefix_reuse=not no_prefix_reuse, seed=seed, device=device or "cpu",
-                     dtype=torch_dtype or "fp32", log=_log_err)
+                     dtype=torch_dtype or "fp32", workers=workers, ray_address=ray_address,
+                     batch_size=batch_size, threads_per_worker=threads_per_worker, log=_log_err)
     result, stats = out.result, out.stats
     click.echo(f"wrote {out_path}: {len(out.plan.steps)} steps, metric {out.metric} baseline "
                f"{result.baseline:.4f}, last step FLOPs ratio {out.plan.ladder[-1]:.4f}")
+    where = f" on {out.workers} Ray workers (summed)" if out.workers > 1 else ""
     click.echo(f"evaluations: {result.evaluations_run} run + {result.evaluations_from_journal} from the journal "
-               f"({result.naive_evaluations} for a naive greedy), {stats.seconds:.1f} s evaluating, "
-               f"{stats.layer_fraction:.0%} of decoder layers computed (prefix reuse)")
+               f"({result.naive_evaluations} for a naive greedy), {stats.seconds:.1f} s evaluating{where}, "
+               f"{result.wall_seconds:.1f} s wall, {stats.layer_fraction:.0%} of decoder layers computed "
+               "(prefix reuse)")
 
 
 # -- eval -----------------------------------------------------------------------------------------------

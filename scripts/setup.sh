@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install prune-export with its test tools, from scratch.
+# The ray extra is installed too: the tests run distributed searches on a local Ray instance.
 # torch==2.13.0 goes first: it is the CPU wheel; an unpinned torch would pull several GB of CUDA packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0 numpy
-python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+python -m pip install --quiet --disable-pip-version-check -e ".[dev,ray]"
 python -c "import torch, transformers, onnx, onnxruntime, polygraphy, click; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| onnx', onnx.__version__, '| onnxruntime', onnxruntime.__version__)"
