@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,8 +62,17 @@ class WorkersLostError(PruneExportError):
     """Every Ray worker of a search died."""
 
 
-def require_ray() -> Any:
-    """The ``ray`` module, or one clear line on how to get it."""
+#: Ray advertises a local instance on the machine's outward address even when asked for 127.0.0.1, unless
+#: its cluster mode is off (the switch is named for the platforms where it is off by default). Read when
+#: ``ray`` is first imported, and inherited by the processes the instance starts.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def require_ray(local: bool = False) -> Any:
+    """The ``ray`` module, or one clear line on how to get it. ``local``: the caller starts a local
+    instance, which then stays on 127.0.0.1 (if ``ray`` was not imported before)."""
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         import ray
     except ImportError:
@@ -157,10 +167,14 @@ class _Actor:
 
 @dataclass
 class RayStats:
-    """Counts for the CLI: evaluations, seconds the workers spent (summed) and prefix-reuse layers."""
+    """Counts for the CLI and benchmarks: evaluations, calls, seconds the workers spent (``seconds``: summed
+    over workers; ``critical_seconds``: the slowest shard of each call, summed over calls, so the driver's
+    wall time minus it is what Ray and the driver add) and prefix-reuse layers."""
 
     evaluations: int = 0
+    calls: int = 0
     seconds: float = 0.0
+    critical_seconds: float = 0.0
     layers_run: int = 0
     layers_full: int = 0
 
@@ -181,7 +195,7 @@ class RayEvaluator:
                  address: str | None = None, log: Log = lambda message: None) -> None:
         if workers < 1:
             raise PruneExportError(f"--workers must be >= 1, got {workers}")
-        ray = require_ray()
+        ray = require_ray(local=address is None)
         self._ray = ray
         self.config = config
         self.metric = metric
@@ -329,6 +343,8 @@ class RayEvaluator:
             values = [v for s in range(len(self.shards)) for v in results[s][0][j]]
             out.append(float(sum(values) / len(values)))
         self.stats.evaluations += len(op_sets)
+        self.stats.calls += 1
+        self.stats.critical_seconds += max(r[1] for r in results.values())
         for _, seconds, run, full in results.values():
             self.stats.seconds += seconds
             self.stats.layers_run += run

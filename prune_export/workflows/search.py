@@ -66,7 +66,18 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, *, metric: str = "
         from calib.evaluator import metric_info
         from exporter.adapters import load_spec
 
-        require_ray()
+        require_ray(local=ray_address is None)
+        if ray_address is None and device.startswith("cuda"):
+            import torch
+
+            from ..errors import PruneExportError
+
+            gpus = torch.cuda.device_count()
+            if workers > gpus:
+                raise PruneExportError(
+                    f"--workers {workers} with --device {device} needs {workers} GPUs (one per worker) and this "
+                    f"machine has {gpus}; use --workers {gpus}, or join a cluster with --ray-address"
+                )
         info = metric_info(metric)
         spec = load_spec(model_dir)  # checks the folder before any worker starts
         rows = len(load_rows(calib_path, require_answer=info.needs_labels, limit=limit))

@@ -18,6 +18,7 @@ from exporter.adapters import load_adapter
 from prune_export.spec import GroupSizes
 from tests.cli_helpers import assert_clean_error, run
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the local instance stays on 127.0.0.1
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'prune-export[ray]')")
 
 from calib.distributed import RayEvaluator, WorkerConfig, WorkersLostError, shard_rows  # noqa: E402
@@ -84,6 +85,7 @@ def test_shards_are_contiguous_even_and_cut_on_batches() -> None:
 def test_two_workers_give_the_serial_plan(local_ray, tiny_model: Path, demo_data: Path, serial: SearchResult,
                                           tmp_path: Path) -> None:
     events: list[SearchEvent] = []
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}  # loopback only
     with _pool(tiny_model, demo_data) as pool:
         assert pool.workers_total == 2 and len(set(pool.worker_pids())) == 2
         assert os.getpid() not in pool.worker_pids()

@@ -311,6 +311,23 @@ def test_progress_reports_phases(spec: ModelSpec, layout: GroupSizes) -> None:
         run_search(StubEvaluator(free_from(FREE_REST, FREE_KEY)), spec, layout,
                    SearchSettings(key_danger_layers=2), progress=bar)
     assert "GSOP search" in stream.getvalue()
+    assert "workers" not in stream.getvalue() and all(e.workers is None for e in events)
+
+
+def test_progress_shows_workers_alive_and_sweep_eta(spec: ModelSpec, layout: GroupSizes) -> None:
+    """An evaluator with workers (the Ray pool's attributes) has them on every event and on the bar, and a
+    ranking sweep's bar has a total, so tqdm shows its ETA."""
+    ev = StubEvaluator(free_from(FREE_REST, FREE_KEY))
+    ev.workers_alive, ev.workers_total = 3, 4  # type: ignore[attr-defined]
+    events = []
+    run_search(ev, spec, layout, SearchSettings(key_danger_layers=2), progress=events.append)
+    assert events and all(e.workers == (3, 4) for e in events)
+    stream = io.StringIO()
+    with TqdmProgress(file=stream, mininterval=0) as bar:
+        bar(next(e for e in events if e.pending))
+        assert bar.bar.total is not None
+    text = stream.getvalue()
+    assert "workers=3/4" in text and "<" in text  # tqdm's "elapsed<remaining"
 
 
 # -- resuming -----------------------------------------------------------------------------------------------

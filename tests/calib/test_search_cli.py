@@ -48,3 +48,19 @@ def test_existing_journal_without_resume_and_foreign_journal_are_refused(
     assert again.exit_code != 0 and "--resume" in again.output and "Traceback" not in again.output
     other = _search(tiny_model, demo_data, out, "--resume", "--key-danger-layers", "2")
     assert other.exit_code != 0 and "key_danger_layers" in other.output
+
+
+def test_batched_search_gives_the_row_by_row_plan_and_its_journal_names_the_batch(
+    tiny_model: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    rows = tmp_path / "a" / "plan.json"
+    assert _search(tiny_model, demo_data, rows).exit_code == 0
+    batched = tmp_path / "b" / "plan.json"
+    result = _search(tiny_model, demo_data, batched, "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    a, b = Plan.load(rows), Plan.load(batched)
+    assert a.steps == b.steps
+    assert all(abs(x - y) <= 1e-6 for x, y in zip(a.doc.search["step_metrics"], b.doc.search["step_metrics"], strict=True))
+    # batched values are not bit-identical to row-by-row ones: a journal is resumed with its own batch size only
+    again = _search(tiny_model, demo_data, rows, "--resume", "--batch-size", "2")
+    assert again.exit_code != 0 and "calibration_batch_size" in again.output and "Traceback" not in again.output
