@@ -448,12 +448,20 @@ def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | Non
               help="With --dtype fp16/bf16: load and export the model in that precision, never an fp32 copy of the "
                    "weights (7B on a 24 GB machine); the check's reference then runs in that precision too.")
 @click.option("--skip-check", is_flag=True, help="Do not check the graphs against the PyTorch executor.")
+@click.option("--quantize", type=click.Choice(["int8", "int8-weights"]), default=None,
+              help="int8: static int8 Q/DQ of the prefill and decode graphs' weight matmuls (weights and "
+                   "activations, calibrated on --calib); int8-weights: weight-only int8. fp32 builds only.")
+@click.option("--calib", "calib_path", type=click.Path(path_type=Path), default=None,
+              help="Calibration JSONL of --quantize int8 (image/question rows; answers not needed).")
+@click.option("--calib-rows", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Calibration rows used by --quantize int8 (the first N).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: float | None,
               keep_schedule: str | None, autoprune_tokens: float | None, autoprune_positions: str | None,
               no_recycle: bool, dtype: str, target: str, max_text_tokens: int, max_sys_tokens: int,
-              provider: str, device: str, low_memory: bool, skip_check: bool, overwrite: bool, as_json: bool) -> None:
+              provider: str, device: str, low_memory: bool, skip_check: bool, quantize: str | None,
+              calib_path: Path | None, calib_rows: int, overwrite: bool, as_json: bool) -> None:
     """Bake a plan into vision.onnx + prefill.onnx, optimize them, check them, write manifest.json.
 
     Static GSOP operations are removed from the graph; token selection (fixed schedule, AutoPrune) is TopK
@@ -468,13 +476,15 @@ def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: fl
     _, choice = choose_plan(model_dir, plan_path, budget, stages, autoprune)
     settings = BuildSettings(target=target, dtype=dtype, max_text_tokens=max_text_tokens,
                              max_sys_tokens=max_sys_tokens, check=not skip_check, provider=provider,
-                             device=device, low_memory=low_memory, overwrite=overwrite)
+                             device=device, low_memory=low_memory, overwrite=overwrite, quantize=quantize,
+                             calib=calib_path, calib_rows=calib_rows)
     manifest = build(model_dir, out_dir, choice, settings, _log_err)
     if as_json:
         _echo_json(manifest.model_dump(mode="json"))
         return
     click.echo(f"wrote {out_dir}: {', '.join(g.file for g in manifest.graphs.values())}, manifest.json")
-    click.echo(f"target {manifest.target}, {manifest.dtype}, prefill {manifest.prefill_layout}; check {manifest.check.status}"
+    quant = f", {manifest.quantization['mode']}" if manifest.quantization else ""
+    click.echo(f"target {manifest.target}, {manifest.dtype}{quant}, prefill {manifest.prefill_layout}; check {manifest.check.status}"
                + (f" on {manifest.check.provider}" if manifest.check.provider else ""))
     for row in manifest.flops.get("check_prompts", []):
         click.echo(f"  check prompt of {row['tokens']} tokens: executed FLOPs ratio {row['ratio']:.4f}")
@@ -527,9 +537,11 @@ def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json:
         _echo_json(doc)
         return
     p = doc["prompt"]
-    click.echo(f"{build_dir}: {doc['target']}, {doc['dtype']}, prefill {doc['prefill_layout']}")
+    quant = f", {doc['quantization']}" if doc.get("quantization") else ""
+    click.echo(f"{build_dir}: {doc['target']}, {doc['dtype']}{quant}, prefill {doc['prefill_layout']}")
     click.echo(f"prompt        {p['sys_tokens']} sys + {p['visual_tokens']} visual + {p['text_tokens']} text tokens")
     click.echo(f"matmul FLOPs  {_tflops(doc['matmul_flops'])}")
+    click.echo(f"int8 matmuls  {doc['quantized_matmuls']} of {doc['weight_matmuls']} weight matmuls (Q/DQ)")
     kv = doc["kv_tokens_per_layer"]
     click.echo("KV tokens     " + (" ".join(str(n) for n in kv) if kv is not None else "(not run: --no-run)"))
     if "autoprune" in doc:

@@ -72,6 +72,10 @@ class CheckOutput(_Strict):
     max_abs_diff: float
     tolerance: float
     ok: bool
+    #: ``max_abs_diff`` over the reference's largest magnitude (quantized builds are judged on it)
+    max_rel_diff: float | None = None
+    #: what ``tolerance`` bounds: ``absolute`` (``max_abs_diff``) or ``relative`` (``max_rel_diff``)
+    tolerance_kind: Literal["absolute", "relative"] = "absolute"
 
 
 class CheckReport(_Strict):
@@ -87,6 +91,9 @@ class CheckReport(_Strict):
     same_generation: bool | None = None
     generated_tokens: list[int] = Field(default_factory=list)
     outputs: list[CheckOutput] = Field(default_factory=list)
+    #: quantized builds: prompts whose greedy answer left the executor's at a near tie (the executor's two
+    #: best logits closer than twice the graph's logits error there); counted as agreeing. None: float builds
+    near_ties: int | None = None
 
 
 class EngineReport(_Strict):
@@ -137,6 +144,9 @@ class Manifest(_Strict):
     #: tokenizer and image processor), ``image_token_id``, ``eos_token_ids``, ``max_new_tokens`` (the decode
     #: cache bound of the shape ranges). None: a build made before decode graphs existed.
     generation: dict[str, Any] | None = None
+    #: ``--quantize``: mode, calibration file, rows and fingerprint (int8), and per graph the weight matmuls
+    #: quantized. None: float graphs.
+    quantization: dict[str, Any] | None = None
     #: every file of the build directory but ``manifest.json``: relative POSIX path (``processor/vocab.json``)
     #: -> size and sha256; empty in manifests written before digests existed (those load unchecked)
     files: dict[str, FileDigest] = Field(default_factory=dict)
