@@ -5,9 +5,10 @@ projections of attention and MLP, and the LM head. Everything else stays in floa
 their softmax (matmuls of two activations), TopK and the AutoPrune scores, norms, rotary, residual adds.
 
 * ``int8``: static quantization, ``onnxruntime.quantization.quantize_static`` in ``QuantFormat.QDQ``:
-  weights int8 per output channel, symmetric; activations int8, symmetric (zero point 0, what TensorRT's
-  explicit quantization requires), their ranges calibrated by min/max on the feeds given (the caller builds
-  them from calibration prompts).
+  weights int8 per output channel, symmetric; the matmuls' activation inputs int8, symmetric (zero point 0,
+  what TensorRT's explicit quantization requires), their ranges calibrated by min/max on the feeds given
+  (the caller builds them from calibration prompts). Outputs stay float, and each quantized matmul has its
+  own Q/DQ pair, so no other node ever reads a rounded tensor.
 * ``int8-weights``: weight-only. Each weight becomes int8 per output channel, symmetric, behind a
   ``DequantizeLinear``; activations stay float. Scales and rounding come from ORT's quantization utilities
   (``compute_scale_zp``, ``quantize_nparray``); no calibration data is needed.
@@ -104,10 +105,16 @@ class _Feeds:
 
 def quantize_int8(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]]) -> QuantizeReport:
     """Static int8 Q/DQ of ``src``'s weight matmuls, activations calibrated on ``feeds``; writes ``dst``."""
+    import itertools
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    feeds = iter(feeds)
+    first = next(feeds, None)
+    if first is None:
+        raise ValueError("int8 quantization needs at least one calibration feed (activation ranges come from them)")
+    feeds = itertools.chain([first], feeds)
     model = onnx.load(str(src), load_external_data=False)
     external = _has_external_data(model)
     _name_nodes(model)
@@ -124,10 +131,11 @@ def quantize_int8(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]]) 
             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=targets, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True},
+            # inputs only: a matmul's output stays float for what follows (rotary, attention scores,
+            # softmax, residual adds), and consumers outside the quantized set never see rounded values
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"], "DedicatedQDQPair": True},
         )
-    if reader.count == 0:
-        raise ValueError("int8 quantization needs at least one calibration feed")
     quantized = onnx.load(str(dst), load_external_data=False)
     done = sum(1 for n in weight_matmuls_after(quantized))
     return QuantizeReport(src.stem, "int8", len(targets), done, reader.count,

@@ -562,15 +562,17 @@ def _check(
     same_generation, generated, ties = _check_generation(adapter, work, manifest, choice, policy, settings, samples,
                                                          record)
     ties += next_token_ties
-    outputs = [_check_output(name, diff, scales.get(name), tolerance, settings.quantize is not None)
+    outputs = [_check_output(name, diff, scales.get(name), tolerance, settings.quantize is not None,
+                             choice.tokens is not None)
                for name, diff in results.items()]
     # Token-for-token equality is the contract in fp32; in fp16/bf16 rounding may flip a near tie, so there
     # the step logits (compared while the tokens agree) carry the check.
     ok = all(o.ok for o in outputs) and same_token and (same_generation or settings.dtype != "fp32")
     worst = max((o for o in outputs if o.name != "census_flops_relative"), key=lambda o: o.max_abs_diff)
     if settings.quantize is not None:
-        worst_rel = max((o for o in outputs if o.max_rel_diff is not None), key=lambda o: o.max_rel_diff or 0.0)
-        log(f"  {settings.quantize}: largest relative error {worst_rel.name} {worst_rel.max_rel_diff:.3g} "
+        bounded = [o for o in outputs if o.tolerance_kind == "relative" and o.tolerance is not None]
+        worst_rel = max(bounded, key=lambda o: o.max_rel_diff or 0.0)
+        log(f"  {settings.quantize}: largest bounded relative error {worst_rel.name} {worst_rel.max_rel_diff:.3g} "
             f"(bound {QUANT_RELATIVE_TOLERANCE:g}); the greedy answers must be the fp32 executor's")
     log(f"  {'passed' if ok else 'FAILED'} on {prefill.provider}: logits max abs diff {results['logits']:.3g}, "
         f"worst output {worst.name} {worst.max_abs_diff:.3g}, same next token: {same_token}, same greedy "
@@ -632,12 +634,18 @@ def _near_tie(reference: Any, error: float) -> bool:
     return bool(top[1] - top[0] <= 2 * error)
 
 
-def _check_output(name: str, diff: float, scale: float | None, tolerance: float, quantized: bool) -> CheckOutput:
+def _check_output(name: str, diff: float, scale: float | None, tolerance: float, quantized: bool,
+                  selects_tokens: bool) -> CheckOutput:
     """One checked output: absolute tolerance (float graphs, the census's relative one), or for the quantized
-    graphs' outputs a bound on the error relative to the reference's largest magnitude."""
+    graphs' outputs a bound on the error relative to the reference's largest magnitude. A quantized build
+    that selects tokens may keep other tokens than the executor (the scores come from int8 projections):
+    its KV caches are reported, not bounded."""
     rel = diff / scale if scale else None
     if name == "census_flops_relative":
         return CheckOutput(name=name, max_abs_diff=diff, tolerance=CENSUS_TOLERANCE, ok=diff <= CENSUS_TOLERANCE)
+    if quantized and selects_tokens and name.startswith("present."):
+        return CheckOutput(name=name, max_abs_diff=diff, tolerance=None, ok=True, max_rel_diff=rel,
+                           tolerance_kind="relative")
     if quantized and not name.startswith("vision."):
         ok = diff == 0.0 or (rel is not None and rel <= QUANT_RELATIVE_TOLERANCE)
         return CheckOutput(name=name, max_abs_diff=diff, tolerance=QUANT_RELATIVE_TOLERANCE, ok=ok, max_rel_diff=rel,

@@ -8,7 +8,7 @@ graph on the KV caches the (still float) prefill produced and a few greedy steps
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,24 +65,23 @@ def calibration_prefill_feeds(adapter: Any, calib: Path, rows: int) -> tuple[lis
     return feeds, info
 
 
-def _decode_feeds(work: Path, present: list[dict[str, np.ndarray]], num_layers: int) -> list[dict[str, np.ndarray]]:
-    """Inputs of the decode graph: each prompt's prefill caches, then a few greedy steps on from them."""
+def _decode_feeds(work: Path, present: list[dict[str, np.ndarray]], num_layers: int) -> Iterator[dict[str, np.ndarray]]:
+    """Inputs of the decode graph: each prompt's prefill caches, then a few greedy steps on from them
+    (generated as the calibrator asks for them)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(work / "decode.onnx"), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     kinds = ("key", "value", "position")
-    feeds = []
     for out in present:
         past = {f"past.{layer}.{kind}": out[f"present.{layer}.{kind}"] for layer in range(num_layers) for kind in kinds}
         token = int(np.argmax(out["logits"][0]))
         for _ in range(DECODE_CALIBRATION_STEPS):
             feed = {"input_ids": np.array([[token]], dtype=np.int64), **past}
-            feeds.append(feed)
+            yield feed
             step = dict(zip(names, session.run(names, feed), strict=True))
             token = int(np.argmax(step["logits"][0]))
             past = {f"past.{layer}.{kind}": step[f"present.{layer}.{kind}"] for layer in range(num_layers) for kind in kinds}
-    return feeds
 
 
 def quantize_build(work: Path, manifest: Any, mode: str, prefill_feeds: list[dict[str, np.ndarray]],
@@ -97,7 +96,7 @@ def quantize_build(work: Path, manifest: Any, mode: str, prefill_feeds: list[dic
     from graph_passes.quantize import quantize_graph
 
     split = manifest.prefill_layout == "split"
-    feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+    feeds: dict[str, Iterable[dict[str, np.ndarray]]] = {}
     if mode == "int8":
         runner = PrefillRunner(work, provider="cpu", manifest=manifest)
         present = []
