@@ -375,7 +375,7 @@ def _build_into(
         t0 = time.perf_counter()
         log(f"quantizing the prefill and decode graphs ({settings.quantize}, Q/DQ; vision and embed stay float)")
         quant_doc["graphs"] = quantize_build(work, provisional, settings.quantize, calib_feeds, spec.num_layers,
-                                             lint=settings.target == "tensorrt", log=log)
+                                             target=settings.target, log=log)
         log(f"  quantized in {time.perf_counter() - t0:.1f} s")
         manifest_base["graphs"] = {name: _graph_entry(work / f"{name}.onnx") for name in graph_names}
         manifest_base["quantization"] = quant_doc

@@ -85,12 +85,12 @@ def _decode_feeds(work: Path, present: list[dict[str, np.ndarray]], num_layers: 
 
 
 def quantize_build(work: Path, manifest: Any, mode: str, prefill_feeds: list[dict[str, np.ndarray]],
-                   num_layers: int, lint: bool, log: Log) -> list[dict[str, Any]]:
+                   num_layers: int, target: str, log: Log) -> list[dict[str, Any]]:
     """Quantize the prefill graph(s) and the decode graph of the build in ``work`` in place.
 
     ``manifest`` is the build's provisional manifest (the float graphs). Vision and embed stay float.
-    Returns one report per graph; with ``lint`` (``--target tensorrt``) the quantized graphs must pass the
-    TensorRT lint.
+    Activations take ``target``'s int8 format. Returns one report per graph; for ``--target tensorrt`` the
+    quantized graphs must pass the TensorRT lint.
     """
     from engines.prefill import PrefillRunner
     from graph_passes.quantize import quantize_graph
@@ -116,11 +116,11 @@ def quantize_build(work: Path, manifest: Any, mode: str, prefill_feeds: list[dic
     reports = []
     for name in [*graphs, "decode"]:
         path = work / f"{name}.onnx"
-        report = quantize_graph(path, path, mode, feeds.get(name, ()))
+        report = quantize_graph(path, path, mode, feeds.get(name, ()), target=target)
         log(f"  {name}.onnx: {report.quantized} of {report.weight_matmuls} weight matmuls quantized ({mode}"
             f"{f', {report.calibration_feeds} calibration feeds' if report.calibration_feeds else ''})")
         reports.append(report.to_json())
-        if lint:
+        if target == "tensorrt":
             _lint(path)
     return reports
 

@@ -55,14 +55,16 @@ def _weight_dq(model: onnx.ModelProto, node_name: str) -> tuple[np.ndarray, np.n
     return inits[dq.input[0]], inits[dq.input[1]], axis
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-weights"])
-def test_weight_matmuls_get_per_channel_int8_weights_and_the_rest_stays_float(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "target"), [("int8", "tensorrt"), ("int8", "onnxruntime"),
+                                              ("int8-weights", "onnxruntime")])
+def test_weight_matmuls_get_per_channel_int8_weights_and_the_rest_stays_float(tmp_path: Path, mode: str,
+                                                                             target: str) -> None:
     src, dst = tmp_path / "g.onnx", tmp_path / "q.onnx"
     w1, w2 = _graph(src)
     assert [n.name for n in weight_matmuls(onnx.load(str(src)))] == ["proj", "out"]
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.normal(size=(1, 5, 8)).astype(np.float32)} for _ in range(4)]
-    report = quantize_graph(src, dst, mode, feeds if mode == "int8" else ())
+    report = quantize_graph(src, dst, mode, feeds if mode == "int8" else (), target=target)
     q = onnx.load(str(dst))
     assert (report.weight_matmuls, report.quantized) == (2, 2)
     assert {n.name for n in weight_matmuls_after(q)} == {"proj", "out"}
@@ -77,8 +79,15 @@ def test_weight_matmuls_get_per_channel_int8_weights_and_the_rest_stays_float(tm
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
     quantized_inputs = [producers.get(i) == "DequantizeLinear" for i in scores.input]
     assert quantized_inputs == [mode == "int8", mode == "int8"] or not any(quantized_inputs)
-    acts = {n.op_type for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    acts = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
     assert bool(acts) == (mode == "int8")  # weight-only: activations never quantized
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    for node in acts:  # TensorRT: int8 with zero point 0; ONNX Runtime's x86 kernels: uint8
+        zero = inits[node.input[2]]
+        if target == "tensorrt":
+            assert zero.dtype == np.int8 and not zero.any()
+        else:
+            assert zero.dtype == np.uint8
     x = rng.normal(size=(1, 7, 8)).astype(np.float32)
     (y_ref, s_ref), (y, s) = _run(src, x), _run(dst, x)
     assert np.abs(y - y_ref).max() <= 0.05 * np.abs(y_ref).max()
