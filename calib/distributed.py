@@ -43,7 +43,7 @@ from prune_export.errors import PruneExportError
 from prune_export.ops import Operation
 from prune_export.spec import GroupSizes
 
-from .evaluator import MetricInfo
+from .evaluator import EvaluatorStats, MetricInfo
 
 OpSet = frozenset[Operation]
 Log = Callable[[str], None]
@@ -166,21 +166,13 @@ class _Actor:
 
 
 @dataclass
-class RayStats:
-    """Counts for the CLI and benchmarks: evaluations, calls, seconds the workers spent (``seconds``: summed
-    over workers; ``critical_seconds``: the slowest shard of each call, summed over calls, so the driver's
-    wall time minus it is what Ray and the driver add) and prefix-reuse layers."""
+class RayStats(EvaluatorStats):
+    """The evaluator's counts over all workers (``seconds``: summed over workers), plus the calls and
+    ``critical_seconds``: the slowest shard of each call, summed over calls, so the driver's wall time minus
+    it is what Ray and the driver add."""
 
-    evaluations: int = 0
     calls: int = 0
-    seconds: float = 0.0
     critical_seconds: float = 0.0
-    layers_run: int = 0
-    layers_full: int = 0
-
-    @property
-    def layer_fraction(self) -> float:
-        return self.layers_run / self.layers_full if self.layers_full else 1.0
 
 
 class RayEvaluator:

@@ -243,12 +243,13 @@ class ModelEvaluator:
             self._anchors.move_to_end(best.ops)
         return best, best_layer
 
-    def _evaluate_item(
-        self, index: int, item: CalibrationItem, ops: frozenset[Operation], anchor: _Anchor | None, layer: int
-    ) -> tuple[float, dict[int, PrefillState], list[LayerCache] | None]:
-        name = self.metric.name
+    def _resume(
+        self, index: int, anchor: _Anchor | None, layer: int
+    ) -> tuple[list[int], dict[int, Any], tuple[int, Any] | None, list[Any] | None]:
+        """Where evaluation unit ``index`` starts: the layers whose entry states to keep, the states already
+        known (the anchor's below ``layer``), and the anchor's state and KV caches to resume from."""
         keep = list(range(layer, self._layers)) if self.prefix_reuse else []
-        out: dict[int, PrefillState] = {}
+        out: dict[int, Any] = {}
         start = None
         start_cache = None
         if anchor is not None:
@@ -256,7 +257,13 @@ class ModelEvaluator:
             out.update({j: s for j, s in anchor.states[index].items() if j < layer})
             if anchor.caches is not None:
                 start_cache = anchor.caches[index][:layer]
-        if name == "accuracy":
+        return keep, out, start, start_cache
+
+    def _evaluate_item(
+        self, index: int, item: CalibrationItem, ops: frozenset[Operation], anchor: _Anchor | None, layer: int
+    ) -> tuple[float, dict[int, PrefillState], list[LayerCache] | None]:
+        keep, out, start, start_cache = self._resume(index, anchor, layer)
+        if self.metric.name == "accuracy":
             result = self.executor.prefill(
                 item.prompt, ops, with_cache=True, start=start, start_cache=start_cache,
                 keep_states=keep, states_out=out,
@@ -291,15 +298,7 @@ class ModelEvaluator:
         self, index: int, items: list[CalibrationItem], ops: frozenset[Operation], anchor: _Anchor | None, layer: int
     ) -> tuple[list[float], dict[int, Any], list[Any] | None]:
         """Rows of one batch in a single forward; the batched counterpart of :meth:`_evaluate_item`."""
-        keep = list(range(layer, self._layers)) if self.prefix_reuse else []
-        out: dict[int, Any] = {}
-        start = None
-        start_cache = None
-        if anchor is not None:
-            start = (layer, anchor.states[index][layer])
-            out.update({j: s for j, s in anchor.states[index].items() if j < layer})
-            if anchor.caches is not None:
-                start_cache = anchor.caches[index][:layer]
+        keep, out, start, start_cache = self._resume(index, anchor, layer)
         if self.metric.name == "accuracy":
             result = prefill_batch(
                 self.executor, [item.prompt for item in items], ops, with_cache=True, start=start,

@@ -221,6 +221,11 @@ def _is_visual(groups: torch.Tensor) -> torch.Tensor:
     return (groups == _VISUAL[0]) | (groups == _VISUAL[1])
 
 
+def _pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``t``'s rows ``rows`` (None: all of ``t``, no copy)."""
+    return t if rows is None else t[rows]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -391,18 +396,14 @@ class PlanExecutor:
         q_rows = self._rows(state.groups, pruned[Module.Q])
         kv_rows = self._rows(state.groups, pruned[Module.KV])
         mlp_rows = self._rows(state.groups, pruned[Module.MLP])
-
-        def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-            return t if rows is None else t[rows]
-
         h = state.hidden
         x = parts.attn_norm(h)
-        pos_q, pos_kv = pick(state.positions, q_rows), pick(state.positions, kv_rows)
+        pos_q, pos_kv = _pick(state.positions, q_rows), _pick(state.positions, kv_rows)
         n_q, n_kv = int(pos_q.shape[0]), int(pos_kv.shape[0])
         cos, sin = self.adapter.rope(state.positions)
         # K/V of the tokens that give them (post-RoPE, as cached).
-        xk = pick(x, kv_rows)
-        k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), pick(cos, kv_rows), pick(sin, kv_rows))
+        xk = _pick(x, kv_rows)
+        k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), _pick(cos, kv_rows), _pick(sin, kv_rows))
         v = self._heads(parts.v_proj(xk), spec.num_kv_heads)
         counter.add(layer, 2 * 2 * n_kv * d * spec.kv_dim)
         next_position = int(state.positions.max()) + 1 if n else 0
@@ -410,8 +411,8 @@ class PlanExecutor:
 
         text_attn: torch.Tensor | None = None
         if n_q:
-            xq = pick(x, q_rows)
-            q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), pick(cos, q_rows), pick(sin, q_rows))
+            xq = _pick(x, q_rows)
+            q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), _pick(cos, q_rows), _pick(sin, q_rows))
             counter.add(layer, 2 * n_q * d * spec.q_dim)
             if n_kv:
                 allowed = pos_q.unsqueeze(1) >= pos_kv.unsqueeze(0)  # causality by position
@@ -428,7 +429,7 @@ class PlanExecutor:
             h = h + out if q_rows is None else h.index_add(0, q_rows, out)
         n_mlp = n if mlp_rows is None else int(mlp_rows.shape[0])
         if n_mlp:
-            y = self._mlp(parts, parts.mlp_norm(pick(h, mlp_rows)))
+            y = self._mlp(parts, parts.mlp_norm(_pick(h, mlp_rows)))
             counter.add(layer, 3 * 2 * n_mlp * d * spec.intermediate_size)
             h = h + y if mlp_rows is None else h.index_add(0, mlp_rows, y)
         new_state = PrefillState(h, state.positions, state.groups, state.original_index, state.cls_attention)
@@ -594,24 +595,20 @@ def _batch_prefill_layer(
     q_idx = PlanExecutor._rows(state.groups, pruned[Module.Q])
     kv_idx = PlanExecutor._rows(state.groups, pruned[Module.KV])
     mlp_idx = PlanExecutor._rows(state.groups, pruned[Module.MLP])
-
-    def pick(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        return t if idx is None else t[idx]
-
     h = state.hidden
     dev = h.device
     x = parts.attn_norm(h)
     cos, sin = ex.adapter.rope(state.positions)
-    xk = pick(x, kv_idx)
-    k = apply_rope(ex._heads(parts.k_proj(xk), spec.num_kv_heads), pick(cos, kv_idx), pick(sin, kv_idx))
+    xk = _pick(x, kv_idx)
+    k = apply_rope(ex._heads(parts.k_proj(xk), spec.num_kv_heads), _pick(cos, kv_idx), _pick(sin, kv_idx))
     v = ex._heads(parts.v_proj(xk), spec.num_kv_heads)
-    kv_row, kv_pos = pick(state.row, kv_idx), pick(state.positions, kv_idx)
+    kv_row, kv_pos = _pick(state.row, kv_idx), _pick(state.positions, kv_idx)
     last = torch.full((B,), -1, dtype=torch.long, device=dev).scatter_reduce(0, state.row, state.positions, "amax")
     cache = BatchLayerCache(k, v, kv_row, [int(p) + 1 for p in last.tolist()])
 
-    q_row, q_pos = pick(state.row, q_idx), pick(state.positions, q_idx)
+    q_row, q_pos = _pick(state.row, q_idx), _pick(state.positions, q_idx)
     if q_row.numel():
-        q = apply_rope(ex._heads(parts.q_proj(pick(x, q_idx)), spec.num_heads), pick(cos, q_idx), pick(sin, q_idx))
+        q = apply_rope(ex._heads(parts.q_proj(_pick(x, q_idx)), spec.num_heads), _pick(cos, q_idx), _pick(sin, q_idx))
         q_slot, mq = _slots(q_row, B)
         Q = q.new_zeros(B, spec.num_heads, mq, spec.head_dim)
         Q[q_row, :, q_slot] = q.transpose(0, 1)
@@ -643,7 +640,7 @@ def _batch_prefill_layer(
         h = h + o if q_idx is None else h.index_add(0, q_idx, o)
     n_mlp = state.num_tokens if mlp_idx is None else int(mlp_idx.shape[0])
     if n_mlp:
-        y = ex._mlp(parts, parts.mlp_norm(pick(h, mlp_idx)))
+        y = ex._mlp(parts, parts.mlp_norm(_pick(h, mlp_idx)))
         h = h + y if mlp_idx is None else h.index_add(0, mlp_idx, y)
     return BatchState(h, state.positions, state.groups, state.row, B), cache
 

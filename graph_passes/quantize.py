@@ -180,8 +180,10 @@ def quantize_int8_weights(src: Path, dst: Path) -> QuantizeReport:
         quantize_nparray,
     )
 
-    model = onnx.load(str(src))
-    external = _has_external_data(onnx.load(str(src), load_external_data=False))
+    model = onnx.load(str(src), load_external_data=False)
+    external = _has_external_data(model)
+    if external:
+        onnx.load_external_data_for_model(model, str(src.parent))
     _name_nodes(model)
     targets = weight_matmuls(model)
     inits = {i.name: i for i in model.graph.initializer}

@@ -13,23 +13,17 @@ import pytest
 from graph_passes.quantize import weight_matmuls, weight_matmuls_after
 from prune_export.manifest import Manifest
 from prune_export.ops import Group, Module, Operation
-from prune_export.plan import AutoPruneSection, FixedScheduleSection
+from prune_export.plan import AutoPruneSection
 from prune_export.workflows.build import BuildSettings, PlanChoice, build
 from tests.cli_helpers import assert_clean_error, run
+from tests.test_build_precision import KINDS as PRECISION_KINDS
 
-GSOP_OPS = frozenset(
-    [Operation(3, Group.IMG_REST, m) for m in Module]
-    + [Operation(2, g, Module.MLP) for g in (Group.IMG_KEY, Group.IMG_REST)]
-)
 COMBINED_OPS = frozenset(
     [Operation(2, g, Module.MLP) for g in (Group.IMG_KEY, Group.IMG_REST)]
     + [Operation(3, g, Module.Q) for g in (Group.IMG_KEY, Group.IMG_REST)]
 )
 KINDS = {
-    "dense": PlanChoice(),
-    "gsop": PlanChoice(GSOP_OPS, None, {"operations": len(GSOP_OPS)}),
-    "fixed": PlanChoice(frozenset(), FixedScheduleSection(stages=[(1, 6)]), {}),
-    "autoprune": PlanChoice(frozenset(), AutoPruneSection(tokens=4), {}),
+    **PRECISION_KINDS,  # dense, gsop, fixed, autoprune: the plans the fp16 builds are checked with
     # GSOP ops on both image groups (the group rule), which token selection after them does not break
     "combined": PlanChoice(COMBINED_OPS, AutoPruneSection(tokens=4), {"operations": len(COMBINED_OPS)}),
 }
