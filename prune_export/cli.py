@@ -278,13 +278,21 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, toler
                    "provider (cpu or cuda) [default: cpu; a build: auto].")
 @click.option("--dtype", "torch_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Precision of the PyTorch model (metrics stay fp32) [default: fp32]; a build's is baked in.")
+@click.option("--reference", "reference_path", type=click.Path(path_type=Path), default=None,
+              help="Where the dense answers that agreement compares with come from: a model folder (its executor, "
+                   "fp32) or a dense build [default: the model itself without pruning; for a build, the model "
+                   "folder in its manifest].")
+@click.option("--no-reference", is_flag=True, help="Skip agreement and first-token KL (no dense answers computed).")
 def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: float | None,
              keep_schedule: str | None, autoprune_tokens: float | None, autoprune_x0: float | None,
              autoprune_k0: float | None, autoprune_gamma: float | None, autoprune_amplitude: float | None,
              autoprune_positions: str | None, autoprune_k_step: float | None, no_recycle: bool,
              autoprune_mode: str | None, max_new_tokens: int, limit: int | None, as_json: bool,
-             samples_out: Path | None, device: str | None, torch_dtype: str | None) -> None:
-    """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan.
+             samples_out: Path | None, device: str | None, torch_dtype: str | None, reference_path: Path | None,
+             no_reference: bool) -> None:
+    """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan, and the answers'
+    agreement with the dense model's (label-free: the fraction of identical answers, and the KL divergence of
+    the first answer token's distribution from the dense one).
 
     MODEL_DIR is a HuggingFace model folder (answers from the PyTorch executor) or a build directory (answers
     from its graphs on ONNX Runtime; the plan is baked in, so plan options are refused there).
@@ -292,6 +300,8 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
     Token pruning comes from the plan's token section, --keep-schedule, or --autoprune-tokens; with a plan's
     GSOP operations it makes a combined plan (operations apply to the visual tokens still alive).
     """
+    if no_reference and reference_path is not None:
+        raise PruneExportError("--reference and --no-reference contradict each other; pass one of them")
     if (Path(model_dir) / "manifest.json").is_file():
         given = [flag for flag, value in (
             ("--plan", plan_path), ("--budget", budget), ("--keep-schedule", keep_schedule),
@@ -305,7 +315,8 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
                 f"{model_dir} is a build directory: its plan and precision are baked into the graphs, so {', '.join(given)} "
                 "cannot change it; evaluate the model folder with those options, or build another directory"
             )
-        _eval_build(model_dir, data_path, max_new_tokens, limit, as_json, samples_out, provider_for(device))
+        _eval_build(model_dir, data_path, max_new_tokens, limit, as_json, samples_out, device,
+                    None if no_reference else reference_path, not no_reference)
         return
     _check_budget_option(budget, plan_path)
     stages = _keep_schedule(keep_schedule)
@@ -317,30 +328,34 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
     where = {"device": device or "cpu", "dtype": torch_dtype or "fp32"}
     run = evaluate_model(model_dir, data_path, plan_path=plan_path, budget=budget, stages=stages,
                          autoprune=autoprune, autoprune_mode=autoprune_mode, max_new_tokens=max_new_tokens,
-                         limit=limit, samples_out=samples_out, **where)
+                         limit=limit, samples_out=samples_out, reference_path=reference_path,
+                         compare=not no_reference, **where)
     _echo_eval(run.report, run.policy, as_json, where)
 
 
 def _eval_build(build_dir: Path, data_path: Path, max_new_tokens: int, limit: int | None, as_json: bool,
-                samples_out: Path | None, provider: str = "auto") -> None:
+                samples_out: Path | None, device: str | None, reference_path: Path | None, compare: bool) -> None:
     from tqdm import tqdm
 
-    from .workflows.evaluate import write_samples
+    from .workflows.evaluate import build_reference, write_samples
     from .workflows.generate import eval_build
 
+    reference, missing = build_reference(build_dir, reference_path, max_new_tokens, device) if compare else (None, None)
     with tqdm(desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
         run = eval_build(build_dir, data_path, max_new_tokens=max_new_tokens, limit=limit, progress=bar.update,
-                         provider=provider)
+                         provider=provider_for(device), reference=reference)
     if samples_out is not None:
         write_samples(samples_out, run["report"])
     if as_json:
-        _echo_json({**run["report"].to_json(), "engine": run["engine"], "provider": run["provider"]})
+        _echo_json({**run["report"].to_json(), "engine": run["engine"], "provider": run["provider"],
+                    **({"reference_missing": missing} if missing else {})})
         return
     click.echo(f"build         {build_dir} ({run['engine']}, {run['provider']})")
-    _echo_eval(run["report"], None, False)
+    _echo_eval(run["report"], None, False, missing=missing)
 
 
-def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | None = None) -> None:
+def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | None = None,
+               missing: str | None = None) -> None:
     """Print an eval report (``calib.evaluate.EvalReport``), the token policy it ran and where it ran."""
     if as_json:
         _echo_json({**report.to_json(), **(where or {})})
@@ -350,6 +365,14 @@ def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | 
     acc = "n/a" if report.accuracy is None else f"{report.accuracy:.4f}"
     click.echo(f"samples       {report.samples}")
     click.echo(f"accuracy      {acc} (exact match)")
+    if report.agreement is not None:
+        same = sum(1 for r in report.results if r.agrees)
+        click.echo(f"agreement     {report.agreement:.4f} ({same} of {report.samples} answers identical to the "
+                   f"dense model's; reference: {report.reference})")
+        click.echo(f"first-token KL {report.mean_first_token_kl:.4g} nats (mean KL(dense || this) of the first "
+                   "answer token)")
+    elif missing:
+        click.echo(f"agreement     n/a ({missing})")
     click.echo(f"dense FLOPs   {_tflops(report.dense_flops / report.samples)} per sample")
     click.echo(f"pruned FLOPs  {_tflops(report.pruned_flops / report.samples)} per sample")
     click.echo(f"FLOPs ratio   {report.flops_ratio:.4f} (mean per sample {report.mean_flops_ratio:.4f})")

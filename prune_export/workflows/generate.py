@@ -119,15 +119,18 @@ def visual_tokens_per_layer(manifest: Manifest, kv_tokens: list[int], sys_tokens
 def eval_build(
     build_dir: Path, data_path: Path, *, max_new_tokens: int = 16, limit: int | None = None,
     provider: str = "auto", threads: int | None = None, progress: Callable[[int], None] | None = None,
+    reference: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Exact-match accuracy of the build's greedy answers on a JSONL file, with dense and graph FLOPs.
 
     The same report as ``eval MODEL_DIR`` (keys and per-sample rows), plus ``engine`` and ``provider``.
     Pruned FLOPs are counted from the prefill graph(s) on each prompt (graph census, the LM head row left
-    out as in the cost model); dense FLOPs come from the cost model for the same prompt.
+    out as in the cost model); dense FLOPs come from the cost model for the same prompt. With a
+    ``reference`` (:class:`calib.evaluate.ReferenceAnswers`, see :func:`.evaluate.load_reference`) each
+    answer is compared with the dense one: ``agreement`` and the first-token KL.
     """
     from calib.data import load_rows
-    from calib.evaluate import EvalReport, SampleResult, exact_match
+    from calib.evaluate import EvalReport, SampleResult, compare_answer, exact_match, first_token_logprobs
     from engines.generate import GenerationStats
     from prune_export.cost import prefill_flops
     from prune_export.spec import GroupSizes, ModelSpec
@@ -135,6 +138,9 @@ def eval_build(
     from .build import _graph_flops
 
     rows = load_rows(data_path, require_answer=True, limit=limit)
+    if reference is not None and reference.max_new_tokens != max_new_tokens:
+        raise DataError(f"the dense answers are generated with at most {reference.max_new_tokens} new tokens, "
+                        f"this run with {max_new_tokens}; answers of different lengths cannot agree")
     runner = load_runner(build_dir, provider=provider, threads=threads)
     manifest = runner.manifest
     spec = ModelSpec(**{k: v for k, v in manifest.model.items() if k not in ("path", "fingerprint")})
@@ -147,23 +153,43 @@ def eval_build(
         prompt = runner.prompt(row.load_image(), row.question)
         feeds = runner.prefill_feeds(prompt)
         stats = GenerationStats(prompt_tokens=prompt.num_tokens)
-        ids = list(runner.token_ids(feeds, max_new_tokens, stats))
+        logits: list[np.ndarray] = []
+        ids = list(runner.token_ids(feeds, max_new_tokens, stats, logits))
         text = tokenizer.decode(ids, skip_special_tokens=True)
         sys_n, txt_n = prompt.image_start, prompt.num_tokens - prompt.image_end
         graph = _graph_flops(prefill, feeds) - lm_head
-        results.append(SampleResult(
+        result = SampleResult(
             line=row.line, question=row.question, answer=row.answer, prediction=text,
             correct=None if row.answer is None else exact_match(text, row.answer),
             dense_flops=prefill_flops(spec, GroupSizes.for_prompt(spec, sys_n, txt_n)), pruned_flops=graph,
             visual_tokens_per_layer=visual_tokens_per_layer(manifest, stats.kv_tokens_per_layer, sys_n, txt_n),
             token_decision=_autoprune_decision(manifest, stats.autoprune),
-        ))  # fmt: skip
+        )  # fmt: skip
+        if reference is not None:
+            compare_answer(result, first_token_logprobs(logits[0]), reference.answer(row))
+        results.append(result)
         if progress is not None:
             progress(1)
-    report = EvalReport.from_results(results, spec.num_layers, time.perf_counter() - start)
+    report = EvalReport.from_results(results, spec.num_layers, time.perf_counter() - start,
+                                     None if reference is None else reference.name)
     provider_name = runner.provider
     runner.deactivate()
     return {"report": report, "engine": "onnxruntime", "provider": provider_name, "build": str(build_dir)}
+
+
+class BuildReference:
+    """Dense greedy answers from a dense build's graphs (``eval --reference DENSE_BUILD``)."""
+
+    def __init__(self, runner: Any, max_new_tokens: int, name: str) -> None:
+        self.runner = runner
+        self.max_new_tokens = max_new_tokens
+        self.name = name
+
+    def answer(self, row: Any, sample: Any = None) -> Any:
+        from calib.evaluate import ReferenceAnswer, first_token_logprobs
+
+        out = self.runner.generate(row.load_image(), row.question, self.max_new_tokens, keep_logits=True)
+        return ReferenceAnswer(out.text, first_token_logprobs(out.step_logits[0]))
 
 
 def _autoprune_decision(manifest: Manifest, decided: dict[str, Any] | None) -> dict[str, Any] | None:
