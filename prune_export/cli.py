@@ -116,12 +116,21 @@ def plan() -> None:
 @click.argument("plan_path", type=click.Path(path_type=Path))
 @click.option("--budget", type=float, default=None, help="Fraction of dense prefill FLOPs kept, in (0, 1].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan_show(plan_path: Path, budget: float | None, as_json: bool) -> None:
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the ladder (FLOPs ratio and search metric per step) into this PNG file.")
+def plan_show(plan_path: Path, budget: float | None, as_json: bool, plot_path: Path | None) -> None:
     """Print the FLOPs ladder of PLAN_PATH and the operations active at a budget."""
     from .plan import Plan
 
     p = Plan.load(plan_path)
     sel = p.select(budget) if budget is not None else None
+    if plot_path is not None:
+        from .plots import plan_ladder_plot
+
+        if plot_path.suffix.lower() != ".png":
+            raise PruneExportError(f"--plot {plot_path}: the plot is a PNG; give a file name ending in .png")
+        plan_ladder_plot(p, plot_path, budget)
+        click.echo(f"wrote {plot_path}", err=as_json)
     steps = [
         {"step": i, "ops_added": len(ops), "flops_ratio": p.ladder[i + 1], "metric": p.doc.steps[i].metric}
         for i, ops in enumerate(p.steps)
@@ -395,6 +404,79 @@ def _keep_schedule(text: str | None) -> list[tuple[int, int]] | None:
     from .tokens import parse_keep_schedule
 
     return parse_keep_schedule(text) if text else None
+
+
+# -- sweep ----------------------------------------------------------------------------------------------
+@main.command("sweep")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help="JSONL rows {image, question, answer}; image paths relative to the file.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Report directory (created; an interrupted sweep of the same inputs resumes in it).")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="Searched plan: its ladder for --budgets, and its ladder plot.")
+@click.option("--budgets", default=None, help="GSOP budgets from the plan's ladder, e.g. 0.9,0.7,0.5 (each in (0, 1]).")
+@click.option("--autoprune-tokens", default=None, help="AutoPrune budgets T, e.g. 192,128,64.")
+@click.option("--keep-schedule", "keep_schedules", multiple=True,
+              help="A fixed schedule LAYER:TOKENS[,...] (FastV, PDrop); repeat for several.")
+@click.option("--config", "extra_configs", multiple=True,
+              help="Another configuration: gsop:BUDGET, autoprune:T or fixed:LAYER:TOKENS[,...]; repeatable.")
+@click.option("--latency", is_flag=True,
+              help="Also build every configuration (REPORT_DIR/builds) and time its first token against dense.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="--latency: timed rounds.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="--latency: untimed rounds.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="--latency: ONNX Runtime threads.")
+@click.option("--skip-check", is_flag=True, help="--latency: build without the parity check against the executor.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N rows.")
+@click.option("--device", default=None, help="Where PyTorch runs the model: cpu, cuda or cuda:N [default: cpu].")
+@click.option("--dtype", "torch_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Precision of the PyTorch model (metrics stay fp32) [default: fp32].")
+@click.option("--overwrite", is_flag=True, help="Discard a report directory that holds a sweep of other inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path | None, budgets: str | None,
+              autoprune_tokens: str | None, keep_schedules: tuple[str, ...], extra_configs: tuple[str, ...],
+              latency: bool, rounds: int, warmup: int, threads: int | None, skip_check: bool, max_new_tokens: int,
+              limit: int | None, device: str | None, torch_dtype: str | None, overwrite: bool, as_json: bool) -> None:
+    """Accuracy, agreement with dense and FLOPs of every configuration (dense, GSOP budgets, AutoPrune budgets,
+    fixed schedules) on DATA, with --latency the measured time to first token of each build, written to
+    REPORT_DIR as report.json, report.md and PNG plots.
+
+    Each configuration is evaluated as `eval` with the same options evaluates it. Finished configurations are
+    kept in REPORT_DIR: run the same command again after an interruption and only the rest is done.
+    """
+    from .workflows.sweep import SweepSettings, parse_config, parse_numbers, run_sweep, sweep_configs
+
+    configs = sweep_configs(
+        plan_path=plan_path, budgets=parse_numbers(budgets, "--budgets"),
+        autoprune_tokens=parse_numbers(autoprune_tokens, "--autoprune-tokens"),
+        keep_schedules=[_keep_schedule(text) or [] for text in keep_schedules],
+        extra=[parse_config(text) for text in extra_configs],
+    )  # fmt: skip
+    settings = SweepSettings(latency=latency, rounds=rounds, warmup=warmup, threads=threads, skip_check=skip_check,
+                             overwrite=overwrite)  # fmt: skip
+    result = run_sweep(model_dir, data_path, out_dir, configs, plan_path=plan_path, max_new_tokens=max_new_tokens,
+                       limit=limit, device=device or "cpu", dtype=torch_dtype or "fp32", settings=settings,
+                       log=_log_err)  # fmt: skip
+    if as_json:
+        _echo_json(result.report)
+        return
+    lat = result.report.get("latency")
+    click.echo(f"{'configuration':<24} {'accuracy':>8} {'retention':>9} {'agreement':>9} {'KL nats':>9} "
+               f"{'FLOPs':>7}" + (f" {'TTFT ms':>8} {'speed-up':>8}" if lat else ""))
+    for row in result.report["configs"]:
+        def f(x: float | None, w: int, d: int = 4) -> str:
+            return f"{'n/a':>{w}}" if x is None else f"{x:>{w}.{d}f}"
+
+        line = (f"{row['name']:<24} {f(row['accuracy'], 8)} {f(row['retention'], 9)} {f(row['agreement'], 9)} "
+                f"{f(row['mean_first_token_kl'], 9, 5)} {f(row['flops_ratio'], 7, 3)}")
+        if lat:
+            line += f" {row['latency']['ttft_ms']:>8.1f} {row['latency']['ttft_speedup']:>7.2f}x"
+        click.echo(line)
+    click.echo(f"{len(result.computed)} configuration(s) evaluated, {len(result.kept)} kept from before"
+               + (f", {len(result.built)} built" if latency else ""))
+    click.echo(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}; plots: "
+               + ", ".join(str(out_dir / name) for name in result.report["plots"]))
 
 
 # -- autoprune-schedule ---------------------------------------------------------------------------------
