@@ -122,20 +122,23 @@ class EvalReport:
 
 # -- fidelity to the dense model ---------------------------------------------------------------------------
 def first_token_logprobs(logits: Any) -> np.ndarray:
-    """Log-probabilities (float64 log-softmax) of one row of logits: a torch tensor or a numpy array."""
+    """Log-probabilities of one row of logits (a torch tensor or a numpy array): log-softmax computed in
+    float64, kept as float32 (the precision a sweep stores them in, so a stored reference compares exactly as
+    the one computed in memory)."""
     x = np.asarray(logits.detach().float().cpu() if hasattr(logits, "detach") else logits, dtype=np.float64)
     x = x.reshape(-1)
     top = x.max()
-    return x - (top + np.log(np.exp(x - top).sum()))
+    return (x - (top + np.log(np.exp(x - top).sum()))).astype(np.float32)
 
 
 def kl_divergence(reference: np.ndarray, other: np.ndarray) -> float:
-    """KL(P || Q) in nats of two log-probability vectors: P the reference (dense), Q the pruned model."""
+    """KL(P || Q) in nats of two log-probability vectors (summed in float64): P the reference (dense), Q the
+    pruned model."""
     if reference.shape != other.shape:
         raise DataError(f"cannot compare distributions over {other.size} and {reference.size} tokens: the "
                         "reference answers come from another model (vocabulary size differs)")
-    p = np.exp(reference)
-    return float(max(0.0, np.sum(p * (reference - other))))
+    p, q = reference.astype(np.float64), other.astype(np.float64)
+    return float(max(0.0, np.sum(np.exp(p) * (p - q))))
 
 
 @dataclass(frozen=True)

@@ -252,7 +252,7 @@ def _load_reference(path: Path) -> Any:
 
     try:
         with np.load(path) as data:
-            answers = {int(n): ReferenceAnswer(str(t), lp.astype(np.float64))
+            answers = {int(n): ReferenceAnswer(str(t), lp.astype(np.float32))
                        for n, t, lp in zip(data["lines"], data["texts"], data["logprobs"], strict=True)}  # fmt: skip
             max_new_tokens = int(data["max_new_tokens"])
     except (OSError, KeyError, ValueError) as exc:
@@ -266,15 +266,12 @@ def run_sweep(model_dir: Path, data_path: Path, out: Path, configs: Sequence[Swe
               device: str = "cpu", dtype: str = "fp32", settings: SweepSettings | None = None,
               log: Log = lambda line: print(line, file=sys.stderr)) -> SweepResult:
     """Evaluate (and with ``settings.latency`` build and time) every configuration; write the report."""
-    from tqdm import tqdm
-
     from calib.data import load_rows
-    from calib.evaluate import DENSE, evaluate
     from exporter.adapters import load_adapter, load_spec
 
     from ..device import resolve_device, torch_dtype
     from ..plan import Plan
-    from .selection import choose_plan, token_policy
+    from .selection import choose_plan
 
     settings = settings or SweepSettings()
     if not Path(model_dir, "config.json").is_file():
@@ -314,28 +311,47 @@ def run_sweep(model_dir: Path, data_path: Path, out: Path, configs: Sequence[Swe
     if todo:
         adapter = load_adapter(model_dir, dtype=torch_dtype(dtype), device=resolve_device(device))
         reference = _load_reference(reference_path) if "dense" in records else None
-        with tqdm(total=len(todo) * len(rows), desc="sweep", unit="sample", file=sys.stderr, disable=None) as bar:
-            for config in sorted(todo, key=lambda c: c.method != "dense"):  # dense first: the reference
-                bar.set_postfix_str(config.name)
-                choice = choices[config.name]
-                policy = token_policy(choice.tokens, spec, "exact")
-                answers: dict[int, Any] | None = {} if config.method == "dense" else None
-                report = evaluate(adapter, rows, choice.ops, policy, max_new_tokens=max_new_tokens,
-                                  progress=bar.update, reference=DENSE if config.method == "dense" else reference,
-                                  answers_out=answers)  # fmt: skip
-                if answers is not None:
-                    _save_reference(reference_path, answers, max_new_tokens)
-                    reference = _load_reference(reference_path)
-                record = {"config": config.to_json(), "plan": choice.info, "eval": report.to_json(with_samples=True)}
-                atomic_write_json(out / "configs" / f"{config.name}.json", record)
-                records[config.name] = record
-                result.computed.append(config.name)
-                bar.write(_summary_line(config, report.to_json()))
+        try:
+            _evaluate_all(todo, rows, out, records, result, choices, adapter, spec, reference, max_new_tokens)
+        except KeyboardInterrupt:
+            log(f"interrupted: {len(records)} finished configuration(s) are kept in {out}; run the same command "
+                "again to do the rest")
+            raise
     latency = None
     if settings.latency:
         latency = _latency(model_dir, out, configs, choices, rows[0], settings, result, log)
     result.report = write_report(out, configs, records, inputs, plan, latency, result, spec)
     return result
+
+
+def _evaluate_all(todo: Sequence[SweepConfig], rows: Sequence[Any], out: Path, records: dict[str, dict[str, Any]],
+                  result: SweepResult, choices: dict[str, Any], adapter: Any, spec: Any, reference: Any,
+                  max_new_tokens: int) -> None:
+    """Evaluate ``todo`` (dense first: its answers are the others' reference), saving each as it finishes."""
+    from tqdm import tqdm
+
+    from calib.evaluate import DENSE, evaluate
+
+    from .selection import token_policy
+
+    reference_path = out / "reference.npz"
+    with tqdm(total=len(todo) * len(rows), desc="sweep", unit="sample", file=sys.stderr, disable=None) as bar:
+        for config in sorted(todo, key=lambda c: c.method != "dense"):  # dense first: the reference
+            bar.set_postfix_str(config.name)
+            choice = choices[config.name]
+            policy = token_policy(choice.tokens, spec, "exact")
+            answers: dict[int, Any] | None = {} if config.method == "dense" else None
+            report = evaluate(adapter, rows, choice.ops, policy, max_new_tokens=max_new_tokens,
+                              progress=bar.update, reference=DENSE if config.method == "dense" else reference,
+                              answers_out=answers)  # fmt: skip
+            if answers is not None:
+                _save_reference(reference_path, answers, max_new_tokens)
+                reference = _load_reference(reference_path)
+            record = {"config": config.to_json(), "plan": choice.info, "eval": report.to_json(with_samples=True)}
+            atomic_write_json(out / "configs" / f"{config.name}.json", record)
+            records[config.name] = record
+            result.computed.append(config.name)
+            bar.write(_summary_line(config, report.to_json()))
 
 
 def _choose(choose_plan: Callable[..., Any], model_dir: Path, plan_path: Path | None, config: SweepConfig) -> Any:
