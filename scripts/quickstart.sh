@@ -23,8 +23,8 @@ rm -f "$OUT/plan.json" "$OUT/plan.json.journal.jsonl"
 prune-export search "$OUT/model" --calib "$OUT/data/data.jsonl" --out "$OUT/plan.json" \
   --metric kl --tolerance 0.5 --steps 8 --key-danger-layers 2
 
-echo "== 5. the plan's FLOPs ladder, and the operations at a 0.8 budget"
-prune-export plan show "$OUT/plan.json" --budget 0.8
+echo "== 5. the plan's FLOPs ladder (also drawn: $OUT/plan-ladder.png), and the operations at a 0.8 budget"
+prune-export plan show "$OUT/plan.json" --budget 0.8 --plot "$OUT/plan-ladder.png"
 
 echo "== 6. accuracy and FLOPs under the plan at that budget"
 prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --plan "$OUT/plan.json" --budget 0.8 --max-new-tokens 4
@@ -36,25 +36,35 @@ echo "== 8. AutoPrune: the schedule for T=4 at k=0.2, then eval with per-sample 
 prune-export autoprune-schedule "$OUT/model" --tokens 4 --k 0.2
 prune-export eval "$OUT/model" --data "$OUT/data/data.jsonl" --autoprune-tokens 4 --max-new-tokens 4
 
-echo "== 9. a bigger random LLaVA in which matmuls dominate (8 layers, hidden 1024, 576 visual tokens)"
+echo "== 9. the whole trade-off at once: dense, the plan at three budgets, AutoPrune T=8/4 and two fixed schedules"
+echo "   (accuracy is 0 on a random model; agreement says how many answers pruning changed; plots in $OUT/sweep)"
+rm -rf "$OUT/sweep"
+prune-export sweep "$OUT/model" --data "$OUT/data/data.jsonl" --out "$OUT/sweep" --plan "$OUT/plan.json" \
+  --budgets 0.9,0.8,0.7 --autoprune-tokens 8,4 --keep-schedule 1:8 --keep-schedule 1:4 --max-new-tokens 4
+
+echo "== 10. a bigger random LLaVA in which matmuls dominate (8 layers, hidden 1024, 576 visual tokens)"
 prune-export demo-model "$OUT/model-bench" --preset bench --seed 0 --overwrite
 
-echo "== 10. bake: dense and AutoPrune T=64 builds (export, graph passes, parity check against the executor)"
+echo "== 11. bake: dense and AutoPrune T=64 builds (export, graph passes, parity check against the executor)"
 prune-export build "$OUT/model-bench" --out "$OUT/build-dense" --overwrite
 prune-export build "$OUT/model-bench" --out "$OUT/build-autoprune" --autoprune-tokens 64 --overwrite
 
-echo "== 11. what is in the pruned build, counted from its graphs"
+echo "== 12. what is in the pruned build, counted from its graphs"
 prune-export inspect "$OUT/build-autoprune"
 
-echo "== 12. the pruned build answers a question (random weights: the words are noise, the path is real)"
+echo "== 13. the pruned build answers a question (random weights: the words are noise, the path is real)"
 IMAGE=$(ls "$OUT"/data/images/* | head -n 1)
 prune-export run "$OUT/build-autoprune" --image "$IMAGE" --question "What color is the circle?" \
   --max-new-tokens 8 --json
 
-echo "== 13. end to end, pruned vs dense, interleaved: time to first token and decode ms/token"
+echo "== 14. the pruned build's answers on the demo rows, against the dense build's (agreement, first-token KL)"
+prune-export eval "$OUT/build-autoprune" --data "$OUT/data/data.jsonl" --reference "$OUT/build-dense" \
+  --max-new-tokens 8 --limit 4
+
+echo "== 15. end to end, pruned vs dense, interleaved: time to first token and decode ms/token"
 prune-export bench "$OUT/build-autoprune" --baseline "$OUT/build-dense" --generate 8 --runs 4 --warmup 1
 
-echo "== 14. deploy the pruned build as a Triton model repository, serve it on 127.0.0.1, ask it over HTTP"
+echo "== 16. deploy the pruned build as a Triton model repository, serve it on 127.0.0.1, ask it over HTTP"
 prune-export deploy "$OUT/build-autoprune" --repo "$OUT/triton-repo" --name llava_autoprune --overwrite
 PORT=${PORT:-8000}
 prune-export serve "$OUT/triton-repo" --http-port "$PORT" --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \

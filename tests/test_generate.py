@@ -228,9 +228,26 @@ def test_eval_of_a_build_answers_like_the_executor(builds, model: Path, demo_dat
     rows = [json.loads(line) for line in (tmp_path / "build.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (tmp_path / "model.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in ref_rows]
-    code, out = run("eval", builds["fixed"], "--data", data, "--autoprune-tokens", 8)
+    # agreement with the dense model: by default the executor of the model folder the manifest names
+    assert got["reference"] == f"dense executor of {Path(model).resolve()}"
+    assert got["agreement"] == ref["agreement"]
+    assert [r["agrees"] for r in rows] == [r["agrees"] for r in ref_rows]
+    assert got["mean_first_token_kl"] == pytest.approx(ref["mean_first_token_kl"], rel=1e-3, abs=1e-7)
+    # ... or a dense build: its graphs give the same dense answers
+    code, out = run("eval", builds["fixed"], "--data", data, "--json", "--max-new-tokens", 4,
+                    "--reference", builds["dense"])  # fmt: skip
+    via_build = json.loads(out)
+    assert via_build["reference"] == f"dense build {builds['dense']}" and via_build["agreement"] == ref["agreement"]
+    code, out = run("eval", builds["dense"], "--data", data, "--json", "--max-new-tokens", 4)
+    dense = json.loads(out)
+    assert dense["agreement"] == 1.0 and dense["mean_first_token_kl"] < 1e-6  # graphs vs executor: rounding only
+    code, out = run("eval", builds["fixed"], "--data", data, "--json", "--max-new-tokens", 4, "--no-reference")
+    assert json.loads(out)["agreement"] is None
     from cli_helpers import assert_clean_error
 
+    assert_clean_error(*run("eval", builds["fixed"], "--data", data, "--reference", builds["gsop"]),
+                       "pruned or quantized build")  # fmt: skip
+    code, out = run("eval", builds["fixed"], "--data", data, "--autoprune-tokens", 8)
     assert_clean_error(code, out, "--autoprune-tokens cannot change it")
 
 

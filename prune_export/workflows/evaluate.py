@@ -81,7 +81,9 @@ def load_reference(path: Path, fingerprint: str, max_new_tokens: int, device: st
 
         manifest = Manifest.load(path)
         _same_model(path, manifest.model["fingerprint"], fingerprint)
-        pruned = manifest.plan.get("operations") or manifest.plan.get("tokens") or manifest.quantization
+        executed = [row["ratio"] for row in manifest.flops.get("check_prompts", [])]
+        pruned = (manifest.plan.get("operations") or manifest.plan.get("tokens") or manifest.autoprune
+                  or manifest.quantization or any(r < 1 - 1e-9 for r in executed))  # fmt: skip
         if pruned:
             raise DataError(f"--reference {path} is a pruned or quantized build; agreement compares with the dense "
                             "model, so pass the model folder or a dense float build (build without a plan)")

@@ -68,7 +68,7 @@ class SweepConfig:
     def label(self) -> str:
         """How the report names it: the options that reproduce it with ``eval`` or ``build``."""
         if self.method == "gsop":
-            return f"--plan --budget {_num(self.budget)}"
+            return f"--plan PLAN --budget {_num(self.budget)}"
         if self.method == "autoprune":
             return f"--autoprune-tokens {_num(self.tokens)}"
         if self.method == "fixed":
@@ -153,12 +153,19 @@ def _sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _weight_files(model_dir: Path) -> list[list[Any]]:
+    """Name, size and modification time of a model folder's weight files (cheap, unlike hashing 14 GB)."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 @dataclass
 class SweepInputs:
     """What a sweep's numbers depend on: a report directory is resumed only for the same inputs."""
 
     model: str
     model_fingerprint: str
+    weights: list[list[Any]]  # [file name, size, mtime_ns] of every weight file: new weights redo the sweep
     data: str
     data_sha256: str
     rows: int
@@ -171,7 +178,7 @@ class SweepInputs:
 
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Fields whose value changes the numbers and differs from ``other`` (paths may move)."""
-        keys = ("model_fingerprint", "data_sha256", "limit", "max_new_tokens", "device", "dtype", "plan_sha256")
+        keys = ("model_fingerprint", "weights", "data_sha256", "limit", "max_new_tokens", "device", "dtype", "plan_sha256")
         return [k for k in keys if other.get(k) != getattr(self, k)]
 
 
@@ -289,9 +296,10 @@ def run_sweep(model_dir: Path, data_path: Path, out: Path, configs: Sequence[Swe
     for config in configs:
         choices[config.name] = _choose(choose_plan, model_dir, plan_path, config)
     inputs = SweepInputs(
-        model=str(Path(model_dir).resolve()), model_fingerprint=spec.fingerprint(), data=str(Path(data_path).resolve()),
+        model=str(model_dir), model_fingerprint=spec.fingerprint(), weights=_weight_files(model_dir),
+        data=str(data_path),
         data_sha256=_sha256(Path(data_path)), rows=len(rows), limit=limit, max_new_tokens=max_new_tokens,
-        device=device, dtype=dtype, plan=None if plan_path is None else str(Path(plan_path).resolve()),
+        device=device, dtype=dtype, plan=None if plan_path is None else str(plan_path),
         plan_sha256=None if plan_path is None else _sha256(Path(plan_path)),
     )  # fmt: skip
     _open_report_dir(out, inputs, settings.overwrite, log)
