@@ -180,7 +180,7 @@ def plot_latency(path: Path, configs: Sequence[dict[str, Any]], latency: dict[st
     fig, ax = plt.subplots(figsize=(7, 5.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="ideal: TTFT ratio = FLOPs ratio")
     seen = set()
-    for c in configs:
+    for i, c in enumerate(configs):
         lat = c.get("latency")
         if lat is None:
             continue
@@ -190,7 +190,8 @@ def plot_latency(path: Path, configs: Sequence[dict[str, Any]], latency: dict[st
         ax.plot([lat["flops_ratio"]], [lat["ttft_ratio"]], linestyle="none", marker=style["marker"],
                 color=style["color"], markersize=12 if c["method"] == "dense" else 8, label=label)
         ax.annotate(f"{c['name']}\n{lat['ttft_ms']:.0f} ms ({lat['ttft_speedup']:.2f}x)",
-                    (lat["flops_ratio"], lat["ttft_ratio"]), textcoords="offset points", xytext=(6, -4), fontsize=7)
+                    (lat["flops_ratio"], lat["ttft_ratio"]), textcoords="offset points",
+                    xytext=(8, -14 if i % 2 else 4), fontsize=7)  # alternate sides: neighbours do not overlap
     ax.set_xlim(0, 1.1)
     ax.set_ylim(0, max(1.1, max((c["latency"]["ttft_ratio"] for c in configs if c.get("latency")), default=1) + 0.1))
     ax.set_xlabel("FLOPs ratio of the timed prompt (prefill graph, pruned / dense)")
