@@ -18,15 +18,16 @@ Graphs with a TensorRT engine in the build (``--target tensorrt`` built where Te
 ``tensorrt_plan`` (``1/model.plan``), the others as ``onnxruntime_onnx``. Every configuration is generated
 from the manifest and checked (:mod:`engines.triton.config`: Triton's own schema, then names, types and
 ranks against the ONNX graph) before the repository is renamed into place, so a repository directory that
-exists is complete. Model files are hard-linked from the build where the file system allows it (a 7B
-build's weights are not copied twice), else copied. Files at the repository's top level are ignored by
-Triton, which loads directories only.
+exists is complete. Model files are reflinked from the build where the file system can (btrfs, XFS: a 7B
+build's weights share their blocks instead of being stored twice), else copied. Never hard-linked: ONNX
+and onnx-ir refuse to read external data with more than one hard link (a "hard link attack"), which would
+leave both the build and the repository unreadable by them. Files at the repository's top level are ignored
+by Triton, which loads directories only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -60,12 +61,21 @@ def check_model_name(name: str) -> None:
         )
 
 
+#: Linux ``ioctl(FICLONE)``: make ``dst`` share ``src``'s blocks (copy-on-write), as ``cp --reflink``.
+_FICLONE = 0x40049409
+
+
 def _place(src: Path, dst: Path) -> None:
-    """``dst`` as a hard link to ``src`` where possible, else a copy."""
+    """``dst`` as a reflink of ``src`` where the file system can make one, else a copy; each file keeps one
+    hard link (see the module docstring)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
-    except OSError:
+        import fcntl
+
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+        shutil.copystat(src, dst)
+    except (OSError, ImportError):
         shutil.copy2(src, dst)
 
 

@@ -41,6 +41,9 @@ def test_every_graph_becomes_a_checked_onnxruntime_model(triton_builds: dict[str
     versions = json.loads((repo / "versions.json").read_text())
     assert versions["build"]["target"] == "onnxruntime" and versions["onnxruntime"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial directory left
+    # copies (or reflinks), never hard links: onnx and onnx-ir refuse external data with several links
+    linked = [p for p in [*build.rglob("*"), *repo.rglob("*")] if p.is_file() and p.stat().st_nlink > 1]
+    assert linked == []
 
 
 def test_the_model_clients_call(triton_builds: dict[str, Path], tmp_path: Path) -> None:
