@@ -454,7 +454,7 @@ def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path |
         extra=[parse_config(text) for text in extra_configs],
     )  # fmt: skip
     settings = SweepSettings(latency=latency, rounds=rounds, warmup=warmup, threads=threads, skip_check=skip_check,
-                             overwrite=overwrite)  # fmt: skip
+                             overwrite=overwrite, device=device or "cpu", provider=provider_for(device))  # fmt: skip
     result = run_sweep(model_dir, data_path, out_dir, configs, plan_path=plan_path, max_new_tokens=max_new_tokens,
                        limit=limit, device=device or "cpu", dtype=torch_dtype or "fp32", settings=settings,
                        log=_log_err)  # fmt: skip

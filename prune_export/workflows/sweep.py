@@ -190,7 +190,8 @@ class SweepSettings:
     rounds: int = 5
     warmup: int = 1
     threads: int | None = None
-    provider: str = "auto"
+    provider: str = "auto"  # ONNX Runtime provider of the builds' check and timing
+    device: str = "cpu"  # where PyTorch runs the model for the builds' export and check (the sweep's --device)
     skip_check: bool = False  # builds: skip the parity check against the executor
     overwrite: bool = False  # discard a report directory of other inputs instead of refusing it
     max_text_tokens: int = 4096
@@ -401,7 +402,8 @@ def _latency(model_dir: Path, out: Path, configs: Sequence[SweepConfig], choices
             log(f"{target} is not this configuration's finished build; building it again")
         log(f"[{i + 1}/{len(configs)}] building {config.name} into {target}")
         bs = BuildSettings(check=not settings.skip_check, max_text_tokens=settings.max_text_tokens,
-                           max_sys_tokens=settings.max_sys_tokens, overwrite=True)  # fmt: skip
+                           max_sys_tokens=settings.max_sys_tokens, provider=settings.provider,
+                           device=settings.device, overwrite=True)  # fmt: skip
         build(model_dir, target, choices[config.name], bs, log)
         result.built.append(config.name)
     path = out / "latency.json"
