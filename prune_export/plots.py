@@ -79,7 +79,7 @@ def plot_ladder(path: Path, flops_ratio: Sequence[float], metrics: Sequence[floa
     elif limit is not None:
         bottom.axhline(limit, color="tab:red", linestyle="--", alpha=0.6, label=f"search limit {limit:.4g}")
     bottom.set_ylabel(f"search metric: {metric}" if metric else "search metric")
-    bottom.set_xlabel("plan step (operations pruned cumulatively; 0 = dense)")
+    bottom.set_xlabel("number of plan steps applied (0 = dense)")
     bottom.xaxis.set_major_locator(_integer_ticks())
     bottom.grid(alpha=0.3)
     for n, label in marks:
