@@ -194,6 +194,13 @@ class StoredReference:
                             "computed on other data") from None
 
 
+def check_answer_length(reference: ReferenceAnswers | None, max_new_tokens: int) -> None:
+    """Refuse dense answers generated with another token limit than this run's (they could not agree)."""
+    if reference is not None and reference.max_new_tokens != max_new_tokens:
+        raise DataError(f"the dense answers were generated with at most {reference.max_new_tokens} new tokens, "
+                        f"this run with {max_new_tokens}; answers of different lengths cannot agree")
+
+
 def compare_answer(result: SampleResult, first_logprobs: np.ndarray, reference: ReferenceAnswer) -> None:
     """Fill ``result``'s ``agrees`` and ``first_token_kl`` against the dense ``reference`` answer."""
     result.agrees = result.prediction == reference.text
@@ -224,14 +231,11 @@ def evaluate(
     """
     executor = PlanExecutor(adapter)
     ops = frozenset(ops)
+    prunes = bool(ops) or policy is not None
+    is_dense = reference == DENSE and not prunes  # the run is its own reference
     if reference == DENSE:
-        reference = None if not ops and policy is None else ExecutorReference(adapter, max_new_tokens, key_fraction)
-        is_dense = not ops and policy is None
-    else:
-        is_dense = False
-    if reference is not None and reference.max_new_tokens != max_new_tokens:  # type: ignore[union-attr]
-        raise DataError(f"the dense answers were generated with at most {reference.max_new_tokens} new tokens, "  # type: ignore[union-attr]
-                        f"this run with {max_new_tokens}; answers of different lengths cannot agree")
+        reference = ExecutorReference(adapter, max_new_tokens, key_fraction) if prunes else None
+    check_answer_length(reference, max_new_tokens)  # type: ignore[arg-type]
     results: list[SampleResult] = []
     start = time.perf_counter()
     for row in rows:

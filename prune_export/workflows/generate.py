@@ -54,6 +54,28 @@ def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int |
     return GenerationRunner(build_dir, provider=provider, threads=threads, manifest=manifest).activate()  # type: ignore[arg-type]
 
 
+def prefill_graph_flops(runner: Any, feeds: dict[str, np.ndarray]) -> int:
+    """Matmul FLOPs a runner's prefill graph(s) execute on ``feeds``, counted from the graph, without the one
+    logits row of the LM head (the cost model leaves it out, so the two compare)."""
+    from .build import _graph_flops
+
+    model = runner.manifest.model
+    return _graph_flops(runner.prefill_runner, feeds) - 2 * int(model["hidden_size"]) * int(model["vocab_size"])
+
+
+def timed_answer(runner: Any, image: Any, question: str, new_tokens: int) -> Any:
+    """The timings (:class:`~engines.generate.GenerationStats`) of exactly ``new_tokens`` greedy tokens from
+    image and question (EOS does not stop it: every build does the same work), as benchmarks time them."""
+    from engines.generate import GenerationStats
+
+    started = time.perf_counter()
+    prompt = runner.prompt(image, question)
+    stats = GenerationStats(prompt_tokens=prompt.num_tokens)
+    for _ in runner.token_ids(runner.prefill_feeds(prompt), new_tokens, stats, started=started, stop_at_eos=False):
+        pass
+    return stats
+
+
 def run_build(
     build_dir: Path, image_path: Path, question: str, *, max_new_tokens: int = 64, provider: str = "auto",
     threads: int | None = None, on_text: Callable[[str], None] | None = None, expect_dtype: str | None = None,
@@ -130,22 +152,23 @@ def eval_build(
     answer is compared with the dense one: ``agreement`` and the first-token KL.
     """
     from calib.data import load_rows
-    from calib.evaluate import EvalReport, SampleResult, compare_answer, exact_match, first_token_logprobs
+    from calib.evaluate import (
+        EvalReport,
+        SampleResult,
+        check_answer_length,
+        compare_answer,
+        exact_match,
+        first_token_logprobs,
+    )
     from engines.generate import GenerationStats
     from prune_export.cost import prefill_flops
     from prune_export.spec import GroupSizes, ModelSpec
 
-    from .build import _graph_flops
-
     rows = load_rows(data_path, require_answer=True, limit=limit)
-    if reference is not None and reference.max_new_tokens != max_new_tokens:
-        raise DataError(f"the dense answers are generated with at most {reference.max_new_tokens} new tokens, "
-                        f"this run with {max_new_tokens}; answers of different lengths cannot agree")
+    check_answer_length(reference, max_new_tokens)
     runner = load_runner(build_dir, provider=provider, threads=threads)
     manifest = runner.manifest
     spec = ModelSpec(**{k: v for k, v in manifest.model.items() if k not in ("path", "fingerprint")})
-    lm_head = 2 * spec.hidden_size * spec.vocab_size
-    prefill = runner.prefill_runner
     tokenizer = runner.tokenizer
     results = []
     start = time.perf_counter()
@@ -157,7 +180,7 @@ def eval_build(
         ids = list(runner.token_ids(feeds, max_new_tokens, stats, logits))
         text = tokenizer.decode(ids, skip_special_tokens=True)
         sys_n, txt_n = prompt.image_start, prompt.num_tokens - prompt.image_end
-        graph = _graph_flops(prefill, feeds) - lm_head
+        graph = prefill_graph_flops(runner, feeds)
         result = SampleResult(
             line=row.line, question=row.question, answer=row.answer, prediction=text,
             correct=None if row.answer is None else exact_match(text, row.answer),
@@ -275,7 +298,7 @@ def bench_generate(
     """
     from engines.generate import GenerationStats
 
-    from .build import _graph_flops, check_same_model
+    from .build import check_same_model
 
     if new_tokens < 2:
         raise BuildError(f"--generate needs at least 2 new tokens (one decode step) to time decoding, got {new_tokens}")
@@ -290,21 +313,12 @@ def bench_generate(
     if runners["dense"].provider != runners["pruned"].provider:
         raise BuildError("the two builds run on different providers; pass --provider")
 
-    def once(name: str) -> GenerationStats:
-        runner = runners[name]
-        started = time.perf_counter()
-        prompt = runner.prompt(image, question)
-        stats = GenerationStats(prompt_tokens=prompt.num_tokens)
-        for _ in runner.token_ids(runner.prefill_feeds(prompt), new_tokens, stats, started=started, stop_at_eos=False):
-            pass
-        return stats
-
     samples: dict[str, list[GenerationStats]] = {"dense": [], "pruned": []}
     total = warmup + rounds
     for i in range(total):
         order = ["dense", "pruned"] if i % 2 == 0 else ["pruned", "dense"]
         for name in order:
-            stats = once(name)
+            stats = timed_answer(runners[name], image, question, new_tokens)
             if i >= warmup:
                 samples[name].append(stats)
         if progress is not None:
@@ -320,8 +334,7 @@ def bench_generate(
     prompt = runners["dense"].prompt(image, question)
     flops = {}
     for name, runner in runners.items():
-        lm_head = 2 * int(runner.manifest.model["hidden_size"]) * int(runner.manifest.model["vocab_size"])
-        flops[name] = _graph_flops(runner.prefill_runner, runner.prefill_feeds(prompt)) - lm_head
+        flops[name] = prefill_graph_flops(runner, runner.prefill_feeds(prompt))
     report = GenerateBench(
         rounds=rounds, new_tokens=new_tokens, prompt_tokens=prompt.num_tokens, provider=runners["dense"].provider,
         dense=medians(samples["dense"]), pruned=medians(samples["pruned"]),

@@ -428,8 +428,7 @@ def time_first_token(build_dirs: dict[str, Path], row: Any, settings: SweepSetti
     """
     from engines.generate import GenerationStats
 
-    from .build import _graph_flops
-    from .generate import load_runner
+    from .generate import load_runner, prefill_graph_flops, timed_answer
 
     runners = {name: load_runner(path, provider=settings.provider, threads=settings.threads)
                for name, path in build_dirs.items()}  # fmt: skip
@@ -442,12 +441,7 @@ def time_first_token(build_dirs: dict[str, Path], row: Any, settings: SweepSetti
         for i in range(total):
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
-                runner = runners[name]
-                started = time.perf_counter()
-                prompt = runner.prompt(image, row.question)
-                stats = GenerationStats(prompt_tokens=prompt.num_tokens)
-                for _ in runner.token_ids(runner.prefill_feeds(prompt), 1, stats, started=started, stop_at_eos=False):
-                    pass
+                stats = timed_answer(runners[name], image, row.question, 1)
                 if i >= settings.warmup:
                     times[name].append(stats)
         out: dict[str, Any] = {"builds": names, "rounds": settings.rounds, "warmup": settings.warmup,
@@ -456,12 +450,10 @@ def time_first_token(build_dirs: dict[str, Path], row: Any, settings: SweepSetti
         prompt = runners[names[0]].prompt(image, row.question)
         out["prompt_tokens"] = prompt.num_tokens
         for name, runner in runners.items():
-            model = runner.manifest.model
-            lm_head = 2 * int(model["hidden_size"]) * int(model["vocab_size"])
             out["results"][name] = {
                 "ttft_ms": statistics.median(s.ttft_ms for s in times[name]),
                 "prefill_ms": statistics.median(s.prefill_ms for s in times[name]),
-                "graph_flops": _graph_flops(runner.prefill_runner, runner.prefill_feeds(prompt)) - lm_head,
+                "graph_flops": prefill_graph_flops(runner, runner.prefill_feeds(prompt)),
             }
     finally:
         for runner in runners.values():
