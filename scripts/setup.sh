@@ -9,6 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install --quiet --disable-pip-version-check torch==2.13.0 numpy
-python -m pip install --quiet --disable-pip-version-check -e ".[dev,ray]"
+# constraints.txt pins every package to the versions the suite passed with (scripts/update-constraints.sh moves them).
+python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0 numpy
+python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,ray]"
 python -c "import torch, transformers, onnx, onnxruntime, polygraphy, click; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| onnx', onnx.__version__, '| onnxruntime', onnxruntime.__version__)"
