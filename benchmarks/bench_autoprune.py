@@ -31,7 +31,7 @@ from exporter.adapters import load_adapter  # noqa: E402
 from exporter.autoprune_policy import AutoPrunePolicy  # noqa: E402
 from exporter.executor import PlanExecutor  # noqa: E402
 from exporter.sample import prepare_sample  # noqa: E402
-from prune_export.plan import AutoPruneSection  # noqa: E402
+from prune_core.plan import AutoPruneSection  # noqa: E402
 
 
 def main() -> None:

@@ -68,8 +68,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from exporter.adapters import load_spec
-    from prune_export.cost import prefill_flops
-    from prune_export.spec import GroupSizes
+    from prune_core.cost import prefill_flops
+    from prune_core.spec import GroupSizes
 
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"model": str(args.model), "builds": {}}

@@ -45,7 +45,7 @@ def hf_vs_graph_decode(model: Path, dense: Path, image_path: Path, new_tokens: i
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from engines.generate import GenerationStats
-    from prune_export.prompt import prompt_text
+    from prune_core.prompt import prompt_text
 
     torch.set_num_threads(threads)
     hf = LlavaForConditionalGeneration.from_pretrained(str(model), local_files_only=True).eval()

@@ -29,8 +29,8 @@ from common import BENCH_QUESTION, BUILDS, DEFAULT_BENCH_MODEL, bench_image, ens
 
 
 def ensure_builds(model: Path, tokens: float, calib: Path, rows: int, rebuild: bool) -> dict[str, Path]:
-    from prune_export.manifest import MANIFEST_NAME, Manifest
-    from prune_export.plan import AutoPruneSection
+    from prune_core.manifest import MANIFEST_NAME, Manifest
+    from prune_core.plan import AutoPruneSection
     from prune_export.workflows.build import BuildSettings, PlanChoice, build
 
     autoprune = PlanChoice(frozenset(), AutoPruneSection(tokens=tokens), {"tokens": tokens})

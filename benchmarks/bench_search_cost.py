@@ -48,8 +48,8 @@ from calib.evaluator import CalibrationSet, ModelEvaluator  # noqa: E402
 from calib.search import SearchSettings, candidate_operations, run_search  # noqa: E402
 from exporter.adapters import load_adapter  # noqa: E402
 from exporter.demo import build_demo_data  # noqa: E402
-from prune_export.ops import Operation, close_under_rules  # noqa: E402
-from prune_export.spec import GroupSizes  # noqa: E402
+from prune_core.ops import Operation, close_under_rules  # noqa: E402
+from prune_core.spec import GroupSizes  # noqa: E402
 
 
 def spread(pool: list[Operation], n: int) -> list[Operation]:

@@ -58,9 +58,9 @@ from calib.evaluator import CalibrationSet, ModelEvaluator  # noqa: E402
 from calib.search import SearchSettings, candidate_operations, plan_from_search, run_search  # noqa: E402
 from exporter.adapters import load_adapter  # noqa: E402
 from exporter.demo import build_demo_data, build_demo_model  # noqa: E402
-from prune_export.cost import prefill_flops  # noqa: E402
-from prune_export.ops import MODULES, PRUNABLE_GROUPS, Operation, close_under_rules  # noqa: E402
-from prune_export.spec import GroupSizes, ModelSpec  # noqa: E402
+from prune_core.cost import prefill_flops  # noqa: E402
+from prune_core.ops import MODULES, PRUNABLE_GROUPS, Operation, close_under_rules  # noqa: E402
+from prune_core.spec import GroupSizes, ModelSpec  # noqa: E402
 
 
 def flops_ratio(spec: ModelSpec, layout: GroupSizes, ops: frozenset[Operation]) -> float:

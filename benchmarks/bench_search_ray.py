@@ -53,7 +53,7 @@ from calib.evaluator import metric_info  # noqa: E402
 from calib.search import SearchEvent, SearchSettings, candidate_operations, run_search  # noqa: E402
 from exporter.adapters import load_spec  # noqa: E402
 from exporter.demo import build_demo_data  # noqa: E402
-from prune_export.spec import GroupSizes  # noqa: E402
+from prune_core.spec import GroupSizes  # noqa: E402
 
 
 class _Stop(Exception):
@@ -127,7 +127,7 @@ def batched(model: Path, data: Path, sizes: list[int], rounds: int, metric: str)
 
     from calib.evaluator import CalibrationSet, ModelEvaluator
     from exporter.adapters import load_adapter
-    from prune_export.ops import Group, Module, Operation, close_under_rules
+    from prune_core.ops import Group, Module, Operation, close_under_rules
 
     torch.set_num_threads(1)
     adapter = load_adapter(model)

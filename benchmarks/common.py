@@ -59,9 +59,9 @@ def heuristic_plan(spec):
     """A GSOP plan that is not searched: image-group ops from the last layer down, per step the mlp, then
     the q, then the kv op of both image groups. A search on a big model takes hours; latency depends on which
     operations are gone, not on how well they were chosen, so benchmarks use this ordering."""
-    from prune_export.ops import Group, Module, Operation
-    from prune_export.plan import Plan
-    from prune_export.spec import GroupSizes
+    from prune_core.ops import Group, Module, Operation
+    from prune_core.plan import Plan
+    from prune_core.spec import GroupSizes
 
     steps = []
     for layer in range(spec.num_layers - 1, 0, -1):
@@ -79,8 +79,8 @@ def ensure_bench_builds(model: Path, budget: float, tokens: float, rebuild: bool
     ``model`` in :data:`BUILDS`, each made through ``prune-export build``'s code unless already there (a build
     without decode graphs, from an older version, is remade)."""
     from exporter.adapters import load_spec
-    from prune_export.manifest import MANIFEST_NAME, Manifest
-    from prune_export.plan import AutoPruneSection
+    from prune_core.manifest import MANIFEST_NAME, Manifest
+    from prune_core.plan import AutoPruneSection
     from prune_export.workflows.build import BuildSettings, PlanChoice, build
 
     def ensure(name: str, choice: PlanChoice) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prune_export.errors import DataError
+from prune_core.errors import DataError
 
 
 @dataclass(frozen=True)

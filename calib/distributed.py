@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prune_export.errors import PruneExportError
-from prune_export.ops import Operation
-from prune_export.spec import GroupSizes
+from prune_core.errors import PruneExportError
+from prune_core.ops import Operation
+from prune_core.spec import GroupSizes
 
 from .evaluator import EvaluatorStats, MetricInfo
 
@@ -108,7 +108,7 @@ class EvaluationWorker:
         import torch
 
         from exporter.adapters import load_adapter
-        from prune_export.device import resolve_device, torch_dtype
+        from prune_core.device import resolve_device, torch_dtype
 
         if not config.device.startswith("cuda"):
             torch.set_num_threads(config.threads)

@@ -15,10 +15,10 @@ import numpy as np
 from exporter.adapters.base import VLMAdapter
 from exporter.executor import PlanExecutor, TokenPolicy
 from exporter.sample import prepare_sample
-from prune_export.cost import prefill_flops
-from prune_export.errors import DataError
-from prune_export.ops import Operation
-from prune_export.spec import DEFAULT_KEY_FRACTION
+from prune_core.cost import prefill_flops
+from prune_core.errors import DataError
+from prune_core.ops import Operation
+from prune_core.spec import DEFAULT_KEY_FRACTION
 
 from .data import DataRow
 

@@ -30,9 +30,9 @@ import torch
 from exporter.adapters.base import VLMAdapter
 from exporter.executor import LayerCache, PlanExecutor, PrefillState, prefill_batch
 from exporter.sample import Sample, build_sample, prepare_sample
-from prune_export.errors import DataError, PruneExportError
-from prune_export.ops import Operation
-from prune_export.spec import DEFAULT_KEY_FRACTION
+from prune_core.errors import DataError, PruneExportError
+from prune_core.ops import Operation
+from prune_core.spec import DEFAULT_KEY_FRACTION
 
 from .data import DataRow, data_fingerprint, load_rows
 from .evaluate import exact_match

@@ -30,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from prune_export.errors import JournalError
-from prune_export.ops import Operation
+from prune_core.errors import JournalError
+from prune_core.ops import Operation
 
 try:  # POSIX only; elsewhere the journal simply goes unlocked.
     import fcntl

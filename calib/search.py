@@ -25,7 +25,7 @@ Every evaluation is memoised by its (closed) operation set, so no set is ever ev
 from the recorded values and produces the identical plan. The policy is an immutable ``frozenset`` that
 is only ever replaced, never mutated in place, so an accepted step can never be lost to aliasing (the
 public GSOP code aliased its current and last policy lists after an undo and could drop accepted ops).
-Ties are broken by the canonical order of :class:`~prune_export.ops.Operation`, so the same inputs and
+Ties are broken by the canonical order of :class:`~prune_core.ops.Operation`, so the same inputs and
 the same evaluator always give the same plan.
 """
 
@@ -37,11 +37,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
-from prune_export.cost import prefill_flops
-from prune_export.errors import InternalError, JournalError, PruneExportError
-from prune_export.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations, close_under_rules
-from prune_export.plan import AutoPruneSection, FixedScheduleSection, Plan
-from prune_export.spec import GroupSizes, ModelSpec
+from prune_core.cost import prefill_flops
+from prune_core.errors import InternalError, JournalError, PruneExportError
+from prune_core.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations, close_under_rules
+from prune_core.plan import AutoPruneSection, FixedScheduleSection, Plan
+from prune_core.spec import GroupSizes, ModelSpec
 
 from .journal import Journal, identity_differences
 

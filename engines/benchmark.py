@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 __all__ = ["LatencyStats", "SpeedupReport", "compare_latency"]
 

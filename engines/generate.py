@@ -42,9 +42,9 @@ import onnxruntime as ort
 
 from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, Provider
 from engines.prefill import PrefillRunner, graph_runner
-from prune_export.errors import BuildError, PruneExportError
-from prune_export.manifest import Manifest
-from prune_export.prompt import TextPieces, prompt_text
+from prune_core.errors import BuildError, PruneExportError
+from prune_core.manifest import Manifest
+from prune_core.prompt import TextPieces, prompt_text
 
 KV_KINDS = ("key", "value", "position")
 

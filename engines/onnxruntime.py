@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 __all__ = [
     "InputMetadata",

@@ -7,7 +7,7 @@ contract"):
 
 1. run ``prefill_head`` on the prompt inputs;
 2. read ``autoprune.complexity`` (``I1``), compute ``k = max(k0 - gamma*I1, 0)`` and take the nearest row of
-   the build's schedule table (:meth:`prune_export.autoprune.ScheduleTable.lookup`);
+   the build's schedule table (:meth:`prune_core.autoprune.ScheduleTable.lookup`);
 3. run ``prefill_tail`` on the head's ``tail.*`` outputs plus ``keep_counts`` / ``merged_counts`` (the
    row's ``K_l`` and ``c_l``, int64 ``[L-1]``).
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from engines.onnxruntime import OrtRunner, Provider, SessionFromOnnx
-from prune_export.autoprune import ScheduleTable, steepness
-from prune_export.errors import BuildError
-from prune_export.manifest import Manifest
+from prune_core.autoprune import ScheduleTable, steepness
+from prune_core.errors import BuildError
+from prune_core.manifest import Manifest
 
 TABLE_NAME = "schedule_table.json"
 

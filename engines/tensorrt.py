@@ -19,9 +19,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from prune_export.errors import BuildError
-from prune_export.io import atomic_write_bytes
-from prune_export.manifest import Manifest
+from prune_core.errors import BuildError
+from prune_core.io import atomic_write_bytes
+from prune_core.manifest import Manifest
 
 __all__ = [
     "EngineFromOnnx",

@@ -1,7 +1,7 @@
 """AutoPrune as a token policy of the executor: complexity-adaptive visual-token pruning, one prompt at a time.
 
 The arithmetic (mutual information, curve, budget solve, schedule table, TopK, recycling) lives in
-:mod:`prune_export.autoprune`; this module decides *when* each piece runs inside a prefill
+:mod:`prune_core.autoprune`; this module decides *when* each piece runs inside a prefill
 (docs/methods.md, sections 4 and 5):
 
 * **after layer 0** (which ran on every token): ``I0`` = mean over heads of the layer-0 mutual information
@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 import torch
 
-from prune_export.autoprune import (
+from prune_core.autoprune import (
     ScheduleSolution,
     ScheduleTable,
     check_tokens,
@@ -71,8 +71,8 @@ from prune_export.autoprune import (
     solve_scale,
     steepness,
 )
-from prune_export.plan import AutoPruneSection
-from prune_export.spec import ModelSpec
+from prune_core.plan import AutoPruneSection
+from prune_core.spec import ModelSpec
 
 from .executor import PositionMode, Selection, SelectionContext
 
@@ -128,10 +128,10 @@ class AutoPruneDecision:
 class AutoPrunePolicy:
     """AutoPrune settings of a plan bound to a model: a reusable :class:`~exporter.executor.TokenPolicy`.
 
-    Built from an :class:`~prune_export.plan.AutoPruneSection` and the model's :class:`ModelSpec` (layers,
+    Built from an :class:`~prune_core.plan.AutoPruneSection` and the model's :class:`ModelSpec` (layers,
     visual tokens). ``mode="exact"`` solves each prompt's schedule by bisection (the reference); ``"table"``
     builds the :class:`ScheduleTable` once here and looks schedules up by ``k`` (what an engine does). A
-    budget ``T`` outside ``(0, N_vis]`` raises :class:`~prune_export.errors.BudgetError`.
+    budget ``T`` outside ``(0, N_vis]`` raises :class:`~prune_core.errors.BudgetError`.
     """
 
     def __init__(self, section: AutoPruneSection, spec: ModelSpec, mode: ScheduleMode = "exact") -> None:

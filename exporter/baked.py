@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from prune_export.autoprune import (
+from prune_core.autoprune import (
     INDEX_SLACK,
     ScheduleTable,
     _ascending,
@@ -64,9 +64,9 @@ from prune_export.autoprune import (
     n0_for_budget,
     recycle_tokens,
 )
-from prune_export.errors import BuildError
-from prune_export.ops import MODULES, Group, Module, Operation, pruned_by_layer
-from prune_export.plan import AutoPruneSection
+from prune_core.errors import BuildError
+from prune_core.ops import MODULES, Group, Module, Operation, pruned_by_layer
+from prune_core.plan import AutoPruneSection
 
 from .adapters.base import VLMAdapter
 from .autoprune_policy import LAYER0_TEXT_WEIGHT
@@ -248,7 +248,7 @@ class Float32Region(nn.Module):
     """Runs ``fn`` so that the exported nodes keep float32 when a build lowers precision.
 
     torch.onnx records this class in each node's metadata; the precision pass keeps such nodes in fp32
-    (:mod:`prune_export.precision`). Used for AutoPrune's complexity signal, token scores and recycling,
+    (:mod:`prune_core.precision`). Used for AutoPrune's complexity signal, token scores and recycling,
     whose small differences and ``1e-6`` floors change which tokens survive when computed in fp16.
     """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from prune_export.errors import PruneExportError
+from prune_core.errors import PruneExportError
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
@@ -235,7 +235,7 @@ def build_demo_data(out_dir: str | Path, samples: int = 8, seed: int = 0, image_
 
     from PIL import Image, ImageDraw
 
-    from prune_export.io import atomic_write_text
+    from prune_core.io import atomic_write_text
 
     if samples < 1:
         raise PruneExportError(f"--samples must be >= 1, got {samples}")

@@ -25,9 +25,9 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from prune_export.cost import LayerCounts
-from prune_export.ops import Group, Module, Operation, pruned_by_layer
-from prune_export.spec import GroupSizes
+from prune_core.cost import LayerCounts
+from prune_core.ops import Group, Module, Operation, pruned_by_layer
+from prune_core.spec import GroupSizes
 
 from .adapters.base import LayerParts, VLMAdapter
 from .sample import GROUP_INDEX, Sample, group_sizes_of

@@ -25,8 +25,8 @@ import onnx
 import torch
 from torch import nn
 
-from prune_export.errors import BuildError
-from prune_export.ops import Operation
+from prune_core.errors import BuildError
+from prune_core.ops import Operation
 
 from .adapters.base import VLMAdapter
 from .baked import AutoPruneBake, BakedPrefill, Part

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from prune_export.ops import GROUPS, Group
-from prune_export.spec import DEFAULT_KEY_FRACTION, GroupSizes
+from prune_core.ops import GROUPS, Group
+from prune_core.spec import DEFAULT_KEY_FRACTION, GroupSizes
 
 from .adapters.base import VLMAdapter
 

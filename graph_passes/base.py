@@ -8,7 +8,7 @@ rewrite and
 
 * trusts the fingerprint when the rewrite does not know (wrapped library passes whose own flag
   under-reports, e.g. a shape annotation added during folding), and
-* raises :class:`~prune_export.errors.InternalError` when a rewrite's own claim disagrees with the
+* raises :class:`~prune_core.errors.InternalError` when a rewrite's own claim disagrees with the
   fingerprint (a bug in the pass, never the user's fault).
 
 Pre- and postconditions use onnx-ir's hooks: override ``requires(model)`` / ``ensures(model)``;
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-from prune_export.errors import InternalError
+from prune_core.errors import InternalError
 
 __all__ = [
     "GraphPass",

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import onnx_ir as ir
 
 from graph_passes.base import GraphPass
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 __all__ = [
     "SHAPE_BOUNDS_KEY",

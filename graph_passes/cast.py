@@ -21,8 +21,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from graph_passes.base import GraphPass, node_label
-from prune_export.errors import BuildError
-from prune_export.precision import in_fp32_region
+from prune_core.errors import BuildError
+from prune_core.precision import in_fp32_region
 
 __all__ = [
     "DEFAULT_KEEP_FP32_OPS",
@@ -119,7 +119,7 @@ class CastPrecisionPass(GraphPass):
     * ops in ``keep_fp32_ops`` (default :data:`DEFAULT_KEEP_FP32_OPS`):
       ``Softmax(x) -> Cast(Softmax(Cast(x, FLOAT)), L)``;
     * every float op the exporter traced inside a float32 region (node metadata names the class
-      :data:`prune_export.precision.FP32_REGION_CLASS`): AutoPrune's scores and DPC-KNN recycling;
+      :data:`prune_core.precision.FP32_REGION_CLASS`): AutoPrune's scores and DPC-KNN recycling;
     * ``Cast(int, to=FLOAT)`` (positions, counts): fp16 holds integers exactly only up to 2048,
       bf16 up to 256, so rotary angles computed from them would be off by radians;
     * an island grows through cheap elementwise/layout ops and selections (``TopK``, ``ArgMin``,

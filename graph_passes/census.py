@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from graph_passes.base import node_label
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 __all__ = ["GraphCensus", "MatMulCost", "census", "matmul_flops"]
 

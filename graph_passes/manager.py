@@ -2,7 +2,7 @@
 
 onnx-ir has its own ``PassManager``; this one adds what the build manifest needs: the name, the
 ``modified`` flag and the wall time of every pass, and it lets user-facing errors
-(:class:`~prune_export.errors.PruneExportError`, e.g. a lint failure) through unwrapped so the CLI
+(:class:`~prune_core.errors.PruneExportError`, e.g. a lint failure) through unwrapped so the CLI
 can print them on one line. Any other failure is wrapped with the name of the pass and the passes
 that ran before it.
 """
@@ -20,7 +20,7 @@ from graph_passes.cast import FLOAT_DTYPES, CastPrecisionPass
 from graph_passes.cleanup import CleanupPass
 from graph_passes.normalize import DEFAULT_IR_VERSION, DEFAULT_MIN_OPSET, NormalizeVersionsPass
 from graph_passes.tensorrt_lint import TensorRTLintPass
-from prune_export.errors import BuildError, PruneExportError
+from prune_core.errors import BuildError, PruneExportError
 
 __all__ = [
     "TARGETS",

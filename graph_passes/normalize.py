@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnxscript.version_converter import ConvertVersionPass
 
 from graph_passes.base import GraphPass, iter_all_nodes
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 __all__ = ["DEFAULT_IR_VERSION", "DEFAULT_MIN_OPSET", "NormalizeVersionsPass", "max_opset_for_ir"]
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graph_passes.base import GraphPass, constant_array, is_constant, iter_all_nodes, node_label
 from graph_passes.bound_shapes import MAX_SHAPE_TENSOR_VALUES, SHAPE_BOUNDS_KEY
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 __all__ = [
     "TOPK_MAX_K",

@@ -2,7 +2,7 @@
 
 Each command calls one workflow (:mod:`prune_export.workflows`); the CLI itself never imports a stage
 (calib, exporter, graph_passes, engines). Errors a user can cause
-(:class:`~prune_export.errors.PruneExportError`) print one line and exit 1; anything else is a bug and keeps
+(:class:`~prune_core.errors.PruneExportError`) print one line and exit 1; anything else is a bug and keeps
 its traceback. Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is instant.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import click
 
-from .device import provider_for
-from .errors import PruneExportError
-from .ops import Operation
+from prune_core.device import provider_for
+from prune_core.errors import PruneExportError
+from prune_core.ops import Operation
 
 
 class _Group(click.Group):
@@ -120,7 +120,7 @@ def plan() -> None:
               help="Also draw the ladder (FLOPs ratio and search metric per step) into this PNG file.")
 def plan_show(plan_path: Path, budget: float | None, as_json: bool, plot_path: Path | None) -> None:
     """Print the FLOPs ladder of PLAN_PATH and the operations active at a budget."""
-    from .plan import Plan
+    from prune_core.plan import Plan
 
     p = Plan.load(plan_path)
     sel = p.select(budget) if budget is not None else None
@@ -168,7 +168,7 @@ def plan_show(plan_path: Path, budget: float | None, as_json: bool, plot_path: P
 
 def _describe_autoprune(section: Any, spec: Any) -> str:
     """The two ends of an AutoPrune section's schedules on the plan's model (k = k0 and k = 0)."""
-    from .autoprune import solve_scale
+    from prune_core.autoprune import solve_scale
 
     ends = []
     for k, label in ((max(section.k0, 0.0), "k=k0 (no mutual information)"), (0.0, "k=0 (flat, most complex)")):
@@ -392,7 +392,7 @@ def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | 
 
 
 def _check_budget_option(budget: float | None, plan_path: Path | None) -> None:
-    from .plan import check_budget
+    from prune_core.plan import check_budget
 
     if budget is not None:
         check_budget(budget)
@@ -401,7 +401,7 @@ def _check_budget_option(budget: float | None, plan_path: Path | None) -> None:
 
 
 def _keep_schedule(text: str | None) -> list[tuple[int, int]] | None:
-    from .tokens import parse_keep_schedule
+    from prune_core.tokens import parse_keep_schedule
 
     return parse_keep_schedule(text) if text else None
 

@@ -102,7 +102,7 @@ def search_limit(search: dict[str, Any]) -> float | None:
 
 
 def plan_ladder_plot(plan: Any, path: Path, budget: float | None = None) -> None:
-    """:func:`plot_ladder` of a :class:`prune_export.plan.Plan` (``budget``: mark the steps it selects)."""
+    """:func:`plot_ladder` of a :class:`prune_core.plan.Plan` (``budget``: mark the steps it selects)."""
     search = plan.doc.search or {}
     baseline, limit = search.get("baseline"), search_limit(search)
     marks = []

@@ -1,4 +1,4 @@
-"""Tests of prune_export.autoprune: MI, curve, budget solve, schedule table, TopK, recycling.
+"""Tests of prune_core.autoprune: MI, curve, budget solve, schedule table, TopK, recycling.
 
 Shapes: LLaVA-1.5-7B (32 layers, 576 visual tokens, paper defaults x0=14.9, A=0.75) and tiny decoders
 (4 layers / 16 visual tokens, 8 layers / 64 visual tokens) whose numbers can be checked by hand.
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from prune_export.autoprune import (
+from prune_core.autoprune import (
     ScheduleTable,
     complexity_i0,
     complexity_i1,
@@ -31,7 +31,7 @@ from prune_export.autoprune import (
     steepness,
     table_distance,
 )
-from prune_export.errors import BudgetError, PlanError
+from prune_core.errors import BudgetError, PlanError
 
 LLAVA_7B = {"num_layers": 32, "visual_tokens": 576}
 
@@ -250,7 +250,7 @@ def test_table_json_round_trip(table_64: ScheduleTable) -> None:
 
 
 def test_table_for_plan_section() -> None:
-    from prune_export.plan import AutoPruneSection
+    from prune_core.plan import AutoPruneSection
 
     section = AutoPruneSection(tokens=6, x0=2.0, k_step=0.1)
     assert ScheduleTable.for_section(section, 4, 16) == ScheduleTable.build(6, 4, 16, x0=2.0, k_step=0.1)

@@ -18,11 +18,11 @@ from exporter.autoprune_policy import AutoPrunePolicy, AutoPruneRun
 from exporter.demo import build_demo_model
 from exporter.executor import FixedKeepPolicy, PlanExecutor, PrefillState, SelectionContext
 from exporter.sample import prepare_sample
-from prune_export.autoprune import grid_points
-from prune_export.cost import prefill_flops
-from prune_export.errors import BudgetError
-from prune_export.ops import Group, Module, Operation, apply_group_rule
-from prune_export.plan import AutoPruneSection
+from prune_core.autoprune import grid_points
+from prune_core.cost import prefill_flops
+from prune_core.errors import BudgetError
+from prune_core.ops import Group, Module, Operation, apply_group_rule
+from prune_core.plan import AutoPruneSection
 
 LAYERS, VISUAL = 8, 64
 

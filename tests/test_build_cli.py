@@ -25,13 +25,13 @@ from exporter.autoprune_policy import AutoPrunePolicy
 from exporter.demo import build_demo_model
 from exporter.executor import PlanExecutor
 from exporter.sample import GROUP_INDEX, Sample, key_token_mask
-from prune_export.autoprune import ScheduleTable
+from prune_core.autoprune import ScheduleTable
+from prune_core.cost import prefill_flops
+from prune_core.manifest import Manifest
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import AutoPruneSection, Plan
+from prune_core.spec import DEFAULT_KEY_FRACTION, GroupSizes
 from prune_export.cli import main
-from prune_export.cost import prefill_flops
-from prune_export.manifest import Manifest
-from prune_export.ops import Group, Module, Operation
-from prune_export.plan import AutoPruneSection, Plan
-from prune_export.spec import DEFAULT_KEY_FRACTION, GroupSizes
 from prune_export.workflows.build import CHECK_INPUTS, CHECK_REPORT
 
 G, M = Group, Module

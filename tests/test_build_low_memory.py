@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from engines.prefill import PrefillRunner
+from prune_core.plan import AutoPruneSection
 from prune_export.cli import main
-from prune_export.plan import AutoPruneSection
 from prune_export.workflows.build import BuildSettings, PlanChoice, build, load_check_inputs
 
 

@@ -13,10 +13,10 @@ import onnx
 import pytest
 
 from exporter.baked import BakedPrefill
-from prune_export.errors import BuildError
-from prune_export.manifest import Manifest
-from prune_export.ops import Group, Module, Operation
-from prune_export.plan import AutoPruneSection, FixedScheduleSection
+from prune_core.errors import BuildError
+from prune_core.manifest import Manifest
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import AutoPruneSection, FixedScheduleSection
 from prune_export.workflows.build import BuildSettings, PlanChoice, build
 
 GSOP_OPS = frozenset(

@@ -9,9 +9,9 @@ import pytest
 from cli_helpers import LLAVA_7B_CONFIG, assert_clean_error, run
 
 from exporter.adapters import load_spec
-from prune_export.ops import Group, Module, Operation
-from prune_export.plan import Plan
-from prune_export.spec import GroupSizes, ModelSpec
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import Plan
+from prune_core.spec import GroupSizes, ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_info_json_from_a_config_only_folder(config_only: Path) -> None:
     assert data["groups"] == {"sys": 35, "img_key": 4, "img_rest": 12, "txt": 50}
     assert data["operations"] == 4 * 4 * 3
     spec = ModelSpec(**data["spec"])
-    from prune_export.cost import prefill_flops
+    from prune_core.cost import prefill_flops
 
     assert data["dense_prefill_flops"] == prefill_flops(spec, GroupSizes(35, 4, 12, 50))
 

@@ -13,10 +13,10 @@ import pytest
 from cli_helpers import LLAVA_7B_CONFIG, assert_clean_error, run
 
 from exporter.adapters import load_spec
-from prune_export.autoprune import ScheduleTable, solve_scale
-from prune_export.ops import Group, Module, Operation
-from prune_export.plan import AutoPruneSection, FixedScheduleSection, Plan
-from prune_export.spec import GroupSizes
+from prune_core.autoprune import ScheduleTable, solve_scale
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import AutoPruneSection, FixedScheduleSection, Plan
+from prune_core.spec import GroupSizes
 
 
 def _plan(tiny_model: Path, path: Path, steps=(), tokens=None) -> Path:

@@ -1,6 +1,6 @@
-from prune_export.cost import attention_flops, layer_counts, mlp_flops, prefill_flops
-from prune_export.ops import Group, Module, Operation
-from prune_export.spec import GroupSizes, ModelSpec
+from prune_core.cost import attention_flops, layer_counts, mlp_flops, prefill_flops
+from prune_core.ops import Group, Module, Operation
+from prune_core.spec import GroupSizes, ModelSpec
 
 LLAVA7B = ModelSpec("llava", 32, 4096, 11008, 32, 32, 128, 32064, 576, 336, 14, 24, 1024)
 

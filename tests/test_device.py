@@ -14,8 +14,8 @@ from PIL import Image
 from exporter.adapters import load_adapter
 from exporter.executor import FixedKeepPolicy, PlanExecutor
 from exporter.sample import prepare_sample
+from prune_core.device import DeviceError, resolve_device, torch_dtype
 from prune_export.cli import main
-from prune_export.device import DeviceError, resolve_device, torch_dtype
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 

@@ -13,8 +13,8 @@ from PIL import Image
 from exporter.adapters import load_adapter
 from exporter.executor import FixedKeepPolicy, PlanExecutor
 from exporter.sample import GROUP_INDEX, prepare_sample
-from prune_export.cost import prefill_flops
-from prune_export.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations
+from prune_core.cost import prefill_flops
+from prune_core.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations
 
 QUESTIONS = ["What color is the square?", "How many dogs are there in this picture, and where?"]
 
@@ -129,7 +129,7 @@ def test_resume_from_a_stored_prefix_state_is_identical(tiny_adapter) -> None:
 
 @pytest.mark.parametrize("positions", ["original", "renumbered"])
 def test_fixed_keep_schedule_drops_visual_tokens_and_counts_flops(tiny_adapter, positions: str) -> None:
-    from prune_export.spec import GroupSizes
+    from prune_core.spec import GroupSizes
 
     executor = PlanExecutor(tiny_adapter)
     sample = prepare_sample(tiny_adapter, _image(4), QUESTIONS[0])

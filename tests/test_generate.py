@@ -23,8 +23,8 @@ from exporter.autoprune_policy import AutoPrunePolicy
 from exporter.demo import build_demo_model
 from exporter.executor import FixedKeepPolicy, PlanExecutor
 from exporter.sample import prepare_sample
-from prune_export.ops import Group, Module, Operation
-from prune_export.plan import AutoPruneSection, FixedScheduleSection
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import AutoPruneSection, FixedScheduleSection
 from prune_export.workflows.build import BuildSettings, PlanChoice, build
 
 G, M = Group, Module

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from prune_export.errors import BuildDirError, BuildError, PruneExportError
-from prune_export.manifest import (
+from prune_core.errors import BuildDirError, BuildError, PruneExportError
+from prune_core.manifest import (
     MANIFEST_NAME,
     FileDigest,
     GraphEntry,
@@ -247,7 +247,7 @@ def test_atomic_writes_get_the_mode_of_an_ordinary_file(tmp_path: Path) -> None:
     """Not mkstemp's private 0600: a manifest must be readable by a server running as another user."""
     import stat
 
-    from prune_export.io import atomic_write_json
+    from prune_core.io import atomic_write_json
 
     ordinary = tmp_path / "ordinary.json"
     ordinary.write_text("{}")

@@ -1,4 +1,4 @@
-from prune_export.ops import (
+from prune_core.ops import (
     Group,
     Module,
     Operation,

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from prune_export.errors import BudgetError, PlanError, PlanMismatchError
-from prune_export.ops import Group, Module, Operation
-from prune_export.plan import FixedScheduleSection, Plan
-from prune_export.spec import GroupSizes, ModelSpec
+from prune_core.errors import BudgetError, PlanError, PlanMismatchError
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import FixedScheduleSection, Plan
+from prune_core.spec import GroupSizes, ModelSpec
 
 SPEC = ModelSpec("llava", 4, 64, 128, 4, 4, 16, 400, 16, 56, 14, 3, 32)
 LAYOUT = GroupSizes.for_prompt(SPEC, 4, 12)

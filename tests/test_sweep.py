@@ -11,9 +11,9 @@ from cli_helpers import assert_clean_error, run
 from PIL import Image
 
 from exporter.adapters import load_spec
-from prune_export.ops import Group, Module, Operation
-from prune_export.plan import Plan
-from prune_export.spec import GroupSizes, ModelSpec
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import Plan
+from prune_core.spec import GroupSizes, ModelSpec
 
 NEW_TOKENS = 3
 #: Sweep options and, per configuration name, the `eval` options that evaluate the same configuration.

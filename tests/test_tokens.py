@@ -1,4 +1,4 @@
-"""Unit tests of prune_export/tokens.py: the token-section resolver, --keep-schedule and AutoPrune checks.
+"""Unit tests of prune_core/tokens.py: the token-section resolver, --keep-schedule and AutoPrune checks.
 
 The CLI tests (test_cli.py, test_cli_autoprune.py) run these paths end to end on a model folder; here the
 function is called directly on a hand-made 4-layer, 16-visual-token spec.
@@ -10,10 +10,10 @@ import math
 
 import pytest
 
-from prune_export.errors import BudgetError, PlanError, PruneExportError
-from prune_export.plan import AutoPruneSection, FixedScheduleSection
-from prune_export.spec import ModelSpec
-from prune_export.tokens import AUTOPRUNE_FLAGS, parse_keep_schedule, resolve_token_section
+from prune_core.errors import BudgetError, PlanError, PruneExportError
+from prune_core.plan import AutoPruneSection, FixedScheduleSection
+from prune_core.spec import ModelSpec
+from prune_core.tokens import AUTOPRUNE_FLAGS, parse_keep_schedule, resolve_token_section
 
 SPEC = ModelSpec("llava", 4, 64, 128, 4, 4, 16, 100, 16, 56, 14, 3, 32)  # layers 0..3, 16 visual tokens
 ONE_LAYER = ModelSpec("llava", 1, 64, 128, 4, 4, 16, 100, 16, 56, 14, 3, 32)

@@ -31,7 +31,7 @@ from exporter.autoprune_policy import AutoPrunePolicy  # noqa: E402
 from exporter.decode import DecodeStep  # noqa: E402
 from exporter.demo import random_llava  # noqa: E402
 from exporter.executor import PlanExecutor  # noqa: E402
-from prune_export.plan import AutoPruneSection  # noqa: E402
+from prune_core.plan import AutoPruneSection  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

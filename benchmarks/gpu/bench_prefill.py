@@ -63,7 +63,7 @@ from exporter.baked import AutoPruneBake, BakedPrefill  # noqa: E402
 from exporter.demo import random_llava  # noqa: E402
 from exporter.executor import PlanExecutor  # noqa: E402
 from exporter.sample import build_sample  # noqa: E402
-from prune_export.plan import AutoPruneSection  # noqa: E402
+from prune_core.plan import AutoPruneSection  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -4,7 +4,7 @@
 inputs are ``image`` and ``question``) when none is named, and reads from the model's configuration whether
 it is decoupled (``deploy --stream``): a decoupled model is called over a gRPC stream and its text pieces
 are handed to ``on_text`` as they arrive. Every failure (server unreachable, model missing, a request the
-model refuses) becomes one :class:`~prune_export.errors.ServeError` line with the server's own message.
+model refuses) becomes one :class:`~prune_core.errors.ServeError` line with the server's own message.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from prune_export.errors import ServeError
+from prune_core.errors import ServeError
 
 Protocol = Literal["http", "grpc"]
 

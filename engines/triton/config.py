@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from prune_export.errors import BuildError
-from prune_export.manifest import GraphEntry, TensorSpec
+from prune_core.errors import BuildError
+from prune_core.manifest import GraphEntry, TensorSpec
 
 Platform = Literal["onnxruntime_onnx", "tensorrt_plan"]
 Kind = Literal["cpu", "gpu"]

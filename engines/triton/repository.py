@@ -34,11 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import prune_export.prompt as prompt_rules
-from prune_export.autoprune import INDEX_SLACK, ScheduleTable
-from prune_export.errors import BuildError
-from prune_export.io import staged_directory
-from prune_export.manifest import Manifest
+import prune_core.prompt as prompt_rules
+from prune_core.autoprune import INDEX_SLACK, ScheduleTable
+from prune_core.errors import BuildError
+from prune_core.io import staged_directory
+from prune_core.manifest import Manifest
 
 from .config import MODEL_FILES, GraphModelConfig, Kind, check_against_onnx, parse_config
 

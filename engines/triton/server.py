@@ -33,8 +33,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from prune_export.errors import ServeError
-from prune_export.io import staged_directory
+from prune_core.errors import ServeError
+from prune_core.io import staged_directory
 
 from .repository import MODELS_DIR
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from prune_export.errors import ModelLoadError
-from prune_export.spec import ModelSpec
+from prune_core.errors import ModelLoadError
+from prune_core.spec import ModelSpec
 
 from .base import LayerParts, PromptTokens, VisionOutput, VLMAdapter, read_config_json
 from .llava import LlavaAdapter

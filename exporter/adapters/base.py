@@ -1,7 +1,7 @@
 """The contract between prune-export and one VLM family.
 
 An adapter turns a local HuggingFace folder into what the executor and exporter need, and nothing more:
-the architecture (:class:`~prune_export.spec.ModelSpec`, from the config alone), the prompt and its token
+the architecture (:class:`~prune_core.spec.ModelSpec`, from the config alone), the prompt and its token
 layout, the vision features with the vision tower's [CLS]->patch attention, the token embeddings, the
 decoder layers' parts, RoPE, the final norm and the LM head. Adding a family (LLaVA-NeXT, Qwen2-VL) means
 one more adapter file registered in :mod:`exporter.adapters`; see docs/adapters.md.
@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from prune_export.errors import ModelLoadError
-from prune_export.spec import ModelSpec
+from prune_core.errors import ModelLoadError
+from prune_core.spec import ModelSpec
 
 
 @dataclass(frozen=True)

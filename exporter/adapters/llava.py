@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from prune_export.errors import ModelLoadError
-from prune_export.prompt import prompt_text
-from prune_export.spec import ModelSpec
+from prune_core.errors import ModelLoadError
+from prune_core.prompt import prompt_text
+from prune_core.spec import ModelSpec
 
 from .base import LayerParts, PromptTokens, VisionOutput, VLMAdapter
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BuildError
-from ..io import atomic_write_json, staged_directory
-from ..manifest import CheckOutput, CheckReport, EngineReport, GraphEntry, Manifest, TensorSpec
-from ..ops import Operation
-from ..plan import AutoPruneSection, FixedScheduleSection
+from prune_core.errors import BuildError
+from prune_core.io import atomic_write_json, staged_directory
+from prune_core.manifest import CheckOutput, CheckReport, EngineReport, GraphEntry, Manifest, TensorSpec
+from prune_core.ops import Operation
+from prune_core.plan import AutoPruneSection, FixedScheduleSection
 
 Log = Callable[[str], None]
 
@@ -222,7 +222,7 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
     if settings.dtype not in FLOAT_DTYPES:
         raise BuildError(f"unknown dtype {settings.dtype!r}; expected one of {sorted(FLOAT_DTYPES)}")
     check_dtype_target(settings)
-    from ..device import resolve_device
+    from prune_core.device import resolve_device
 
     resolve_device(settings.device)  # one line now, not after the export has started
     if settings.low_memory and settings.dtype == "fp32":
@@ -260,7 +260,7 @@ def _build_into(
     )
 
     start = time.perf_counter()
-    from ..device import resolve_device, torch_dtype
+    from prune_core.device import resolve_device, torch_dtype
 
     load_dtype = torch_dtype(settings.dtype) if settings.low_memory else torch.float32
     adapter = load_adapter(model_dir, dtype=load_dtype, device=resolve_device(settings.device))
@@ -661,7 +661,7 @@ def _cast_feeds(prefill: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.nd
 
 def _flops_doc(spec: Any, choice: PlanChoice, samples: list[Any], results: list[Any], lm_head: int) -> dict[str, Any]:
     """What the plan promises: the ladder ratio at the reference prompt, and the executed check prompts."""
-    from prune_export.cost import prefill_flops
+    from prune_core.cost import prefill_flops
 
     doc: dict[str, Any] = {"static_ratio": choice.info.get("flops_ratio", 1.0), "lm_head_row": lm_head}
     per = []

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, ServeError
-from ..manifest import Manifest
+from prune_core.errors import DataError, ServeError
+from prune_core.manifest import Manifest
 
 
 def deploy(

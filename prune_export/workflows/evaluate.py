@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from ..io import atomic_write_text
+from prune_core.errors import DataError
+from prune_core.io import atomic_write_text
+
 from .selection import choose_plan, token_policy
 
 
@@ -42,8 +43,7 @@ def evaluate_model(model_dir: Path, data_path: Path, *, plan_path: Path | None =
     from calib.data import load_rows
     from calib.evaluate import DENSE, evaluate
     from exporter.adapters import load_adapter
-
-    from ..device import resolve_device, torch_dtype
+    from prune_core.device import resolve_device, torch_dtype
 
     rows = load_rows(data_path, require_answer=True, limit=limit)
     also_given = ["--autoprune-mode"] if autoprune_mode is not None else []
@@ -75,8 +75,9 @@ def load_reference(path: Path, fingerprint: str, max_new_tokens: int, device: st
     """
     path = Path(path)
     if (path / "manifest.json").is_file():
-        from ..device import provider_for
-        from ..manifest import Manifest
+        from prune_core.device import provider_for
+        from prune_core.manifest import Manifest
+
         from .generate import BuildReference, load_runner
 
         manifest = Manifest.load(path)
@@ -91,8 +92,7 @@ def load_reference(path: Path, fingerprint: str, max_new_tokens: int, device: st
         return BuildReference(runner, max_new_tokens, f"dense build {path}")
     from calib.evaluate import ExecutorReference
     from exporter.adapters import load_adapter, load_spec
-
-    from ..device import resolve_device
+    from prune_core.device import resolve_device
 
     if not (path / "config.json").is_file():
         raise DataError(f"--reference {path} is neither a model folder (no config.json) nor a build directory "
@@ -108,7 +108,7 @@ def build_reference(build_dir: Path, reference_path: Path | None, max_new_tokens
 
     Default: the build's source model folder recorded in its manifest, when it is still there.
     """
-    from ..manifest import Manifest
+    from prune_core.manifest import Manifest
 
     manifest = Manifest.load(build_dir)
     fingerprint = manifest.model["fingerprint"]

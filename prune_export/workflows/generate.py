@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BuildError, DataError
-from ..manifest import Manifest
+from prune_core.errors import BuildError, DataError
+from prune_core.manifest import Manifest
 
 #: The question ``bench --generate`` asks when none is given (the build check's longer prompt).
 BENCH_QUESTION = "How many dogs are there in this picture, and where are they standing? Answer in one sentence."
@@ -161,8 +161,8 @@ def eval_build(
         first_token_logprobs,
     )
     from engines.generate import GenerationStats
-    from prune_export.cost import prefill_flops
-    from prune_export.spec import GroupSizes, ModelSpec
+    from prune_core.cost import prefill_flops
+    from prune_core.spec import GroupSizes, ModelSpec
 
     rows = load_rows(data_path, require_answer=True, limit=limit)
     check_answer_length(reference, max_new_tokens)
@@ -219,7 +219,7 @@ def _autoprune_decision(manifest: Manifest, decided: dict[str, Any] | None) -> d
     """An AutoPrune build's per-prompt decision in the executor's report keys (table mode: what graphs do)."""
     if decided is None or manifest.autoprune is None:
         return None
-    from prune_export.autoprune import steepness
+    from prune_core.autoprune import steepness
 
     section = manifest.autoprune
     return {"method": "autoprune", "mode": "table", "tokens": section["tokens"], "n0": section["n0"],

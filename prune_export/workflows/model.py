@@ -8,12 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..autoprune import ScheduleTable, solve_scale
-from ..cost import prefill_flops
-from ..errors import PlanError
-from ..ops import GROUPS, MODULES
-from ..spec import DEFAULT_SYS_TOKENS, DEFAULT_TXT_TOKENS, GroupSizes
-from ..tokens import autoprune_section
+from prune_core.autoprune import ScheduleTable, solve_scale
+from prune_core.cost import prefill_flops
+from prune_core.errors import PlanError
+from prune_core.ops import GROUPS, MODULES
+from prune_core.spec import DEFAULT_SYS_TOKENS, DEFAULT_TXT_TOKENS, GroupSizes
+from prune_core.tokens import autoprune_section
 
 
 def demo_model(out_dir: Path, preset: str, seed: int = 0, kv_heads: int | None = None,
@@ -24,8 +24,7 @@ def demo_model(out_dir: Path, preset: str, seed: int = 0, kv_heads: int | None =
     and written in; ``layers`` overrides the decoder's layer count (a 7B-wide model with few layers).
     """
     from exporter.demo import build_demo_model
-
-    from ..device import torch_dtype
+    from prune_core.device import torch_dtype
 
     overrides = {"kv_heads": kv_heads} if kv_heads else {}
     if layers is not None:

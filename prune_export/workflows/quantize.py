@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BuildError
+from prune_core.errors import BuildError
 
 Log = Callable[[str], None]
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..plan import Plan
-from ..spec import GroupSizes
+from prune_core.plan import Plan
+from prune_core.spec import GroupSizes
 
 Log = Callable[[str], None]
 
@@ -48,13 +48,12 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, *, metric: str = "
     on CUDA); the driver then never loads the model.
     """
     from calib.search import SearchSettings, journal_identity
-
-    from ..device import resolve_device
+    from prune_core.device import resolve_device
 
     settings = SearchSettings(tolerance=tolerance, steps=steps, key_danger_layers=key_danger_layers,
                               protect_layer0_kv=protect_layer0_kv, seed=seed)
     if batch_size < 1:
-        from ..errors import PruneExportError
+        from prune_core.errors import PruneExportError
 
         raise PruneExportError(f"--batch-size must be >= 1, got {batch_size}")
     journal_file = out_path.with_name(out_path.name + ".journal.jsonl")
@@ -70,7 +69,7 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, *, metric: str = "
         if ray_address is None and device.startswith("cuda"):
             import torch
 
-            from ..errors import PruneExportError
+            from prune_core.errors import PruneExportError
 
             gpus = torch.cuda.device_count()
             if workers > gpus:
@@ -97,8 +96,7 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, *, metric: str = "
     from calib.data import load_rows
     from calib.evaluator import CalibrationSet, ModelEvaluator
     from exporter.adapters import load_adapter
-
-    from ..device import torch_dtype
+    from prune_core.device import torch_dtype
 
     adapter = load_adapter(model_dir, dtype=torch_dtype(dtype), device=device)
     n_rows = len(load_rows(calib_path, require_answer=metric != "kl", limit=limit))

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..plan import AutoPruneSection, FixedScheduleSection
-from ..spec import ModelSpec
-from ..tokens import resolve_token_section
+from prune_core.plan import AutoPruneSection, FixedScheduleSection
+from prune_core.spec import ModelSpec
+from prune_core.tokens import resolve_token_section
 
 if TYPE_CHECKING:
     from .build import PlanChoice
@@ -40,11 +40,11 @@ def choose_plan(model_dir: Path, plan_path: Path | None, budget: float | None,
                 stages: Sequence[tuple[int, int]] | None = None, autoprune: Mapping[str, Any] | None = None,
                 also_given: Sequence[str] = ()) -> tuple[ModelSpec, PlanChoice]:
     """The model's spec and what a run prunes: the plan's operations at ``budget`` and the resolved token
-    section (see :func:`prune_export.tokens.resolve_token_section`), with a record of where they came from."""
+    section (see :func:`prune_core.tokens.resolve_token_section`), with a record of where they came from."""
     from exporter.adapters import load_spec
+    from prune_core.ops import Operation
+    from prune_core.plan import Plan
 
-    from ..ops import Operation
-    from ..plan import Plan
     from .build import PlanChoice
 
     spec = load_spec(model_dir)

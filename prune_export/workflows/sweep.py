@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PruneExportError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from prune_core.errors import PruneExportError
+from prune_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 #: The methods a sweep configuration can name (``--config METHOD:VALUE``).
 METHODS = ("dense", "gsop", "autoprune", "fixed")
@@ -86,7 +86,7 @@ def _num(x: float | None) -> str:
 
 def parse_config(text: str) -> SweepConfig:
     """``dense``, ``gsop:B``, ``autoprune:T`` or ``fixed:LAYER:TOKENS[,LAYER:TOKENS...]``."""
-    from ..tokens import parse_keep_schedule
+    from prune_core.tokens import parse_keep_schedule
 
     method, _, value = text.strip().partition(":")
     method = method.strip().lower()
@@ -121,7 +121,7 @@ def parse_numbers(text: str | None, option: str) -> list[float]:
 def sweep_configs(*, plan_path: Path | None, budgets: Sequence[float], autoprune_tokens: Sequence[float],
                   keep_schedules: Sequence[Sequence[tuple[int, int]]], extra: Sequence[SweepConfig] = ()) -> list[SweepConfig]:
     """The configurations of a sweep, dense first, each once, in the order given; checked before any work."""
-    from ..plan import BudgetError, check_budget
+    from prune_core.plan import BudgetError, check_budget
 
     configs = [SweepConfig("dense")]
     configs += [SweepConfig("gsop", budget=b) for b in budgets]
@@ -276,9 +276,9 @@ def run_sweep(model_dir: Path, data_path: Path, out: Path, configs: Sequence[Swe
     """Evaluate (and with ``settings.latency`` build and time) every configuration; write the report."""
     from calib.data import load_rows
     from exporter.adapters import load_adapter, load_spec
+    from prune_core.device import resolve_device, torch_dtype
+    from prune_core.plan import Plan
 
-    from ..device import resolve_device, torch_dtype
-    from ..plan import Plan
     from .selection import choose_plan
 
     settings = settings or SweepSettings()
@@ -385,7 +385,8 @@ def _summary_line(config: SweepConfig, ev: dict[str, Any]) -> str:
 def _latency(model_dir: Path, out: Path, configs: Sequence[SweepConfig], choices: dict[str, Any], row: Any,
              settings: SweepSettings, result: SweepResult, log: Log) -> dict[str, Any]:
     """Build every configuration (kept builds are not redone) and time each build's first token, interleaved."""
-    from ..manifest import Manifest
+    from prune_core.manifest import Manifest
+
     from .build import BuildSettings, build
 
     builds = out / "builds"
@@ -470,7 +471,7 @@ def time_first_token(build_dirs: dict[str, Path], row: Any, settings: SweepSetti
 def write_report(out: Path, configs: Sequence[SweepConfig], records: dict[str, dict[str, Any]], inputs: SweepInputs,
                  plan: Any, latency: dict[str, Any] | None, result: SweepResult, spec: Any) -> dict[str, Any]:
     """``report.json`` (every number), ``report.md`` (a table, the plots embedded) and the PNG plots."""
-    from .. import plots
+    from prune_export import plots
 
     dense = records["dense"]["eval"]
     rows = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prune_export.ops import Group, Module, Operation
+from prune_core.ops import Group, Module, Operation
 
 Weights = Callable[[Operation], float]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prune_export.spec import GroupSizes, ModelSpec
+from prune_core.spec import GroupSizes, ModelSpec
 
 
 @pytest.fixture

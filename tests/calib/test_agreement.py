@@ -15,7 +15,7 @@ from calib.evaluate import (
     first_token_logprobs,
     kl_divergence,
 )
-from prune_export.errors import DataError
+from prune_core.errors import DataError
 
 
 def test_first_token_kl_equals_torch_kl_div() -> None:

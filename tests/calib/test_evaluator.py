@@ -10,8 +10,8 @@ import torch
 
 from calib.evaluator import CalibrationSet, ModelEvaluator
 from exporter.executor import PlanExecutor
-from prune_export.errors import DataError
-from prune_export.ops import Group, Module, Operation
+from prune_core.errors import DataError
+from prune_core.ops import Group, Module, Operation
 
 OPS = [
     frozenset(),

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from calib.journal import JOURNAL_FORMAT, JOURNAL_VERSION, Journal, decode_entry, encode_entry
-from prune_export.errors import JournalError, PruneExportError
-from prune_export.ops import Group, Module, Operation
+from prune_core.errors import JournalError, PruneExportError
+from prune_core.ops import Group, Module, Operation
 
 IDENTITY = {
     "model_fingerprint": "sha256:0123456789abcdef",

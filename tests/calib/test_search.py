@@ -23,8 +23,8 @@ from calib.search import (
     plan_from_search,
     run_search,
 )
-from prune_export.errors import InternalError, JournalError
-from prune_export.ops import (
+from prune_core.errors import InternalError, JournalError
+from prune_core.ops import (
     PRUNABLE_GROUPS,
     Group,
     Module,
@@ -34,8 +34,8 @@ from prune_export.ops import (
     apply_group_rule,
     close_under_rules,
 )
-from prune_export.plan import Plan
-from prune_export.spec import GroupSizes, ModelSpec
+from prune_core.plan import Plan
+from prune_core.spec import GroupSizes, ModelSpec
 
 KEY, REST = Group.IMG_KEY, Group.IMG_REST
 KV, Q, MLP = Module.KV, Module.Q, Module.MLP

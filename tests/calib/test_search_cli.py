@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from prune_core.plan import Plan
 from prune_export.cli import main
-from prune_export.plan import Plan
 
 
 def _search(model: Path, data: Path, out: Path, *extra: str):

@@ -17,7 +17,7 @@ def model_path(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def triton_builds(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny builds to deploy: dense, AutoPrune (single prefill) and AutoPrune split (the TensorRT layout)."""
-    from prune_export.plan import AutoPruneSection
+    from prune_core.plan import AutoPruneSection
     from prune_export.workflows.build import BuildSettings, PlanChoice, build
 
     root = tmp_path_factory.mktemp("triton-builds")

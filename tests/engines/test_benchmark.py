@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from engines.benchmark import LatencyStats, SpeedupReport, compare_latency
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 
 def recorder(calls: list[str], name: str) -> Callable[[], None]:

@@ -12,7 +12,7 @@ from engine_graphs import BIAS, WEIGHT, save_graph
 from onnx import TensorProto, helper
 
 from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, SessionFromOnnx, active_provider, session_from_onnx
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 
 def two_input_model(path: Path) -> Path:

@@ -32,7 +32,7 @@ from engines.tensorrt import (
     save_engine,
     tensorrt_version,
 )
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

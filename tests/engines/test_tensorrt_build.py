@@ -15,10 +15,10 @@ from cli_helpers import assert_clean_error, run
 from fake_tensorrt import fake_tensorrt, shape_tensor_inputs
 
 from engines.tensorrt import EnginesFromBuild, engine_file, profile_for_graph
-from prune_export.autoprune import ScheduleTable
-from prune_export.errors import BuildError
-from prune_export.manifest import Manifest
-from prune_export.plan import AutoPruneSection
+from prune_core.autoprune import ScheduleTable
+from prune_core.errors import BuildError
+from prune_core.manifest import Manifest
+from prune_core.plan import AutoPruneSection
 from prune_export.workflows.build import BuildSettings, PlanChoice, build
 
 AUTOPRUNE = PlanChoice(frozenset(), AutoPruneSection(tokens=4), {})

@@ -8,8 +8,8 @@ import shlex
 from pathlib import Path
 
 from engines.tensorrt import tensorrt_commands
-from prune_export.autoprune import ScheduleTable
-from prune_export.manifest import Manifest
+from prune_core.autoprune import ScheduleTable
+from prune_core.manifest import Manifest
 
 
 def _specs(text: str) -> dict[str, list[int]]:

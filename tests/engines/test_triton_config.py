@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from engines.triton.config import GraphModelConfig, check_against_onnx, parse_config
-from prune_export.errors import BuildError
-from prune_export.manifest import GraphEntry, TensorSpec
+from prune_core.errors import BuildError
+from prune_core.manifest import GraphEntry, TensorSpec
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is a dependency")
 from tritonclient.grpc import model_config_pb2 as pb  # noqa: E402

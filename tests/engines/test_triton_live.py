@@ -26,8 +26,8 @@ from click.testing import CliRunner
 
 from engines.triton.client import TritonAsker
 from engines.triton.server import ServerEnvironment
+from prune_core.errors import ServeError
 from prune_export.cli import main
-from prune_export.errors import ServeError
 from prune_export.workflows.generate import run_build
 
 pytestmark = pytest.mark.slow

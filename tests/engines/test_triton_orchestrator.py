@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from engines.triton.repository import MODELS_DIR
-from prune_export.autoprune import ScheduleTable
-from prune_export.prompt import TextPieces
+from prune_core.autoprune import ScheduleTable
+from prune_core.prompt import TextPieces
 
 
 @pytest.fixture(scope="module")

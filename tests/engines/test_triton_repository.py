@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from engines.triton.config import check_against_onnx, parse_config
 from engines.triton.repository import RepositoryFromBuild
-from prune_export.autoprune import ScheduleTable
+from prune_core.autoprune import ScheduleTable
+from prune_core.errors import BuildError
 from prune_export.cli import main
-from prune_export.errors import BuildError
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is a dependency")
 
@@ -124,7 +124,7 @@ def test_deploy_cli_errors_are_one_line(triton_builds: dict[str, Path], tmp_path
 
 def test_graphs_with_tensorrt_engines_are_served_as_plans(triton_builds: dict[str, Path], tmp_path: Path) -> None:
     """A split build whose manifest records built engines: ``tensorrt_plan`` models, shape tensors marked."""
-    from prune_export.manifest import EngineReport, Manifest
+    from prune_core.manifest import EngineReport, Manifest
 
     build = tmp_path / "split"
     shutil.copytree(triton_builds["split"], build)
@@ -149,7 +149,7 @@ def test_graphs_with_tensorrt_engines_are_served_as_plans(triton_builds: dict[st
 
 def test_local_serving_refuses_gpu_instances_without_a_gpu(triton_builds: dict[str, Path], tmp_path: Path) -> None:
     from engines.triton.server import LocalTritonServer, _gpus_present
-    from prune_export.errors import ServeError
+    from prune_core.errors import ServeError
 
     if _gpus_present():
         pytest.skip("this machine has a GPU")

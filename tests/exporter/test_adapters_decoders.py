@@ -27,7 +27,7 @@ from exporter.demo import random_llava
 from exporter.executor import PlanExecutor
 from exporter.onnx_export import export_prefill
 from exporter.sample import prepare_sample
-from prune_export.errors import ModelLoadError
+from prune_core.errors import ModelLoadError
 
 PROMPT = "USER: <image>\n{question} ASSISTANT:"  # the demo folder has no chat template
 QUESTIONS = [(0, "What color is the square?"), (1, "How many dogs are there, and where are they standing?")]

@@ -13,8 +13,8 @@ from exporter.adapters import load_adapter
 from exporter.baked import BakedPrefill, plan_layout
 from exporter.executor import FixedKeepPolicy, PlanExecutor, PrefillResult
 from exporter.sample import prepare_sample
-from prune_export.errors import BuildError
-from prune_export.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations
+from prune_core.errors import BuildError
+from prune_core.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations
 
 G, M = Group, Module
 QUESTIONS = [

@@ -34,10 +34,10 @@ from exporter.executor import PlanExecutor, PrefillResult
 from exporter.onnx_export import OnnxFromPlan
 from exporter.sample import prepare_sample
 from graph_passes import census, lint_tensorrt
-from prune_export.autoprune import recycle, recycle_tokens, steepness
-from prune_export.errors import BuildError
-from prune_export.ops import Group, Module, Operation
-from prune_export.plan import AutoPruneSection
+from prune_core.autoprune import recycle, recycle_tokens, steepness
+from prune_core.errors import BuildError
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import AutoPruneSection
 
 G, M = Group, Module
 LAYERS, VISUAL = 6, 64
@@ -297,7 +297,7 @@ def test_exported_recycle_tokens_clusters_as_the_executor_on_ties(dtype: torch.d
     """The traced ``recycle_tokens`` on ONNX Runtime against the eager one (float64: the executor's ``recycle``).
 
     Eager and graph spell the distances and the cluster sums differently (cdist and MatMul vs. written out,
-    see ``prune_export.autoprune``), so the last bits may differ; any other clustering moves a merged token far.
+    see ``prune_core.autoprune``), so the last bits may differ; any other clustering moves a merged token far.
     """
     dim = 4  # sqrt(4) is exact in every dtype
     sess = recycle_graphs(dtype, dim)

@@ -16,9 +16,9 @@ from exporter.onnx_export import export_prefill, export_vision
 from exporter.sample import prepare_sample
 from graph_passes.census import census
 from graph_passes.tensorrt_lint import lint_tensorrt
-from prune_export.cost import prefill_flops
-from prune_export.errors import BuildError
-from prune_export.ops import Group, Module, Operation
+from prune_core.cost import prefill_flops
+from prune_core.errors import BuildError
+from prune_core.ops import Group, Module, Operation
 
 G, M = Group, Module
 #: Key and rest pruned apart before the stage (in-graph key TopK + layout split, tie-broken selection),

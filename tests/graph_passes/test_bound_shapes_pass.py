@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graph_passes import SHAPE_BOUNDS_KEY, BoundShapesPass, read_shape_bounds
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 MakeModel = Callable[..., onnx.ModelProto]
 RunOrt = Callable[..., list[np.ndarray]]

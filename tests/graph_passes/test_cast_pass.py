@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from graph_passes import CastPrecisionPass
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 MakeModel = Callable[..., onnx.ModelProto]
 RunOrt = Callable[..., list[np.ndarray]]

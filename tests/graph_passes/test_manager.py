@@ -19,7 +19,7 @@ from graph_passes import (
     TensorRTLintPass,
     default_pipeline,
 )
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 MakeModel = Callable[..., onnx.ModelProto]
 RunOrt = Callable[..., list[np.ndarray]]

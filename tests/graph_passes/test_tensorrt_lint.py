@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_passes import BoundShapesPass, TensorRTLintPass, lint_tensorrt
-from prune_export.errors import BuildError
+from prune_core.errors import BuildError
 
 MakeModel = Callable[..., onnx.ModelProto]
 RunOrt = Callable[..., list[np.ndarray]]

@@ -35,7 +35,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 KV_KINDS = ("key", "value", "position")
-#: The schedule table's rounding slack (prune_export.autoprune.INDEX_SLACK), written into generation.json.
+#: The schedule table's rounding slack (prune_core.autoprune.INDEX_SLACK), written into generation.json.
 DEFAULT_INDEX_SLACK = 1e-9
 
 

@@ -2,7 +2,7 @@
 
 ``eval`` and ``build`` both turn (the model, the plan's token section, ``--keep-schedule``, the
 ``--autoprune-*`` overrides) into one plan token section with :func:`resolve_token_section`: an
-:class:`~prune_export.plan.AutoPruneSection`, a :class:`~prune_export.plan.FixedScheduleSection` or
+:class:`~prune_core.plan.AutoPruneSection`, a :class:`~prune_core.plan.FixedScheduleSection` or
 ``None``. ``build`` bakes that section; ``eval`` runs it as a policy (``prune_export.workflows.selection``).
 Only the core is needed here (the spec, the plan's sections), so the CLI can validate options before any
 stage is imported.

@@ -42,7 +42,7 @@ from .errors import BudgetError, PlanError
 if TYPE_CHECKING:
     from .plan import AutoPruneSection
 
-#: Paper defaults (also the defaults of :class:`~prune_export.plan.AutoPruneSection`).
+#: Paper defaults (also the defaults of :class:`~prune_core.plan.AutoPruneSection`).
 DEFAULT_X0 = 14.9
 DEFAULT_K0 = 0.4
 DEFAULT_GAMMA = 0.2

@@ -2,7 +2,7 @@
 
 A plan is a versioned JSON document, validated on load, holding
 
-* ``model``: the architecture it was made for (:class:`~prune_export.spec.ModelSpec` and its fingerprint);
+* ``model``: the architecture it was made for (:class:`~prune_core.spec.ModelSpec` and its fingerprint);
 * ``layout``: the reference group sizes its FLOPs ladder is computed for;
 * ``steps``: the ordered GSOP steps, each a list of ``[layer, group, module]`` operations, with the
   cumulative FLOPs ratio after the step (computed, never typed in) and optionally the search metric;

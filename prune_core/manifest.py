@@ -278,7 +278,7 @@ def _check_relative(name: str) -> str:
 
 
 def _is_temp(name: str) -> bool:
-    """A temporary file of :func:`prune_export.io.atomic_write_bytes` (``.NAME.XXXX.tmp``), never recorded."""
+    """A temporary file of :func:`prune_core.io.atomic_write_bytes` (``.NAME.XXXX.tmp``), never recorded."""
     return name.startswith(".") and name.endswith(".tmp")
 
 
