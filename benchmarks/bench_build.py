@@ -33,7 +33,7 @@ from common import (  # noqa: E402
 from exporter.adapters import load_adapter  # noqa: E402
 from exporter.baked import BakedPrefill  # noqa: E402
 from exporter.sample import prepare_sample  # noqa: E402
-from prune_export.workflows.build import PREFILL_INPUTS, bench_builds  # noqa: E402
+from prune_export.workflows.measure import bench_builds  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
 
     adapter = load_adapter(model)
     sample = prepare_sample(adapter, bench_image(0), BENCH_QUESTION)
-    feed = dict(zip(PREFILL_INPUTS, (x.float().numpy() for x in BakedPrefill.inputs_from_sample(sample)), strict=True))
+    feed = BakedPrefill.feeds_from_sample(sample)
     del adapter
     rows = {}
     for label, path in builds.items():

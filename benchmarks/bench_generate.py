@@ -36,7 +36,9 @@ from common import (  # noqa: E402
     ensure_bench_model,
 )
 
-from prune_export.workflows.generate import bench_generate, load_runner  # noqa: E402
+from engines.benchmark import time_interleaved  # noqa: E402
+from prune_export.workflows.measure import bench_generate  # noqa: E402
+from prune_export.workflows.open_build import load_runner  # noqa: E402
 
 
 def hf_vs_graph_decode(model: Path, dense: Path, image_path: Path, new_tokens: int, rounds: int, threads: int) -> dict:
@@ -71,16 +73,12 @@ def hf_vs_graph_decode(model: Path, dense: Path, image_path: Path, new_tokens: i
             pass
         return statistics.median(stats.decode_ms)
 
-    hf_rows, graph_rows = [], []
-    hf_time(2), graph_per_token()  # warm-up
-    for i in range(rounds):
-        order = ["hf", "graph"] if i % 2 == 0 else ["graph", "hf"]
-        for name in order:
-            if name == "hf":
-                hf_rows.append((hf_time(new_tokens) - hf_time(1)) * 1e3 / (new_tokens - 1))
-            else:
-                graph_rows.append(graph_per_token())
-    hf_ms, graph_ms = statistics.median(hf_rows), statistics.median(graph_rows)
+    def hf_per_token() -> float:
+        return (hf_time(new_tokens) - hf_time(1)) * 1e3 / (new_tokens - 1)
+
+    with runner:
+        timed = time_interleaved({"hf": hf_per_token, "graph": graph_per_token}, rounds=rounds, warmup=1)
+    hf_ms, graph_ms = statistics.median(timed.results["hf"]), statistics.median(timed.results["graph"])
     return {"hf_generate_ms_per_token": hf_ms, "graph_decode_ms_per_token": graph_ms, "ratio": graph_ms / hf_ms,
             "rounds": rounds, "new_tokens": new_tokens, "threads": threads}
 

@@ -17,6 +17,7 @@ not used for calibration (how many changed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -27,11 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_QUESTION, BUILDS, DEFAULT_BENCH_MODEL, bench_image, ensure_bench_model  # noqa: E402
 
+from engines.benchmark import time_interleaved  # noqa: E402
+
 
 def ensure_builds(model: Path, tokens: float, calib: Path, rows: int, rebuild: bool) -> dict[str, Path]:
     from prune_core.manifest import MANIFEST_NAME, Manifest
     from prune_core.plan import AutoPruneSection
-    from prune_export.workflows.build import BuildSettings, PlanChoice, build
+    from prune_export.workflows.build import BuildSettings, build
+    from prune_export.workflows.selection import PlanChoice
 
     autoprune = PlanChoice(frozenset(), AutoPruneSection(tokens=tokens), {"tokens": tokens})
     wanted = {
@@ -73,7 +77,7 @@ def main() -> None:
 
     from engines.generate import GenerationStats
     from exporter.demo import build_demo_data
-    from prune_export.workflows.generate import load_runner
+    from prune_export.workflows.open_build import load_runner
 
     model = ensure_bench_model(args.model)
     calib = build_demo_data(BUILDS / "calib-data", samples=args.calib_rows + args.answer_rows, seed=1)
@@ -85,21 +89,23 @@ def main() -> None:
     image = Image.open(image_path).convert("RGB")
     runners = {label: load_runner(path, provider="cpu", threads=args.threads) for label, path in builds.items()}
     labels = list(runners)
-    samples: dict[str, list[GenerationStats]] = {label: [] for label in labels}
-    answers: dict[str, list[int]] = {}
-    for i in range(args.warmup + args.rounds):
-        order = labels[i % len(labels):] + labels[: i % len(labels)]
-        for label in order:
-            runner = runners[label]
-            started = time.perf_counter()
-            prompt = runner.prompt(image, BENCH_QUESTION)
-            stats = GenerationStats(prompt_tokens=prompt.num_tokens)
-            ids = list(runner.token_ids(runner.prefill_feeds(prompt), args.new_tokens, stats, started=started,
-                                        stop_at_eos=False))
-            answers[label] = ids
-            if i >= args.warmup:
-                samples[label].append(stats)
-        print(f"round {i + 1}/{args.warmup + args.rounds}", flush=True)
+
+    def answer(runner) -> tuple[GenerationStats, list[int]]:
+        started = time.perf_counter()
+        prompt = runner.prompt(image, BENCH_QUESTION)
+        stats = GenerationStats(prompt_tokens=prompt.num_tokens)
+        ids = list(runner.token_ids(runner.prefill_feeds(prompt), args.new_tokens, stats, started=started,
+                                    stop_at_eos=False))
+        return stats, ids
+
+    with contextlib.ExitStack() as stack:
+        for runner in runners.values():
+            stack.enter_context(runner)
+        timed = time_interleaved({label: (lambda r=runner: answer(r)) for label, runner in runners.items()},
+                                 rounds=args.rounds, warmup=args.warmup,
+                                 progress=lambda done, total: print(f"round {done}/{total}", flush=True))
+    samples = {label: [stats for stats, _ in timed.results[label]] for label in labels}
+    answers = {label: timed.results[label][-1][1] for label in labels}
     med = {label: {"ttft_ms": statistics.median(s.ttft_ms for s in rows),
                    "decode_ms_per_token": statistics.median(statistics.median(s.decode_ms) for s in rows)}
            for label, rows in samples.items()}  # fmt: skip

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,17 +36,12 @@ BENCH_QUESTION = (
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each function, run in interleaved rounds after warm-up (noise hits all alike)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds of each function, measured by the project's one interleaved timer
+    (:func:`engines.benchmark.time_interleaved`: rotating order after warm-up)."""
+    from engines.benchmark import time_interleaved
+
+    timed = time_interleaved(fns, rounds=rounds, warmup=warmup)
+    return {name: timed.stats(name).median_ms / 1e3 for name in fns}
 
 
 def setup_threads(threads: int) -> None:
@@ -81,7 +74,8 @@ def ensure_bench_builds(model: Path, budget: float, tokens: float, rebuild: bool
     from exporter.adapters import load_spec
     from prune_core.manifest import MANIFEST_NAME, Manifest
     from prune_core.plan import AutoPruneSection
-    from prune_export.workflows.build import BuildSettings, PlanChoice, build
+    from prune_export.workflows.build import BuildSettings, build
+    from prune_export.workflows.selection import PlanChoice
 
     def ensure(name: str, choice: PlanChoice) -> Path:
         out = BUILDS / name

@@ -27,6 +27,9 @@ is only ever replaced, never mutated in place, so an accepted step can never be 
 public GSOP code aliased its current and last policy lists after an undo and could drop accepted ops).
 Ties are broken by the canonical order of :class:`~prune_core.ops.Operation`, so the same inputs and
 the same evaluator always give the same plan.
+
+Why one file of ~700 lines: the search's phases share one state (the accepted set, the journal, the
+levels) and one set of invariants; the evaluators, journal and distributed runner live in their own files.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
+from prune_core import defaults
 from prune_core.cost import prefill_flops
 from prune_core.errors import InternalError, JournalError, PruneExportError
 from prune_core.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations, close_under_rules
@@ -123,10 +127,10 @@ class SearchSettings:
             :meth:`identity` and of the plan.
     """
 
-    tolerance: float = 0.3
+    tolerance: float = defaults.SEARCH_TOLERANCE
     tolerance_mode: ToleranceMode = "auto"
-    steps: int = 15
-    key_danger_layers: int = 6
+    steps: int = defaults.SEARCH_STEPS
+    key_danger_layers: int = defaults.KEY_DANGER_LAYERS
     protect_layer0_kv: bool = True
     free_block_groups: tuple[Group, ...] = FREE_BLOCK_GROUPS
     free_block_module_sets: tuple[tuple[Module, ...], ...] = FREE_BLOCK_MODULE_SETS

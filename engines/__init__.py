@@ -7,15 +7,20 @@ into something that runs and tells how fast:
   idle sessions spin, and a runner with checked feeds;
 - :mod:`engines.tensorrt`: TensorRT engine builds with an optimization profile covering every dynamic input
   and shape tensor, saved atomically;
-- :mod:`engines.benchmark`: interleaved dense-vs-pruned latency measurement and the speedup report
-  (measured speedup next to FLOPs speedup).
+- :mod:`engines.runner`: the one lifecycle of every runner (activate, deactivate, ``with``);
+- :mod:`engines.prefill` and :mod:`engines.generate`: a build's prefill (single or split) and greedy answers
+  through its graphs;
+- :mod:`engines.benchmark`: the one interleaved timer (rotating order, warm-up, medians and p90) and the
+  speedup report (measured speedup next to FLOPs speedup);
+- :mod:`engines.triton`: the Triton model repository, the models it copies in, a local server and a client.
 
-It uses only the core package :mod:`prune_export`, never calib, exporter or graph_passes. Heavy imports are
+It uses only the vocabulary, :mod:`prune_core`, never calib, exporter or graph_passes. Heavy imports are
 lazy: importing :mod:`engines` does not import TensorRT, which only GPU machines have.
 """
 
-from engines.benchmark import LatencyStats, SpeedupReport, compare_latency
+from engines.benchmark import LatencyStats, SpeedupReport, compare_latency, time_interleaved
 from engines.onnxruntime import OrtRunner, SessionFromOnnx, active_provider, session_from_onnx
+from engines.runner import Runner
 from engines.tensorrt import (
     EngineFromOnnx,
     SaveEngine,
@@ -29,6 +34,7 @@ __all__ = [
     "EngineFromOnnx",
     "LatencyStats",
     "OrtRunner",
+    "Runner",
     "SaveEngine",
     "SessionFromOnnx",
     "SpeedupReport",
@@ -39,4 +45,5 @@ __all__ = [
     "save_engine",
     "session_from_onnx",
     "tensorrt_version",
+    "time_interleaved",
 ]

@@ -13,13 +13,13 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from prune_core.errors import BuildError
 
-__all__ = ["LatencyStats", "SpeedupReport", "compare_latency"]
+__all__ = ["InterleavedRuns", "LatencyStats", "SpeedupReport", "compare_latency", "time_interleaved", "wall_clock"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +43,16 @@ class LatencyStats:
     @classmethod
     def from_seconds(cls, seconds: Sequence[float]) -> LatencyStats:
         """Summarize timings given in seconds (as ``time.perf_counter`` differences are)."""
-        if len(seconds) == 0:
+        return cls.from_ms([float(value) * 1000.0 for value in seconds])
+
+    @classmethod
+    def from_ms(cls, millis: Sequence[float]) -> LatencyStats:
+        """Summarize timings given in milliseconds (as the generation runtime's stats are)."""
+        if len(millis) == 0:
             raise BuildError("no timings to summarize: measure at least one run")
-        millis = [float(value) * 1000.0 for value in seconds]
+        millis = [float(value) for value in millis]
         if any(not math.isfinite(value) or value < 0 for value in millis):
-            raise BuildError(f"timings must be finite and non-negative seconds, got {list(seconds)}")
+            raise BuildError(f"timings must be finite and non-negative, got {millis} ms")
         return cls(
             median_ms=statistics.median(millis),
             mean_ms=statistics.fmean(millis),
@@ -55,6 +60,70 @@ class LatencyStats:
             p90_ms=float(np.percentile(millis, 90)),
             runs=len(millis),
         )
+
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedRuns(Generic[T]):
+    """What :func:`time_interleaved` measured: for each name, the wall seconds and the return value of every
+    measured call, in call order."""
+
+    seconds: dict[str, list[float]]
+    results: dict[str, list[T]]
+
+    def stats(self, name: str) -> LatencyStats:
+        """Median, mean, min and p90 of ``name``'s wall times."""
+        return LatencyStats.from_seconds(self.seconds[name])
+
+
+def wall_clock(fn: Callable[[], T]) -> tuple[float, T]:
+    """Seconds one call of ``fn`` takes on ``time.perf_counter``, and what it returned."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], T]],
+    *,
+    rounds: int,
+    warmup: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    clock: Callable[[Callable[[], T]], tuple[float, T]] = wall_clock,
+) -> InterleavedRuns[T]:
+    """Time several callables in one interleaved loop: the one timer of ``bench``, ``bench --generate``,
+    ``sweep --latency`` and the benchmark scripts.
+
+    Each callable first runs ``warmup`` times (unmeasured: lazy allocation, kernel selection), in the given
+    order. Then measured round ``i`` calls them in the given order rotated by ``i`` (two callables: A B, B A,
+    A B, ...; three: A B C, B C A, C A B, ...), so whatever favours the first (or last) call of a round
+    favours each callable equally. ``progress(done, rounds)`` is called after each measured round.
+    ``clock(fn)`` times one call and returns (seconds, result): :func:`wall_clock` by default; a GPU
+    benchmark passes one that reads CUDA events.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise BuildError(f"runs must be an integer >= 1, got {rounds!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise BuildError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if not fns:
+        raise BuildError("nothing to time: pass at least one callable")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for i in range(rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed, result = clock(fns[name])
+            seconds[name].append(elapsed)
+            results[name].append(result)
+        if progress is not None:
+            progress(i + 1, rounds)
+    return InterleavedRuns(seconds, results)
 
 
 def compare_latency(
@@ -65,38 +134,10 @@ def compare_latency(
     warmup: int = 3,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[LatencyStats, LatencyStats]:
-    """Time ``baseline`` and ``candidate`` in one interleaved loop; returns their stats in that order.
-
-    Both are first called ``warmup`` times (unmeasured: lazy allocation, kernel selection). Then, in
-    iteration ``i``, the baseline runs before the candidate when ``i`` is even and after it when ``i`` is
-    odd, so whatever favours the first (or second) call of a pair favours each side equally.
-    ``progress(done, runs)`` is called after each measured iteration.
-    """
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise BuildError(f"runs must be an integer >= 1, got {runs!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise BuildError(f"warmup must be an integer >= 0, got {warmup!r}")
-    for _ in range(warmup):
-        baseline()
-        candidate()
-    baseline_seconds: list[float] = []
-    candidate_seconds: list[float] = []
-
-    def timed(func: Callable[[], object], into: list[float]) -> None:
-        start = time.perf_counter()
-        func()
-        into.append(time.perf_counter() - start)
-
-    for i in range(runs):
-        if i % 2 == 0:
-            timed(baseline, baseline_seconds)
-            timed(candidate, candidate_seconds)
-        else:
-            timed(candidate, candidate_seconds)
-            timed(baseline, baseline_seconds)
-        if progress is not None:
-            progress(i + 1, runs)
-    return LatencyStats.from_seconds(baseline_seconds), LatencyStats.from_seconds(candidate_seconds)
+    """Time ``baseline`` and ``candidate`` with :func:`time_interleaved`; returns their stats in that order."""
+    timed = time_interleaved({"baseline": baseline, "candidate": candidate}, rounds=runs, warmup=warmup,
+                             progress=progress)  # fmt: skip
+    return timed.stats("baseline"), timed.stats("candidate")
 
 
 #: Keys of :meth:`SpeedupReport.to_dict` that metadata may not overwrite.

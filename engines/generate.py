@@ -25,8 +25,8 @@ that every runtime of a build (ONNX Runtime, TensorRT, Triton) runs as it is. At
 small next to the step's weight reads (one 700-token layer cache of a 7B model is 2.9 MB in fp16, its
 weights 400 MB).
 
-Lifecycle as the other runners: ``activate()`` (or a ``with`` block, or first use) creates the sessions,
-``deactivate()`` drops them.
+Lifecycle as every runner (:class:`engines.runner.Runner`): ``activate()`` (or a ``with`` block, or first
+use) creates the sessions, ``deactivate()`` drops them.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ import onnxruntime as ort
 
 from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, Provider
 from engines.prefill import PrefillRunner, graph_runner
+from engines.runner import Runner
+from prune_core import defaults
 from prune_core.errors import BuildError, PruneExportError
-from prune_core.manifest import Manifest
+from prune_core.manifest import Manifest, check_new_tokens
 from prune_core.prompt import TextPieces, prompt_text
 
 KV_KINDS = ("key", "value", "position")
@@ -107,7 +109,7 @@ class Answer:
     step_logits: list[np.ndarray] = field(default_factory=list)  # with keep_logits: one row per token
 
 
-class GenerationRunner:
+class GenerationRunner(Runner):
     """Greedy generation through one build directory's graphs (see the module docstring)."""
 
     def __init__(
@@ -134,30 +136,34 @@ class GenerationRunner:
         self._sessions: dict[str, Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def activate(self) -> GenerationRunner:
-        if self._sessions is None:
-            m, d = self.manifest, self.build_dir
+    @property
+    def is_active(self) -> bool:
+        return self._sessions is not None
 
-            def runner(name: str) -> OrtRunner:
-                return graph_runner(m, d, name, provider=self._provider, threads=self._threads)
+    def _activate(self) -> None:
+        m, d = self.manifest, self.build_dir
 
-            self._sessions = {
-                "vision": runner("vision"),
-                "embed": runner("embed"),
-                "decode": runner("decode"),
-                "prefill": PrefillRunner(d, provider=self._provider, threads=self._threads, manifest=m),
-                "processor": self._load_processor(),
-            }
-        return self
+        def runner(name: str) -> OrtRunner:
+            return graph_runner(m, d, name, provider=self._provider, threads=self._threads).activate()
 
-    def deactivate(self) -> None:
+        self._sessions = {
+            "vision": runner("vision"),
+            "embed": runner("embed"),
+            "decode": runner("decode"),
+            "prefill": PrefillRunner(d, provider=self._provider, threads=self._threads, manifest=m).activate(),
+            "processor": self._load_processor(),
+        }
+
+    def _deactivate(self) -> None:
+        assert self._sessions is not None
+        for part in self._sessions.values():
+            if isinstance(part, Runner):
+                part.deactivate()
         self._sessions = None
 
-    def __enter__(self) -> GenerationRunner:
-        return self.activate()
-
-    def __exit__(self, *exc: object) -> None:
-        self.deactivate()
+    def check_new_tokens(self, max_new_tokens: int) -> None:
+        """One line unless ``max_new_tokens`` is within what the build's decode graph was made for."""
+        check_new_tokens(self.manifest, max_new_tokens)
 
     def _part(self, name: str) -> Any:
         return self.activate()._sessions[name]  # type: ignore[index]
@@ -251,6 +257,7 @@ class GenerationRunner:
         """
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_new_tokens(self.manifest, max_new_tokens)
         started = time.perf_counter() if started is None else started
         stats = stats if stats is not None else GenerationStats(prompt_tokens=0)
         t0 = time.perf_counter()
@@ -298,7 +305,8 @@ class GenerationRunner:
             cache = list(values[1:])
             stats.decode_ms.append((time.perf_counter() - t0) * 1e3)
 
-    def stream(self, image: Any, question: str, max_new_tokens: int = 64, stats: GenerationStats | None = None) -> Iterator[str]:
+    def stream(self, image: Any, question: str, max_new_tokens: int = defaults.ANSWER_NEW_TOKENS,
+               stats: GenerationStats | None = None) -> Iterator[str]:
         """The answer as text pieces, as tokens come; the pieces join to :meth:`generate`'s text."""
         started = time.perf_counter()
         prompt = self.prompt(image, question)
@@ -313,7 +321,8 @@ class GenerationRunner:
         if rest:
             yield rest
 
-    def generate(self, image: Any, question: str, max_new_tokens: int = 64, keep_logits: bool = False) -> Answer:
+    def generate(self, image: Any, question: str, max_new_tokens: int = defaults.ANSWER_NEW_TOKENS,
+                 keep_logits: bool = False) -> Answer:
         """The greedy answer to ``question`` about ``image`` (a PIL image), with its timings."""
         started = time.perf_counter()
         prompt = self.prompt(image, question)

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 
+from engines.runner import Runner
 from prune_core.errors import BuildError
 
 __all__ = [
@@ -191,11 +192,11 @@ def _format_shape(shape: tuple[int | str, ...]) -> str:
     return "[" + ", ".join(str(dim) for dim in shape) + "]"
 
 
-class OrtRunner:
+class OrtRunner(Runner):
     """Runner over an ONNX Runtime session: input metadata, checked feeds, outputs by name.
 
     Takes a session or a loader returning one (e.g. :class:`SessionFromOnnx`); a loader runs on
-    :meth:`activate`, on entering a ``with`` block, or on first use. Feeds are checked before ORT sees
+    :meth:`activate`, on entering a ``with`` block, or on first use (:class:`engines.runner.Runner`). Feeds are checked before ORT sees
     them so that a wrong name or dtype is reported as what was expected and what was received.
     """
 
@@ -207,27 +208,23 @@ class OrtRunner:
         else:
             self._loader = session
 
-    def activate(self) -> OrtRunner:
-        """Create the session from the loader if it does not exist yet."""
-        self._active_session()
-        return self
+    @property
+    def is_active(self) -> bool:
+        return self._session is not None
 
-    def _active_session(self) -> ort.InferenceSession:
-        if self._session is None:
-            assert self._loader is not None, "a runner without a session always has a loader"
-            self._session = self._loader()
-        return self._session
+    def _activate(self) -> None:
+        assert self._loader is not None, "a runner without a session always has a loader"
+        self._session = self._loader()
 
-    def deactivate(self) -> None:
+    def _deactivate(self) -> None:
         """Drop a session this runner created (its threads and memory go with it); a given session stays."""
         if self._loader is not None:
             self._session = None
 
-    def __enter__(self) -> OrtRunner:
-        return self.activate()
-
-    def __exit__(self, *exc: object) -> None:
-        self.deactivate()
+    def _active_session(self) -> ort.InferenceSession:
+        self.activate()
+        assert self._session is not None
+        return self._session
 
     @property
     def session(self) -> ort.InferenceSession:

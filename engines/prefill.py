@@ -17,29 +17,31 @@ outputs it returns are those of the single graph (``autoprune.keep``/``autoprune
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from engines.onnxruntime import OrtRunner, Provider, SessionFromOnnx
+from engines.runner import Runner
 from prune_core.autoprune import ScheduleTable, steepness
-from prune_core.errors import BuildError
-from prune_core.manifest import Manifest
-
-TABLE_NAME = "schedule_table.json"
+from prune_core.manifest import Manifest, load_schedule_table
 
 
 def graph_runner(
     manifest: Manifest, build_dir: Path, name: str, *, provider: Provider = "auto", threads: int | None = None
 ) -> OrtRunner:
-    """An :class:`OrtRunner` (session made) of one graph of a build, by its manifest name."""
-    return OrtRunner(SessionFromOnnx(manifest.graph_path(build_dir, name), provider=provider, threads=threads)())
+    """An :class:`OrtRunner` of one graph of a build, by its manifest name (its session is made when it is
+    activated)."""
+    return OrtRunner(SessionFromOnnx(manifest.graph_path(build_dir, name), provider=provider, threads=threads))
 
 
-class PrefillRunner:
-    """The prefill of one build directory as one call: ``infer(feeds) -> outputs by name``."""
+class PrefillRunner(Runner):
+    """The prefill of one build directory as one call: ``infer(feeds) -> outputs by name``.
+
+    A :class:`~engines.runner.Runner`: its graphs' sessions are made on :meth:`activate` (or a ``with``
+    block, or first use) and dropped on :meth:`deactivate`.
+    """
 
     def __init__(
         self,
@@ -61,13 +63,19 @@ class PrefillRunner:
             self.table: ScheduleTable | None = None
         else:
             self.runners = {"head": runner("prefill_head"), "tail": runner("prefill_tail")}
-            path = self.build_dir / TABLE_NAME
-            try:
-                self.table = ScheduleTable.from_dict(json.loads(path.read_text()), source=str(path))
-            except OSError as exc:
-                raise BuildError(f"cannot read the schedule table {path}: {exc}; rebuild the directory") from None
-            if m.autoprune is None:
-                raise BuildError(f"{self.build_dir}: a split prefill needs the manifest's autoprune section")
+            self.table = load_schedule_table(self.build_dir, m)
+
+    @property
+    def is_active(self) -> bool:
+        return all(r.is_active for r in self.runners.values())
+
+    def _activate(self) -> None:
+        for runner in self.runners.values():
+            runner.activate()
+
+    def _deactivate(self) -> None:
+        for runner in self.runners.values():
+            runner.deactivate()
 
     @property
     def provider(self) -> str:

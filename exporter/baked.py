@@ -42,6 +42,10 @@ in layout order) and ``present.l.position [1, n_kv_l]`` (their positions; a deco
 largest position plus one). AutoPrune graphs also output ``autoprune.complexity`` (``I1``, float32 ``[1]``)
 and ``autoprune.keep`` / ``autoprune.merged`` (the table row used, int64 ``[L-1]``). See
 :attr:`BakedPrefill.input_names` / :attr:`~BakedPrefill.output_names` for the head and tail graphs.
+
+Why one file of ~700 lines: the traced forward, its static layout and its in-graph token selection must
+change together (the layout decides which rows every TopK and slice sees); split, each half would be wrong
+without the other.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -375,9 +380,13 @@ class BakedPrefill(nn.Module):
         self.model = adapter.model
 
     # -- I/O -------------------------------------------------------------------------------------------
+    #: Inputs of a ``full`` or ``head`` graph: the prompt's three embedding spans and the [CLS] attention.
+    PROMPT_INPUTS = ("sys_embeds", "image_embeds", "text_embeds", "cls_attention")
+
     @staticmethod
     def inputs_from_sample(sample: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The inputs of a ``full`` or ``head`` graph for one prepared :class:`~exporter.sample.Sample`."""
+        """The inputs of a ``full`` or ``head`` graph for one prepared :class:`~exporter.sample.Sample`, in the
+        order of :attr:`PROMPT_INPUTS`."""
         e = sample.embeds
         return (
             e[None, : sample.image_start],
@@ -385,6 +394,12 @@ class BakedPrefill(nn.Module):
             e[None, sample.image_end :],
             sample.cls_attention.float()[None],
         )
+
+    @classmethod
+    def feeds_from_sample(cls, sample: Sample) -> dict[str, np.ndarray]:
+        """:meth:`inputs_from_sample` as float32 ONNX Runtime feeds by input name."""
+        values = (x.float().cpu().numpy() for x in cls.inputs_from_sample(sample))
+        return dict(zip(cls.PROMPT_INPUTS, values, strict=True))
 
     #: Inputs of the tail graph besides the schedule; produced by the head graph under the same names.
     TAIL_STATE = (
@@ -404,7 +419,7 @@ class BakedPrefill(nn.Module):
     def input_names(self) -> list[str]:
         if self.part == "tail":
             return [*self.TAIL_STATE, *self.SCHEDULE_INPUTS]
-        return ["sys_embeds", "image_embeds", "text_embeds", "cls_attention"]
+        return list(self.PROMPT_INPUTS)
 
     def _layers_out(self) -> range:
         return {

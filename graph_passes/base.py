@@ -26,6 +26,14 @@ import onnx_ir as ir
 
 from prune_core.errors import InternalError
 
+#: Every integer element type: values of these types are shapes, indices and counts, never precision.
+INT_TYPES = frozenset(
+    {
+        ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+        ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+    }
+)  # fmt: skip
+
 __all__ = [
     "GraphPass",
     "constant_array",

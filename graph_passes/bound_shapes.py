@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass
+from graph_passes.base import INT_TYPES, GraphPass
 from prune_core.errors import BuildError
 
 __all__ = [
@@ -30,12 +30,6 @@ _FORMAT_VERSION = 1
 #: A bound: ``(min, max)`` or ``(min, opt, max)``; ``opt`` defaults to ``max``.
 Bound = Sequence[int]
 
-_INT_TYPES = frozenset(
-    {
-        ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-        ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
-    }
-)  # fmt: skip
 
 #: TensorRT accepts at most this many values in a shape tensor.
 MAX_SHAPE_TENSOR_VALUES = 64
@@ -177,7 +171,7 @@ def _check_bound(name: str, bound: Bound) -> dict[str, int]:
 
 def _is_shape_tensor_input(value: ir.Value) -> bool:
     """Integer scalar, or integer 1-D of static length <= 64: a candidate TensorRT shape tensor."""
-    if value.dtype not in _INT_TYPES or value.shape is None:
+    if value.dtype not in INT_TYPES or value.shape is None:
         return False
     if value.shape.rank() == 0:
         return True

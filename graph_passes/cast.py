@@ -20,9 +20,9 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from graph_passes.base import GraphPass, node_label
+from graph_passes.base import INT_TYPES, GraphPass, node_label
 from prune_core.errors import BuildError
-from prune_core.precision import in_fp32_region
+from prune_core.precision import check_dtype, in_fp32_region
 
 __all__ = [
     "DEFAULT_KEEP_FP32_OPS",
@@ -78,12 +78,6 @@ _CONSTANT_SOURCES: frozenset[str] = frozenset({"Constant", "ConstantOfShape", "S
 #: Ops that read their float input at whatever precision it has.
 _ANY_PRECISION_INPUT_OPS: frozenset[str] = frozenset({"Cast", "Shape", "Size"})
 
-_INT_TYPES = frozenset(
-    {
-        ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-        ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
-    }
-)  # fmt: skip
 
 _FP32 = ir.DataType.FLOAT
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -159,8 +153,7 @@ class CastPrecisionPass(GraphPass):
         keep_fp32_io: Iterable[str] = (),
     ) -> None:
         super().__init__()
-        if dtype not in FLOAT_DTYPES:
-            raise BuildError(f"unknown dtype {dtype!r}; expected one of {sorted(FLOAT_DTYPES)}")
+        check_dtype(dtype)
         self.dtype = dtype
         self.target = FLOAT_DTYPES[dtype]
         self.keep_fp32_ops = frozenset(keep_fp32_ops)
@@ -546,7 +539,7 @@ def _is_int_to_fp32_cast(node: ir.Node) -> bool:
     if node.op_type != "Cast" or _cast_target(node) != _FP32 or not node.inputs:
         return False
     source = node.inputs[0]
-    return source is not None and source.dtype in _INT_TYPES
+    return source is not None and source.dtype in INT_TYPES
 
 
 def _schema_allows(node: ir.Node, index: int, *, is_output: bool, target: ir.DataType, opset: int) -> bool:

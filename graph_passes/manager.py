@@ -20,7 +20,8 @@ from graph_passes.cast import FLOAT_DTYPES, CastPrecisionPass
 from graph_passes.cleanup import CleanupPass
 from graph_passes.normalize import DEFAULT_IR_VERSION, DEFAULT_MIN_OPSET, NormalizeVersionsPass
 from graph_passes.tensorrt_lint import TensorRTLintPass
-from prune_core.errors import BuildError, PruneExportError
+from prune_core.errors import PruneExportError
+from prune_core.precision import TARGETS, check_target_dtype
 
 __all__ = [
     "TARGETS",
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 #: Runtimes a pipeline can be built for.
-TARGETS = ("onnxruntime", "tensorrt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +129,7 @@ def default_pipeline(
     Raises:
         BuildError: unknown ``target`` or ``dtype`` (the message lists the known ones).
     """
-    if target not in TARGETS:
-        raise BuildError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
-    if dtype not in FLOAT_DTYPES:
-        raise BuildError(f"unknown dtype {dtype!r}; expected one of {sorted(FLOAT_DTYPES)}")
+    check_target_dtype(target, dtype)
     passes: list[ir.passes.PassBase] = [
         NormalizeVersionsPass(ir_version=ir_version, min_opset=min_opset),
         CleanupPass(),

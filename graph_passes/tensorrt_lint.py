@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, constant_array, is_constant, iter_all_nodes, node_label
+from graph_passes.base import INT_TYPES, GraphPass, constant_array, is_constant, iter_all_nodes, node_label
 from graph_passes.bound_shapes import MAX_SHAPE_TENSOR_VALUES, SHAPE_BOUNDS_KEY
 from prune_core.errors import BuildError
 
@@ -65,12 +65,6 @@ _SHAPE_ARITHMETIC = frozenset(
     }
 )  # fmt: skip
 
-_INT_TYPES = frozenset(
-    {
-        ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-        ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
-    }
-)  # fmt: skip
 
 _PASS_THROUGH = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze"})
 
@@ -278,7 +272,7 @@ class _ShapeTracer:
             return None, None
         if value.is_graph_input():
             name = value.name
-            if value.dtype in _INT_TYPES:
+            if value.dtype in INT_TYPES:
                 if _is_shape_tensor_like(value):
                     return None, None
                 reason = (

@@ -26,6 +26,9 @@ binds for ``k >= 0``: the curve is then non-increasing in ``l``, so ``K_l <= K_{
 ``K_1 <= N0 - 1 < N0``). It is kept as a guard because the literal formula with ``K_l > cur`` would give a
 negative drop count and a negative merge count, which has no meaning. Consequently a schedule never grows
 back: ``cur`` after a layer is ``K_l + c_l <= cur`` before it, since ``c_l <= D_l``.
+
+Why one file of ~700 lines: it is the single reference of AutoPrune's numbers (signal, curve, solve,
+table, selection, recycling), each step feeding the next; calib, the exporter and the engines all read it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Per layer, with ``n_q`` query tokens, ``n_kv`` key/value tokens and ``n_mlp`` ML
     mlp  = 3 * 2*n_mlp*d*m
 
 which is the paper's ``2*d*d*(2*n_kv + 2*n_q) + 4*n_q*n_kv*d`` for multi-head attention and counts the
-real K/V width under GQA. The vision tower, the LM head and decode steps are not counted.
+real K/V width under GQA. The vision tower, the LM head and decode steps are not counted in
+:func:`prefill_flops`; :func:`lm_head_flops` is the LM head's one logits row a prefill graph adds.
 """
 
 from __future__ import annotations
@@ -69,10 +70,7 @@ def prefill_flops(
     return sum(layer_flops(spec, c) for c in layer_counts(spec, sizes, ops))
 
 
-def dense_prefill_flops(spec: ModelSpec, sizes: GroupSizes) -> int:
-    return prefill_flops(spec, sizes)
-
-
-def flops_of_counts(spec: ModelSpec, counts: Iterable[LayerCounts]) -> int:
-    """FLOPs of an executed run, given the counts the executor actually used at each layer."""
-    return sum(layer_flops(spec, c) for c in counts)
+def lm_head_flops(spec: ModelSpec) -> int:
+    """FLOPs of the LM head's one logits row: what a prefill graph computes beyond :func:`prefill_flops`
+    (the graph returns the logits of the last prompt token; the cost model counts decoder layers only)."""
+    return 2 * spec.hidden_size * spec.vocab_size

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 
 class PruneExportError(Exception):
-    """Base class of every error a user can cause; ``str(err)`` is the one-line message."""
-
-    exit_code = 2
+    """Base class of every error a user can cause; ``str(err)`` is the one-line message (the CLI exits 1)."""
 
 
 class ModelLoadError(PruneExportError):

@@ -27,14 +27,28 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import BuildDirError, BuildError
 from .io import atomic_write_text
 
+if TYPE_CHECKING:
+    from .autoprune import ScheduleTable
+
 MANIFEST_NAME = "manifest.json"
+#: The other files of a build directory the tools read by name.
+#: The build check's first prompt as prefill inputs (``inspect``, ``bench``).
+CHECK_INPUTS = "check_inputs.npz"
+#: The check report a build that failed its check keeps (``<name>.failed/``).
+CHECK_REPORT = "check_report.json"
+#: The folder that holds the tokenizer and image processor files.
+PROCESSOR_DIR = "processor"
+#: A split AutoPrune prefill's schedule table (:class:`prune_core.autoprune.ScheduleTable`).
+SCHEDULE_TABLE = "schedule_table.json"
+#: The trtexec / polygraphy command lines of a ``--target tensorrt`` build.
+TRT_COMMANDS = "tensorrt_commands.sh"
 MANIFEST_FORMAT = "prune-export-build"
 MANIFEST_VERSION = 1
 #: Read size of the streamed sha256 (graphs' external data files can be many GB).
@@ -257,6 +271,34 @@ class Manifest(_Strict):
 
 
 # -- file digests ----------------------------------------------------------------------------------------
+def check_new_tokens(manifest: Manifest, requested: int) -> int:
+    """``requested`` when a build's runtime can give that many new tokens: from 1 to the bound its decode
+    graph was made for (``build --max-new-tokens``); else one line saying so."""
+    bound = int((manifest.generation or {}).get("max_new_tokens", 0))
+    if not bound:
+        raise BuildError("this build has no decode graph (an older prune-export); rebuild it with `prune-export build`")
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= bound:
+        raise BuildError(
+            f"--max-new-tokens must be between 1 and the build's bound {bound} (the longest answer its decode "
+            f"graph was made for), got {requested}; rebuild with `prune-export build --max-new-tokens N` for longer answers"
+        )
+    return requested
+
+
+def load_schedule_table(build_dir: str | Path, manifest: Manifest) -> ScheduleTable:
+    """The schedule table of a split AutoPrune build (what the host looks up between ``prefill_head`` and
+    ``prefill_tail``), or one line saying why the build cannot be run that way."""
+    from .autoprune import ScheduleTable
+
+    path = Path(build_dir) / SCHEDULE_TABLE
+    if manifest.autoprune is None:
+        raise BuildError(f"{build_dir}: a split prefill needs the manifest's autoprune section; rebuild the directory")
+    try:
+        return ScheduleTable.from_dict(json.loads(path.read_text()), source=str(path))
+    except OSError as exc:
+        raise BuildError(f"cannot read the schedule table {path}: {exc}; rebuild the directory") from None
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 

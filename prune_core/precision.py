@@ -1,4 +1,5 @@
-"""Parts of a graph that keep float32 when a build lowers its precision to fp16 or bf16.
+"""Build targets and precisions, and the parts of a graph that keep float32 when a build lowers its precision
+to fp16 or bf16.
 
 The exporter runs numerically fragile steps (AutoPrune's mutual information and token scores, DPC-KNN
 recycling) inside a module of class :data:`FP32_REGION_CLASS`. ``torch.onnx`` records each exported node's
@@ -9,6 +10,26 @@ DPC-KNN distances and cluster means in fp16 and merge other tokens than the refe
 """
 
 from __future__ import annotations
+
+from .errors import BuildError
+
+#: What a build is made for: ONNX Runtime, or TensorRT (linted graphs, bounded shapes, engines).
+TARGETS = ("onnxruntime", "tensorrt")
+#: The float precisions a build's graphs can be written in.
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def check_dtype(dtype: str) -> None:
+    """One line for a precision no build can be written in."""
+    if dtype not in DTYPES:
+        raise BuildError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
+
+
+def check_target_dtype(target: str, dtype: str) -> None:
+    """One line for a target or a precision no build can be made for (the message lists the known ones)."""
+    if target not in TARGETS:
+        raise BuildError(f"unknown target {target!r}; expected one of {list(TARGETS)}")
+    check_dtype(dtype)
 
 #: Class name of the exporter's float32 region module (:class:`exporter.baked.Float32Region`).
 FP32_REGION_CLASS = "Float32Region"

@@ -17,9 +17,22 @@ from typing import Any
 
 import click
 
+from prune_core import defaults
 from prune_core.device import provider_for
 from prune_core.errors import PruneExportError
 from prune_core.ops import Operation
+from prune_core.precision import TARGETS
+
+from .options import (
+    device_option,
+    dtype_option,
+    json_option,
+    max_new_tokens_option,
+    plan_options,
+    torch_options,
+)
+
+PROVIDER_CHOICE = click.Choice(["auto", "cpu", "cuda"])
 
 
 class _Group(click.Group):
@@ -53,8 +66,8 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--kv-heads", type=int, default=None, help="Override the number of KV heads (GQA).")
 @click.option("--layers", type=click.IntRange(min=2), default=None, help="Override the number of decoder layers.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Precision the weights are made and written in [default: fp32; llava-7b: fp16, never an fp32 copy].")
+@dtype_option("Precision the weights are made and written in [default: fp32; llava-7b: fp16, never an fp32 copy].",
+              name="dtype")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, layers: int | None, dtype: str | None,
                overwrite: bool) -> None:
@@ -85,7 +98,7 @@ def demo_data(out_dir: Path, samples: int, seed: int) -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Text tokens after the image in the reference prompt [default: 100].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option()
 def info(model_dir: Path, text_tokens: int | None, as_json: bool) -> None:
     """Architecture, token groups, operations and dense prefill FLOPs (needs only config.json)."""
     from .workflows.model import model_info
@@ -115,7 +128,7 @@ def plan() -> None:
 @plan.command("show")
 @click.argument("plan_path", type=click.Path(path_type=Path))
 @click.option("--budget", type=float, default=None, help="Fraction of dense prefill FLOPs kept, in (0, 1].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option()
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the ladder (FLOPs ratio and search metric per step) into this PNG file.")
 def plan_show(plan_path: Path, budget: float | None, as_json: bool, plot_path: Path | None) -> None:
@@ -196,22 +209,21 @@ def _describe_ops(ops: frozenset[Operation], num_layers: int) -> str:
 @click.option("--calib", "calib_path", type=click.Path(path_type=Path), required=True,
               help="Calibration JSONL (the eval format; answers optional with --metric kl).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Plan file to write.")
-@click.option("--metric", type=click.Choice(["accuracy", "nll", "kl"]), default="accuracy", show_default=True,
+@click.option("--metric", type=click.Choice(["accuracy", "nll", "kl"]), default=defaults.SEARCH_METRIC, show_default=True,
               help="accuracy: exact match (higher is better); nll: answer NLL, kl: KL to the dense model "
                    "(label-free); both lower is better.")
-@click.option("--tolerance", type=float, default=0.3, show_default=True,
+@click.option("--tolerance", type=float, default=defaults.SEARCH_TOLERANCE, show_default=True,
               help="Total loss allowed: a fraction of the baseline (accuracy) or metric units (nll, kl).")
-@click.option("--steps", type=click.IntRange(min=1), default=15, show_default=True, help="Tolerance levels.")
-@click.option("--key-danger-layers", type=click.IntRange(min=0), default=6, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.SEARCH_STEPS, show_default=True,
+              help="Tolerance levels.")
+@click.option("--key-danger-layers", type=click.IntRange(min=0), default=defaults.KEY_DANGER_LAYERS, show_default=True,
               help="img_key operations below this layer are never pruned.")
 @click.option("--allow-layer0-kv", is_flag=True, help="Offer layer-0 kv operations as candidates.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N calibration rows.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted search from its journal (OUT.journal.jsonl).")
 @click.option("--no-prefix-reuse", is_flag=True, help="Recompute every layer for every candidate (slower).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="Where PyTorch runs the model: cpu, cuda or cuda:N [default: cpu].")
-@click.option("--dtype", "torch_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Precision of the PyTorch model (metrics stay fp32) [default: fp32].")
+@torch_options()
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Calibration rows per forward (padded and masked; values equal row by row to ~1e-7). "
                    "Raise it on a GPU.")
@@ -239,8 +251,8 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, toler
 
     out = run_search(model_dir, calib_path, out_path, metric=metric, tolerance=tolerance, steps=steps,
                      key_danger_layers=key_danger_layers, protect_layer0_kv=not allow_layer0_kv, limit=limit,
-                     resume=resume, prefix_reuse=not no_prefix_reuse, seed=seed, device=device or "cpu",
-                     dtype=torch_dtype or "fp32", workers=workers, ray_address=ray_address,
+                     resume=resume, prefix_reuse=not no_prefix_reuse, seed=seed, device=device or defaults.TORCH_DEVICE,
+                     dtype=torch_dtype or defaults.TORCH_DTYPE, workers=workers, ray_address=ray_address,
                      batch_size=batch_size, threads_per_worker=threads_per_worker, log=_log_err)
     result, stats = out.result, out.stats
     click.echo(f"wrote {out_path}: {len(out.plan.steps)} steps, metric {out.metric} baseline "
@@ -257,46 +269,20 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, toler
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
               help="JSONL rows {image, question, answer}; image paths relative to the file.")
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None, help="Plan file.")
-@click.option("--budget", type=float, default=None, help="Fraction of dense prefill FLOPs kept, in (0, 1].")
-@click.option("--keep-schedule", default=None, help="Fixed visual-token schedule LAYER:TOKENS[,...] (FastV, PDrop).")
-@click.option("--autoprune-tokens", type=float, default=None,
-              help="AutoPrune budget T: average visual tokens per layer (LLaVA-1.5: 64, 128, 192). The "
-                   "--autoprune-* options override a plan's AutoPrune section.")
-@click.option("--autoprune-x0", type=float, default=None, help="AutoPrune curve midpoint x0 [default: 14.9].")
-@click.option("--autoprune-k0", type=float, default=None,
-              help="AutoPrune steepness k0 of a prompt with no mutual information [default: 0.4].")
-@click.option("--autoprune-gamma", type=float, default=None,
-              help="AutoPrune steepness drop per bit of I1: k = max(k0 - gamma*I1, 0) [default: 0.2].")
-@click.option("--autoprune-amplitude", type=float, default=None, help="AutoPrune curve height A [default: 0.75].")
-@click.option("--autoprune-positions", type=click.Choice(["renumbered", "original"]), default=None,
-              help="renumbered: positions 0..n'-1 after each prune (the reference); original: keep them "
-                   "[default: renumbered].")
-@click.option("--autoprune-k-step", type=float, default=None,
-              help="AutoPrune table mode: grid step of k [default: 0.01].")
-@click.option("--no-recycle", is_flag=True, help="AutoPrune: drop tokens without merging them (no recycling).")
-@click.option("--autoprune-mode", type=click.Choice(["exact", "table"]), default=None,
-              help="exact: bisection per prompt (the reference); table: schedule table built once, looked up "
-                   "by k (what an engine does) [default: exact].")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@plan_options(mode=True)
+@max_new_tokens_option(defaults.EVAL_NEW_TOKENS, "Largest number of answer tokens per row.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option()
 @click.option("--samples-out", type=click.Path(path_type=Path), default=None, help="Write per-sample results (JSONL).")
-@click.option("--device", default=None,
-              help="cpu, cuda or cuda:N: where PyTorch runs the model; for a build directory, the ONNX Runtime "
-                   "provider (cpu or cuda) [default: cpu; a build: auto].")
-@click.option("--dtype", "torch_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Precision of the PyTorch model (metrics stay fp32) [default: fp32]; a build's is baked in.")
+@device_option("cpu, cuda or cuda:N: where PyTorch runs the model; for a build directory, the ONNX Runtime "
+               "provider (cpu or cuda) [default: cpu; a build: auto].")
+@dtype_option("Precision of the PyTorch model (metrics stay fp32) [default: fp32]; a build's is baked in.")
 @click.option("--reference", "reference_path", type=click.Path(path_type=Path), default=None,
               help="Where the dense answers that agreement compares with come from: a model folder (its executor, "
                    "fp32) or a dense build [default: the model itself without pruning; for a build, the model "
                    "folder in its manifest].")
 @click.option("--no-reference", is_flag=True, help="Skip agreement and first-token KL (no dense answers computed).")
-def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: float | None,
-             keep_schedule: str | None, autoprune_tokens: float | None, autoprune_x0: float | None,
-             autoprune_k0: float | None, autoprune_gamma: float | None, autoprune_amplitude: float | None,
-             autoprune_positions: str | None, autoprune_k_step: float | None, no_recycle: bool,
-             autoprune_mode: str | None, max_new_tokens: int, limit: int | None, as_json: bool,
+def eval_cmd(model_dir: Path, data_path: Path, request: Any, max_new_tokens: int, limit: int | None, as_json: bool,
              samples_out: Path | None, device: str | None, torch_dtype: str | None, reference_path: Path | None,
              no_reference: bool) -> None:
     """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan, and the answers'
@@ -309,58 +295,25 @@ def eval_cmd(model_dir: Path, data_path: Path, plan_path: Path | None, budget: f
     Token pruning comes from the plan's token section, --keep-schedule, or --autoprune-tokens; with a plan's
     GSOP operations it makes a combined plan (operations apply to the visual tokens still alive).
     """
-    if no_reference and reference_path is not None:
-        raise PruneExportError("--reference and --no-reference contradict each other; pass one of them")
     if (Path(model_dir) / "manifest.json").is_file():
-        given = [flag for flag, value in (
-            ("--plan", plan_path), ("--budget", budget), ("--keep-schedule", keep_schedule),
-            ("--autoprune-tokens", autoprune_tokens), ("--autoprune-x0", autoprune_x0),
-            ("--autoprune-k0", autoprune_k0), ("--autoprune-gamma", autoprune_gamma),
-            ("--autoprune-amplitude", autoprune_amplitude), ("--autoprune-positions", autoprune_positions),
-            ("--autoprune-k-step", autoprune_k_step), ("--no-recycle", no_recycle or None),
-            ("--autoprune-mode", autoprune_mode), ("--dtype", torch_dtype)) if value is not None]  # fmt: skip
-        if given:
-            raise PruneExportError(
-                f"{model_dir} is a build directory: its plan and precision are baked into the graphs, so {', '.join(given)} "
-                "cannot change it; evaluate the model folder with those options, or build another directory"
-            )
-        _eval_build(model_dir, data_path, max_new_tokens, limit, as_json, samples_out, device,
-                    None if no_reference else reference_path, not no_reference)
+        from .workflows.evaluate import evaluate_build
+
+        run = evaluate_build(model_dir, data_path, request, dtype=torch_dtype, max_new_tokens=max_new_tokens,
+                             limit=limit, samples_out=samples_out, device=device, reference_path=reference_path,
+                             compare=not no_reference)  # fmt: skip
+        if as_json:
+            missing = {"reference_missing": run.reference_missing} if run.reference_missing else {}
+            _echo_json({**run.report.to_json(), "engine": run.engine, "provider": run.provider, **missing})
+            return
+        click.echo(f"build         {model_dir} ({run.engine}, {run.provider})")
+        _echo_eval(run.report, None, False, missing=run.reference_missing)
         return
-    _check_budget_option(budget, plan_path)
-    stages = _keep_schedule(keep_schedule)
-    autoprune = {"tokens": autoprune_tokens, "x0": autoprune_x0, "k0": autoprune_k0, "gamma": autoprune_gamma,
-                 "amplitude": autoprune_amplitude, "positions": autoprune_positions,
-                 "k_step": autoprune_k_step, "recycle": False if no_recycle else None}
     from .workflows.evaluate import evaluate_model
 
-    where = {"device": device or "cpu", "dtype": torch_dtype or "fp32"}
-    run = evaluate_model(model_dir, data_path, plan_path=plan_path, budget=budget, stages=stages,
-                         autoprune=autoprune, autoprune_mode=autoprune_mode, max_new_tokens=max_new_tokens,
-                         limit=limit, samples_out=samples_out, reference_path=reference_path,
-                         compare=not no_reference, **where)
+    where = {"device": device or defaults.TORCH_DEVICE, "dtype": torch_dtype or defaults.TORCH_DTYPE}
+    run = evaluate_model(model_dir, data_path, request, max_new_tokens=max_new_tokens, limit=limit,
+                         samples_out=samples_out, reference_path=reference_path, compare=not no_reference, **where)
     _echo_eval(run.report, run.policy, as_json, where)
-
-
-def _eval_build(build_dir: Path, data_path: Path, max_new_tokens: int, limit: int | None, as_json: bool,
-                samples_out: Path | None, device: str | None, reference_path: Path | None, compare: bool) -> None:
-    from tqdm import tqdm
-
-    from .workflows.evaluate import build_reference, write_samples
-    from .workflows.generate import eval_build
-
-    reference, missing = build_reference(build_dir, reference_path, max_new_tokens, device) if compare else (None, None)
-    with tqdm(desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
-        run = eval_build(build_dir, data_path, max_new_tokens=max_new_tokens, limit=limit, progress=bar.update,
-                         provider=provider_for(device), reference=reference)
-    if samples_out is not None:
-        write_samples(samples_out, run["report"])
-    if as_json:
-        _echo_json({**run["report"].to_json(), "engine": run["engine"], "provider": run["provider"],
-                    **({"reference_missing": missing} if missing else {})})
-        return
-    click.echo(f"build         {build_dir} ({run['engine']}, {run['provider']})")
-    _echo_eval(run["report"], None, False, missing=missing)
 
 
 def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | None = None,
@@ -391,19 +344,10 @@ def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | 
                + " ".join(f"{v:.1f}" for v in report.mean_visual_tokens_per_layer))
 
 
-def _check_budget_option(budget: float | None, plan_path: Path | None) -> None:
-    from prune_core.plan import check_budget
-
-    if budget is not None:
-        check_budget(budget)
-        if plan_path is None:
-            raise PruneExportError("--budget needs --plan (the budget selects a prefix of the plan's steps)")
-
-
-def _keep_schedule(text: str | None) -> list[tuple[int, int]] | None:
+def _keep_schedule(text: str) -> list[tuple[int, int]]:
     from prune_core.tokens import parse_keep_schedule
 
-    return parse_keep_schedule(text) if text else None
+    return parse_keep_schedule(text)
 
 
 # -- sweep ----------------------------------------------------------------------------------------------
@@ -423,17 +367,17 @@ def _keep_schedule(text: str | None) -> list[tuple[int, int]] | None:
               help="Another configuration: gsop:BUDGET, autoprune:T or fixed:LAYER:TOKENS[,...]; repeatable.")
 @click.option("--latency", is_flag=True,
               help="Also build every configuration (REPORT_DIR/builds) and time its first token against dense.")
-@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="--latency: timed rounds.")
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="--latency: untimed rounds.")
+@click.option("--rounds", type=click.IntRange(min=1), default=defaults.SWEEP_ROUNDS, show_default=True,
+              help="--latency: timed rounds.")
+@click.option("--warmup", type=click.IntRange(min=0), default=defaults.SWEEP_WARMUP, show_default=True,
+              help="--latency: untimed rounds.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="--latency: ONNX Runtime threads.")
 @click.option("--skip-check", is_flag=True, help="--latency: build without the parity check against the executor.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@max_new_tokens_option(defaults.EVAL_NEW_TOKENS, "Largest number of answer tokens per row.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N rows.")
-@click.option("--device", default=None, help="Where PyTorch runs the model: cpu, cuda or cuda:N [default: cpu].")
-@click.option("--dtype", "torch_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Precision of the PyTorch model (metrics stay fp32) [default: fp32].")
+@torch_options()
 @click.option("--overwrite", is_flag=True, help="Discard a report directory that holds a sweep of other inputs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@json_option("Print the report as one JSON object.")
 def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path | None, budgets: str | None,
               autoprune_tokens: str | None, keep_schedules: tuple[str, ...], extra_configs: tuple[str, ...],
               latency: bool, rounds: int, warmup: int, threads: int | None, skip_check: bool, max_new_tokens: int,
@@ -450,13 +394,14 @@ def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path |
     configs = sweep_configs(
         plan_path=plan_path, budgets=parse_numbers(budgets, "--budgets"),
         autoprune_tokens=parse_numbers(autoprune_tokens, "--autoprune-tokens"),
-        keep_schedules=[_keep_schedule(text) or [] for text in keep_schedules],
+        keep_schedules=[_keep_schedule(text) for text in keep_schedules],
         extra=[parse_config(text) for text in extra_configs],
     )  # fmt: skip
     settings = SweepSettings(latency=latency, rounds=rounds, warmup=warmup, threads=threads, skip_check=skip_check,
-                             overwrite=overwrite, device=device or "cpu", provider=provider_for(device))  # fmt: skip
+                             overwrite=overwrite, device=device or defaults.TORCH_DEVICE, provider=provider_for(device))  # fmt: skip
     result = run_sweep(model_dir, data_path, out_dir, configs, plan_path=plan_path, max_new_tokens=max_new_tokens,
-                       limit=limit, device=device or "cpu", dtype=torch_dtype or "fp32", settings=settings,
+                       limit=limit, device=device or defaults.TORCH_DEVICE, dtype=torch_dtype or defaults.TORCH_DTYPE,
+                       settings=settings,
                        log=_log_err)  # fmt: skip
     if as_json:
         _echo_json(result.report)
@@ -495,7 +440,7 @@ def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path |
 @click.option("--k-step", type=float, default=None, help="With --table: the grid step [default: 0.01].")
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Text tokens of the reference prompt for the FLOPs ratio [default: 100].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option()
 def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | None, amplitude: float | None,
                        use_table: bool, k0: float | None, k_step: float | None, text_tokens: int | None,
                        as_json: bool) -> None:
@@ -530,25 +475,18 @@ def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | Non
 @main.command("build")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Build directory to write.")
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
-              help="Plan file (GSOP operations and/or a token section). No plan: the dense model.")
-@click.option("--budget", type=float, default=None, help="Fraction of dense prefill FLOPs kept, in (0, 1].")
-@click.option("--keep-schedule", default=None, help="Fixed visual-token schedule LAYER:TOKENS[,...] (FastV, PDrop).")
-@click.option("--autoprune-tokens", type=float, default=None,
-              help="AutoPrune budget T (average visual tokens per layer); overrides a plan's T.")
-@click.option("--autoprune-positions", type=click.Choice(["renumbered", "original"]), default=None,
-              help="AutoPrune positions after a prune [default: the plan's, else renumbered].")
-@click.option("--no-recycle", is_flag=True, help="AutoPrune: drop tokens without merging them.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Precision written into the graphs.")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+@plan_options()
+@dtype_option("Precision written into the graphs.", name="dtype", default=defaults.BUILD_DTYPE)
+@click.option("--target", type=click.Choice(list(TARGETS)), default=defaults.TARGET, show_default=True,
               help="tensorrt: lint for TensorRT, bound every dynamic shape, split AutoPrune at the complexity signal.")
-@click.option("--max-text-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
-@click.option("--max-sys-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--max-text-tokens", type=click.IntRange(min=1), default=defaults.MAX_TEXT_TOKENS, show_default=True)
+@click.option("--max-sys-tokens", type=click.IntRange(min=1), default=defaults.MAX_SYS_TOKENS, show_default=True)
+@max_new_tokens_option(defaults.BUILD_NEW_TOKENS, "Longest answer the build's decode graph is made for (its cache "
+                       "range, TensorRT profiles); run, eval and deploy refuse more.")
+@click.option("--provider", type=PROVIDER_CHOICE, default=defaults.PROVIDER, show_default=True,
               help="ONNX Runtime provider of the parity check.")
-@click.option("--device", default="cpu", show_default=True,
-              help="Where PyTorch runs the model for the export and the parity check's reference: cpu, cuda, cuda:N.")
+@device_option("Where PyTorch runs the model for the export and the parity check's reference: cpu, cuda, cuda:N.",
+               default=defaults.TORCH_DEVICE)
 @click.option("--low-memory", is_flag=True,
               help="With --dtype fp16/bf16: load and export the model in that precision, never an fp32 copy of the "
                    "weights (7B on a 24 GB machine); the check's reference then runs in that precision too.")
@@ -558,31 +496,26 @@ def autoprune_schedule(model_dir: Path, tokens: float, k: float, x0: float | Non
                    "activations, calibrated on --calib); int8-weights: weight-only int8. fp32 builds only.")
 @click.option("--calib", "calib_path", type=click.Path(path_type=Path), default=None,
               help="Calibration JSONL of --quantize int8 (image/question rows; answers not needed).")
-@click.option("--calib-rows", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--calib-rows", type=click.IntRange(min=1), default=defaults.QUANT_CALIB_ROWS, show_default=True,
               help="Calibration rows used by --quantize int8 (the first N).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def build_cmd(model_dir: Path, out_dir: Path, plan_path: Path | None, budget: float | None,
-              keep_schedule: str | None, autoprune_tokens: float | None, autoprune_positions: str | None,
-              no_recycle: bool, dtype: str, target: str, max_text_tokens: int, max_sys_tokens: int,
-              provider: str, device: str, low_memory: bool, skip_check: bool, quantize: str | None,
-              calib_path: Path | None, calib_rows: int, overwrite: bool, as_json: bool) -> None:
+@json_option("Print the manifest as JSON.")
+def build_cmd(model_dir: Path, out_dir: Path, request: Any, dtype: str, target: str, max_text_tokens: int,
+              max_sys_tokens: int, max_new_tokens: int, provider: str, device: str, low_memory: bool, skip_check: bool,
+              quantize: str | None, calib_path: Path | None, calib_rows: int, overwrite: bool, as_json: bool) -> None:
     """Bake a plan into vision.onnx + prefill.onnx, optimize them, check them, write manifest.json.
 
     Static GSOP operations are removed from the graph; token selection (fixed schedule, AutoPrune) is TopK
     inside it. The build directory appears only when everything passed.
     """
-    _check_budget_option(budget, plan_path)
-    stages = _keep_schedule(keep_schedule)
-    autoprune = {"tokens": autoprune_tokens, "positions": autoprune_positions, "recycle": False if no_recycle else None}
     from .workflows.build import BuildSettings, build
     from .workflows.selection import choose_plan
 
-    _, choice = choose_plan(model_dir, plan_path, budget, stages, autoprune)
     settings = BuildSettings(target=target, dtype=dtype, max_text_tokens=max_text_tokens,
-                             max_sys_tokens=max_sys_tokens, check=not skip_check, provider=provider,
+                             max_sys_tokens=max_sys_tokens, max_new_tokens=max_new_tokens, check=not skip_check, provider=provider,
                              device=device, low_memory=low_memory, overwrite=overwrite, quantize=quantize,
                              calib=calib_path, calib_rows=calib_rows)
+    _, choice = choose_plan(model_dir, request)
     manifest = build(model_dir, out_dir, choice, settings, _log_err)
     if as_json:
         _echo_json(manifest.model_dump(mode="json"))
@@ -632,10 +565,10 @@ def _log_err(message: str) -> None:
 @click.option("--no-run", is_flag=True,
               help="Count by shape inference (ONNX's, then ONNX Runtime's symbolic) without running the graph (no weights loaded: builds too "
                    "large to run here, e.g. 7B fp16 on a CPU). Static plans only; KV lengths are not reported.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option()
 def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json: bool) -> None:
     """Node counts by op type and matmul FLOPs of the prefill graph, computed from the graph itself."""
-    from .workflows.build import inspect_build
+    from .workflows.measure import inspect_build
 
     doc = inspect_build(build_dir, text_tokens, run=not no_run)
     if as_json:
@@ -659,9 +592,10 @@ def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json:
 @click.argument("pruned_dir", type=click.Path(path_type=Path))
 @click.option("--baseline", "dense_dir", type=click.Path(path_type=Path), required=True,
               help="Build directory of the dense model (prune-export build MODEL --out DIR, no plan).")
-@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Measured runs of each.")
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=defaults.BENCH_RUNS, show_default=True,
+              help="Measured runs of each.")
+@click.option("--warmup", type=click.IntRange(min=0), default=defaults.BENCH_WARMUP, show_default=True)
+@click.option("--provider", type=PROVIDER_CHOICE, default=defaults.PROVIDER, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Text tokens of the measured prompt [default: the pruned build's check prompt].")
@@ -670,7 +604,7 @@ def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json:
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
               help="With --generate: the image [default: the build check's synthetic image].")
 @click.option("--question", default=None, help="With --generate: the question [default: a one-sentence question].")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option()
 def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provider: str, threads: int | None,
               text_tokens: int | None, generate: int | None, image_path: Path | None, question: str | None,
               as_json: bool) -> None:
@@ -686,9 +620,9 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
     if generate is not None:
         if text_tokens is not None:
             raise PruneExportError("--text-tokens applies to the prefill benchmark; with --generate use --question")
-        from .workflows.generate import bench_generate
+        from .workflows.measure import bench_generate
 
-        with tqdm(total=runs + warmup, desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
+        with tqdm(total=runs, desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
             result = bench_generate(pruned_dir, dense_dir, new_tokens=generate, rounds=runs, warmup=warmup,
                                     provider=provider, threads=threads, image_path=image_path, question=question,
                                     progress=lambda done, total: bar.update(1))  # fmt: skip
@@ -697,7 +631,7 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
         else:
             click.echo(result.format_table())
         return
-    from .workflows.build import bench_builds
+    from .workflows.measure import bench_builds
 
     with tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, disable=None) as bar:
         report = bench_builds(pruned_dir, dense_dir, runs=runs, warmup=warmup, provider=provider, threads=threads,
@@ -712,15 +646,14 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--image", "image_path", type=click.Path(path_type=Path), required=True, help="Image file.")
 @click.option("--question", required=True, help="The question about the image.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Largest number of answer tokens.")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@max_new_tokens_option(defaults.ANSWER_NEW_TOKENS, "Largest number of answer tokens (at most the build's bound).")
+@click.option("--provider", type=PROVIDER_CHOICE, default=defaults.PROVIDER, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
-@click.option("--device", default=None, help="cpu or cuda: the ONNX Runtime provider (instead of --provider).")
-@click.option("--dtype", "expect_dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Refuse the build unless its graphs are in this precision (a build's dtype is baked in).")
+@device_option("cpu or cuda: the ONNX Runtime provider (instead of --provider).")
+@dtype_option("Refuse the build unless its graphs are in this precision (a build's dtype is baked in).",
+              name="expect_dtype")
 @click.option("--stream", is_flag=True, help="Print the answer as its tokens come.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object: answer, prompt_tokens, new_tokens, ttft_ms, decode_ms_per_token, ...")
+@json_option("Print one JSON object: answer, prompt_tokens, new_tokens, ttft_ms, decode_ms_per_token, ...")
 def run_cmd(build_dir: Path, image_path: Path, question: str, max_new_tokens: int, provider: str,
             threads: int | None, device: str | None, expect_dtype: str | None, stream: bool, as_json: bool) -> None:
     """Answer a question about an image with a build directory's graphs (greedy, on ONNX Runtime).
@@ -762,11 +695,10 @@ def _echo_answer(produce: Callable[[Callable[[str], None] | None], dict[str, Any
               help="Instances of each model (instance_group count).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Instance kind of the graph models (KIND_CPU / KIND_GPU).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-              help="Largest answer a request may ask for [default: the build's bound].")
+@max_new_tokens_option(None, "Largest answer a request may ask for [default: the build's bound].")
 @click.option("--stream", is_flag=True, help="A decoupled model that streams the answer as its tokens come (gRPC).")
 @click.option("--overwrite", is_flag=True, help="Replace REPO if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option()
 def deploy_cmd(build_dir: Path, repo_dir: Path, name: str, instances: int, device: str, max_new_tokens: int | None,
                stream: bool, overwrite: bool, as_json: bool) -> None:
     """Write BUILD_DIR as a Triton model repository: one model per graph and the model clients call.
@@ -815,11 +747,11 @@ def serve_cmd(repos: tuple[Path, ...], http_port: int, grpc_port: int, metrics_p
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default=None,
               help="[default: from the URL's scheme, else http]")
 @click.option("--model", default=None, help="The model to call [default: the one served that takes image and question].")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Largest number of answer tokens.")
+@max_new_tokens_option(None, "Largest number of answer tokens [default: the served model's].")
 @click.option("--stream", is_flag=True, help="Print the answer as its pieces come (a model deployed with --stream).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds to keep trying to reach a server that is still starting.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: answer, latency_ms, model, ...")
+@json_option("Print one JSON object: answer, latency_ms, model, ...")
 def ask_cmd(url: str, image_path: Path, question: str, protocol: str | None, model: str | None,
             max_new_tokens: int | None, stream: bool, wait: float, as_json: bool) -> None:
     """Ask a model served by Triton (URL: http://HOST:PORT or grpc://HOST:PORT) a question about an image."""

@@ -18,7 +18,7 @@ import torch
 from cli_helpers import assert_clean_error, run
 from click.testing import CliRunner
 
-import prune_export.workflows.build as build_module
+import prune_export.workflows.check as check_module
 from engines.benchmark import LatencyStats
 from exporter.adapters import load_spec
 from exporter.autoprune_policy import AutoPrunePolicy
@@ -27,12 +27,11 @@ from exporter.executor import PlanExecutor
 from exporter.sample import GROUP_INDEX, Sample, key_token_mask
 from prune_core.autoprune import ScheduleTable
 from prune_core.cost import prefill_flops
-from prune_core.manifest import Manifest
+from prune_core.manifest import CHECK_INPUTS, CHECK_REPORT, Manifest
 from prune_core.ops import Group, Module, Operation
 from prune_core.plan import AutoPruneSection, Plan
 from prune_core.spec import DEFAULT_KEY_FRACTION, GroupSizes
 from prune_export.cli import main
-from prune_export.workflows.build import CHECK_INPUTS, CHECK_REPORT
 
 G, M = Group, Module
 #: GSOP steps on image tokens only: img_rest entirely at layer 3, then both image MLPs at layer 2, then more.
@@ -229,7 +228,7 @@ def test_bench_speedup_and_efficiency_from_known_timings(
         return (LatencyStats(median_ms=20.0, mean_ms=21.0, min_ms=19.0, p90_ms=24.0, runs=runs),
                 LatencyStats(median_ms=8.0, mean_ms=8.5, min_ms=7.5, p90_ms=9.0, runs=runs))  # fmt: skip
 
-    monkeypatch.setattr("engines.benchmark.compare_latency", fake_compare)
+    monkeypatch.setattr("prune_export.workflows.measure.compare_latency", fake_compare)
     _, p, budget = plan
     spec = load_spec(tiny_model)
     flops_speedup = _check_prompt_flops(dense, spec) / _check_prompt_flops(gsop, spec, p.select(budget).ops)
@@ -383,7 +382,7 @@ def test_bench_refuses_a_baseline_of_another_model(gsop: Path, other_model: Path
 def test_failed_parity_check_keeps_the_graphs_aside(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(build_module, "TOLERANCE", {"fp32": 0.0, "fp16": 0.0, "bf16": 0.0})
+    monkeypatch.setattr(check_module, "TOLERANCE", {"fp32": 0.0, "fp16": 0.0, "bf16": 0.0})
     out = tmp_path / "strict"
     code, output = run("build", tiny_model, "--out", out)
     assert code == 1 and "Traceback" not in output

@@ -13,7 +13,9 @@ from click.testing import CliRunner
 from engines.prefill import PrefillRunner
 from prune_core.plan import AutoPruneSection
 from prune_export.cli import main
-from prune_export.workflows.build import BuildSettings, PlanChoice, build, load_check_inputs
+from prune_export.workflows.build import BuildSettings, build
+from prune_export.workflows.open_build import load_check_inputs
+from prune_export.workflows.selection import PlanChoice
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ from prune_core.errors import BuildError
 from prune_core.manifest import Manifest
 from prune_core.ops import Group, Module, Operation
 from prune_core.plan import AutoPruneSection, FixedScheduleSection
-from prune_export.workflows.build import BuildSettings, PlanChoice, build
+from prune_export.workflows.build import BuildSettings, build
+from prune_export.workflows.selection import PlanChoice
 
 GSOP_OPS = frozenset(
     [Operation(3, Group.IMG_REST, m) for m in Module]

@@ -14,7 +14,8 @@ from graph_passes.quantize import weight_matmuls, weight_matmuls_after
 from prune_core.manifest import Manifest
 from prune_core.ops import Group, Module, Operation
 from prune_core.plan import AutoPruneSection
-from prune_export.workflows.build import BuildSettings, PlanChoice, build
+from prune_export.workflows.build import BuildSettings, build
+from prune_export.workflows.selection import PlanChoice
 from tests.cli_helpers import assert_clean_error, run
 from tests.test_build_precision import KINDS as PRECISION_KINDS
 

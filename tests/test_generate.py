@@ -23,9 +23,11 @@ from exporter.autoprune_policy import AutoPrunePolicy
 from exporter.demo import build_demo_model
 from exporter.executor import FixedKeepPolicy, PlanExecutor
 from exporter.sample import prepare_sample
+from prune_core.manifest import Manifest
 from prune_core.ops import Group, Module, Operation
 from prune_core.plan import AutoPruneSection, FixedScheduleSection
-from prune_export.workflows.build import BuildSettings, PlanChoice, build
+from prune_export.workflows.build import BuildSettings, build
+from prune_export.workflows.selection import PlanChoice
 
 G, M = Group, Module
 LAYERS, VISUAL, NEW_TOKENS = 6, 64, 8
@@ -267,7 +269,7 @@ def test_bench_generate_times_both_builds(builds) -> None:
     assert doc["prefill_flops_speedup"] > 1.2  # the pruned graph really counts fewer matmul FLOPs
 
 
-def test_run_refuses_bad_input_in_one_line(builds, image_file: Path, tmp_path: Path) -> None:
+def test_run_refuses_bad_input_in_one_line(builds, image_file: Path, tmp_path: Path, demo_data: Path) -> None:
     from cli_helpers import assert_clean_error, run
 
     def run_on(build: Path, **options: object) -> tuple[int, str]:
@@ -281,7 +283,12 @@ def test_run_refuses_bad_input_in_one_line(builds, image_file: Path, tmp_path: P
     assert_clean_error(*run_on(builds["dense"], **{"--image": not_image}), "cannot read image")
     assert_clean_error(*run_on(builds["dense"], **{"--image": tmp_path / "missing.png"}), "does not exist")
     assert_clean_error(*run_on(builds["dense"], **{"--question": "   "}), "question is empty")
-    assert_clean_error(*run_on(builds["dense"], **{"--max-new-tokens": 0}), "--max-new-tokens must be >= 1")
+    code, output = run_on(builds["dense"], **{"--max-new-tokens": 0})  # click's own range check, as every command's
+    assert code == 2 and "0 is not in the range x>=1" in output and "Traceback" not in output
+    bound = Manifest.load(builds["dense"]).generation["max_new_tokens"]
+    assert_clean_error(*run_on(builds["dense"], **{"--max-new-tokens": bound + 1}), f"the build's bound {bound}")
+    assert_clean_error(*run("eval", builds["dense"], "--data", demo_data, "--no-reference",
+                            "--max-new-tokens", bound + 1), f"the build's bound {bound}")
     broken = tmp_path / "broken"
     shutil.copytree(builds["dense"], broken)
     (broken / "decode.onnx").unlink()

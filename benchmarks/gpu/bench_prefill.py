@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import heuristic_plan  # noqa: E402
 
+from engines.benchmark import time_interleaved, wall_clock  # noqa: E402
 from exporter.adapters.llava import LlavaAdapter  # noqa: E402
 from exporter.autoprune_policy import AutoPrunePolicy  # noqa: E402
 from exporter.baked import AutoPruneBake, BakedPrefill  # noqa: E402
@@ -70,7 +70,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 class Timer:
     """Times one call: CUDA events on a GPU (they bracket the kernels and the host work that launches
-    them, since each call ends in a synchronisation), ``perf_counter`` elsewhere. Milliseconds."""
+    them, since each call ends in a synchronisation), ``perf_counter`` elsewhere. Seconds, as the clock of
+    :func:`engines.benchmark.time_interleaved`."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -79,40 +80,30 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, fn: Callable[[], object]) -> float:
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, object]:
         self.sync()
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end))
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        if not self.cuda:
+            return wall_clock(fn)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) / 1e3, result
 
 
 def interleaved(timer: Timer, fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, dict]:
-    """Median and p90 ms of each function over ``rounds`` interleaved rounds (ABBA order) after warm-up."""
+    """Median, p90 and min ms of each function over ``rounds`` interleaved rounds (rotating order) after
+    warm-up, measured by the project's one interleaved timer with ``timer`` as its clock."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     timer.sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(timer(fns[name]))
+    timed = time_interleaved(fns, rounds=rounds, clock=timer)
     out = {}
-    for name, ts in times.items():
-        ordered = sorted(ts)
-        out[name] = {
-            "median_ms": statistics.median(ts),
-            "p90_ms": ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))],
-            "min_ms": ordered[0],
-            "runs": len(ts),
-        }
+    for name in fns:
+        stats = timed.stats(name)
+        out[name] = {"median_ms": stats.median_ms, "p90_ms": stats.p90_ms, "min_ms": stats.min_ms, "runs": stats.runs}
     return out
 
 

@@ -79,7 +79,7 @@ def ask(
     """
     from engines.triton.client import TritonAsker
 
-    from .generate import require_file
+    from .open_build import require_file
 
     image_file = require_file(image_path)
     if not question.strip():

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prune_core.errors import DataError
+from prune_core import defaults
+from prune_core.errors import DataError, PruneExportError
 from prune_core.io import atomic_write_text
 
-from .selection import choose_plan, token_policy
+from .selection import NO_PRUNING, PlanRequest, choose_plan, token_policy
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,18 @@ class Evaluation:
     policy: Any
 
 
-def evaluate_model(model_dir: Path, data_path: Path, *, plan_path: Path | None = None, budget: float | None = None,
-                   stages: Sequence[tuple[int, int]] | None = None, autoprune: Mapping[str, Any] | None = None,
-                   autoprune_mode: str | None = None, max_new_tokens: int = 16, limit: int | None = None,
-                   samples_out: Path | None = None, device: str = "cpu", dtype: str = "fp32",
-                   reference_path: Path | None = None, compare: bool = True) -> Evaluation:
-    """Evaluate MODEL_DIR on the rows of ``data_path`` under the plan's operations at ``budget`` and the token
-    section resolved from the plan, ``stages`` (--keep-schedule) and ``autoprune`` (--autoprune-* overrides).
+def evaluate_model(model_dir: Path, data_path: Path, request: PlanRequest = NO_PRUNING, *,
+                   max_new_tokens: int = defaults.EVAL_NEW_TOKENS, limit: int | None = None,
+                   samples_out: Path | None = None, device: str = defaults.TORCH_DEVICE,
+                   dtype: str = defaults.TORCH_DTYPE, reference_path: Path | None = None,
+                   compare: bool = True) -> Evaluation:  # fmt: skip
+    """Evaluate MODEL_DIR on the rows of ``data_path`` under what ``request`` prunes: the plan's operations at
+    its budget and the token section resolved from the plan, ``--keep-schedule`` and the ``--autoprune-*``
+    overrides (:func:`.selection.choose_plan`).
 
-    ``autoprune_mode`` (``exact`` or ``table``, None: exact) picks how AutoPrune computes its schedule.
-    Per-sample results go to ``samples_out`` (JSONL) when given. A progress bar is drawn on stderr. The
-    model runs on ``device`` in ``dtype``. Answers are compared with the same model's dense answers
+    The request's ``autoprune_mode`` (``exact`` or ``table``, None: exact) picks how AutoPrune computes its
+    schedule. Per-sample results go to ``samples_out`` (JSONL) when given. A progress bar is drawn on stderr.
+    The model runs on ``device`` in ``dtype``. Answers are compared with the same model's dense answers
     (``agreement``, first-token KL), or with ``reference_path``'s (:func:`load_reference`); ``compare=False``
     skips the comparison.
     """
@@ -45,10 +46,10 @@ def evaluate_model(model_dir: Path, data_path: Path, *, plan_path: Path | None =
     from exporter.adapters import load_adapter
     from prune_core.device import resolve_device, torch_dtype
 
+    _check_reference_options(reference_path, compare)
+    spec, choice = choose_plan(model_dir, request)
     rows = load_rows(data_path, require_answer=True, limit=limit)
-    also_given = ["--autoprune-mode"] if autoprune_mode is not None else []
-    spec, choice = choose_plan(model_dir, plan_path, budget, stages, autoprune, also_given)
-    policy = token_policy(choice.tokens, spec, autoprune_mode or "exact")
+    policy = token_policy(choice.tokens, spec, request.autoprune_mode or "exact")
     adapter = load_adapter(model_dir, dtype=torch_dtype(dtype), device=resolve_device(device))
     reference: Any = DENSE if compare else None
     if compare and reference_path is not None:
@@ -59,6 +60,52 @@ def evaluate_model(model_dir: Path, data_path: Path, *, plan_path: Path | None =
     if samples_out is not None:
         write_samples(samples_out, report)
     return Evaluation(report, policy)
+
+
+@dataclass(frozen=True)
+class BuildEvaluation:
+    """An eval of a build directory: the report, what ran it, and why agreement is missing when it is."""
+
+    report: Any
+    engine: str
+    provider: str
+    reference_missing: str | None
+
+
+def evaluate_build(build_dir: Path, data_path: Path, request: PlanRequest = NO_PRUNING, *,
+                   dtype: str | None = None, max_new_tokens: int = defaults.EVAL_NEW_TOKENS, limit: int | None = None,
+                   samples_out: Path | None = None, device: str | None = None, reference_path: Path | None = None,
+                   compare: bool = True) -> BuildEvaluation:  # fmt: skip
+    """The report of :func:`evaluate_model` for a build directory's graphs on ONNX Runtime (``device``: the
+    provider, cpu or cuda; None: auto). The plan and precision are baked into the graphs: a ``request`` or
+    ``dtype`` that would change them is refused in one line. Agreement compares with the model folder in the
+    manifest, or ``reference_path`` (:func:`build_reference`).
+    """
+    from tqdm import tqdm
+
+    from prune_core.device import provider_for
+
+    from .generate import eval_build
+
+    given = request.flags_given() + (["--dtype"] if dtype is not None else [])
+    if given:
+        raise PruneExportError(
+            f"{build_dir} is a build directory: its plan and precision are baked into the graphs, so "
+            f"{', '.join(given)} cannot change it; evaluate the model folder with those options, or build another directory"
+        )
+    _check_reference_options(reference_path, compare)
+    reference, missing = build_reference(build_dir, reference_path, max_new_tokens, device) if compare else (None, None)
+    with tqdm(desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
+        run = eval_build(build_dir, data_path, max_new_tokens=max_new_tokens, limit=limit, progress=bar.update,
+                         provider=provider_for(device), reference=reference)  # fmt: skip
+    if samples_out is not None:
+        write_samples(samples_out, run["report"])
+    return BuildEvaluation(run["report"], run["engine"], run["provider"], missing)
+
+
+def _check_reference_options(reference_path: Path | None, compare: bool) -> None:
+    if not compare and reference_path is not None:
+        raise PruneExportError("--reference and --no-reference contradict each other; pass one of them")
 
 
 def write_samples(path: Path, report: Any) -> None:
@@ -78,7 +125,8 @@ def load_reference(path: Path, fingerprint: str, max_new_tokens: int, device: st
         from prune_core.device import provider_for
         from prune_core.manifest import Manifest
 
-        from .generate import BuildReference, load_runner
+        from .generate import BuildReference
+        from .open_build import load_runner
 
         manifest = Manifest.load(path)
         _same_model(path, manifest.model["fingerprint"], fingerprint)

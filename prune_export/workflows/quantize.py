@@ -52,14 +52,11 @@ def calibration_prefill_feeds(adapter: Any, calib: Path, rows: int) -> tuple[lis
     from exporter.baked import BakedPrefill
     from exporter.sample import prepare_sample
 
-    from .build import PREFILL_INPUTS
-
     data = load_rows(calib, require_answer=False, limit=rows)
     feeds = []
     for row in data:
         sample = prepare_sample(adapter, row.load_image(), row.question)
-        values = (x.float().cpu().numpy() for x in BakedPrefill.inputs_from_sample(sample))
-        feeds.append(dict(zip(PREFILL_INPUTS, values, strict=True)))
+        feeds.append(BakedPrefill.feeds_from_sample(sample))
     info = {"calibration": str(Path(calib).resolve()), "calibration_rows": len(data),
             "calibration_fingerprint": data_fingerprint(data)}
     return feeds, info
@@ -98,15 +95,14 @@ def quantize_build(work: Path, manifest: Any, mode: str, prefill_feeds: list[dic
     split = manifest.prefill_layout == "split"
     feeds: dict[str, Iterable[dict[str, np.ndarray]]] = {}
     if mode == "int8":
-        runner = PrefillRunner(work, provider="cpu", manifest=manifest)
         present = []
         tails = []
-        for feed in prefill_feeds:
-            if split:
-                _, tail = runner.run_head(feed)
-                tails.append(tail)
-            present.append(runner.infer(feed))
-        del runner
+        with PrefillRunner(work, provider="cpu", manifest=manifest) as runner:
+            for feed in prefill_feeds:
+                if split:
+                    _, tail = runner.run_head(feed)
+                    tails.append(tail)
+                present.append(runner.infer(feed))
         if split:
             feeds["prefill_head"], feeds["prefill_tail"] = prefill_feeds, tails
         else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prune_core import defaults
 from prune_core.plan import Plan
 from prune_core.spec import GroupSizes
 
@@ -31,10 +32,11 @@ def _layout(sizes: list[GroupSizes]) -> GroupSizes:
                       txt=max(1, round(sum(s.txt for s in sizes) / len(sizes))))
 
 
-def search(model_dir: Path, calib_path: Path, out_path: Path, *, metric: str = "accuracy", tolerance: float = 0.3,
-           steps: int = 15, key_danger_layers: int = 6, protect_layer0_kv: bool = True, limit: int | None = None,
-           resume: bool = False, prefix_reuse: bool = True, seed: int = 0, device: str = "cpu",
-           dtype: str = "fp32", workers: int = 1, ray_address: str | None = None, batch_size: int = 1,
+def search(model_dir: Path, calib_path: Path, out_path: Path, *, metric: str = defaults.SEARCH_METRIC,
+           tolerance: float = defaults.SEARCH_TOLERANCE, steps: int = defaults.SEARCH_STEPS,
+           key_danger_layers: int = defaults.KEY_DANGER_LAYERS, protect_layer0_kv: bool = True, limit: int | None = None,
+           resume: bool = False, prefix_reuse: bool = True, seed: int = 0, device: str = defaults.TORCH_DEVICE,
+           dtype: str = defaults.TORCH_DTYPE, workers: int = 1, ray_address: str | None = None, batch_size: int = 1,
            threads_per_worker: int = 1, log: Log = lambda message: None) -> SearchOutcome:
     """Search the GSOP order of MODEL_DIR's operations on ``calib_path`` and save the plan to ``out_path``.
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from prune_core import defaults
 from prune_core.errors import PruneExportError
 from prune_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -187,15 +187,15 @@ class SweepSettings:
     """Everything a sweep does besides the inputs. Defaults: no builds, ONNX Runtime latency on 5 rounds."""
 
     latency: bool = False
-    rounds: int = 5
-    warmup: int = 1
+    rounds: int = defaults.SWEEP_ROUNDS
+    warmup: int = defaults.SWEEP_WARMUP
     threads: int | None = None
-    provider: str = "auto"  # ONNX Runtime provider of the builds' check and timing
-    device: str = "cpu"  # where PyTorch runs the model for the builds' export and check (the sweep's --device)
+    provider: str = defaults.PROVIDER  # ONNX Runtime provider of the builds' check and timing
+    device: str = defaults.TORCH_DEVICE  # where PyTorch runs the model for the builds' export and check (the sweep's --device)
     skip_check: bool = False  # builds: skip the parity check against the executor
     overwrite: bool = False  # discard a report directory of other inputs instead of refusing it
-    max_text_tokens: int = 4096
-    max_sys_tokens: int = 1024
+    max_text_tokens: int = defaults.MAX_TEXT_TOKENS
+    max_sys_tokens: int = defaults.MAX_SYS_TOKENS
 
 
 @dataclass
@@ -270,8 +270,8 @@ def _load_reference(path: Path) -> Any:
 
 # -- the sweep ---------------------------------------------------------------------------------------------
 def run_sweep(model_dir: Path, data_path: Path, out: Path, configs: Sequence[SweepConfig], *,
-              plan_path: Path | None = None, max_new_tokens: int = 16, limit: int | None = None,
-              device: str = "cpu", dtype: str = "fp32", settings: SweepSettings | None = None,
+              plan_path: Path | None = None, max_new_tokens: int = defaults.EVAL_NEW_TOKENS, limit: int | None = None,
+              device: str = defaults.TORCH_DEVICE, dtype: str = defaults.TORCH_DTYPE, settings: SweepSettings | None = None,
               log: Log = lambda line: print(line, file=sys.stderr)) -> SweepResult:
     """Evaluate (and with ``settings.latency`` build and time) every configuration; write the report."""
     from calib.data import load_rows
@@ -279,7 +279,6 @@ def run_sweep(model_dir: Path, data_path: Path, out: Path, configs: Sequence[Swe
     from prune_core.device import resolve_device, torch_dtype
     from prune_core.plan import Plan
 
-    from .selection import choose_plan
 
     settings = settings or SweepSettings()
     if not Path(model_dir, "config.json").is_file():
@@ -295,7 +294,7 @@ def run_sweep(model_dir: Path, data_path: Path, out: Path, configs: Sequence[Swe
     # Resolve every configuration before any work: a bad one fails in one line, not after an hour.
     choices = {}
     for config in configs:
-        choices[config.name] = _choose(choose_plan, model_dir, plan_path, config)
+        choices[config.name] = _choose(model_dir, plan_path, config)
     inputs = SweepInputs(
         model=str(model_dir), model_fingerprint=spec.fingerprint(), weights=_weight_files(model_dir),
         data=str(data_path),
@@ -363,15 +362,19 @@ def _evaluate_all(todo: Sequence[SweepConfig], rows: Sequence[Any], out: Path, r
             bar.write(_summary_line(config, report.to_json()))
 
 
-def _choose(choose_plan: Callable[..., Any], model_dir: Path, plan_path: Path | None, config: SweepConfig) -> Any:
-    """What ``eval`` with this configuration's options runs (the same plan choice, hence the same numbers)."""
+def _choose(model_dir: Path, plan_path: Path | None, config: SweepConfig) -> Any:
+    """What one configuration prunes, resolved as ``eval`` resolves the same options."""
+    from .selection import PlanRequest, choose_plan
+
     if config.method == "gsop":
-        return choose_plan(model_dir, plan_path, config.budget)[1]
-    if config.method == "autoprune":
-        return choose_plan(model_dir, None, None, autoprune={"tokens": config.tokens})[1]
-    if config.method == "fixed":
-        return choose_plan(model_dir, None, None, stages=list(config.stages or ()))[1]
-    return choose_plan(model_dir, None, None)[1]
+        request = PlanRequest(plan_path=plan_path, budget=config.budget)
+    elif config.method == "autoprune":
+        request = PlanRequest(autoprune={"tokens": config.tokens})
+    elif config.method == "fixed":
+        request = PlanRequest(stages=list(config.stages or ()))
+    else:
+        request = PlanRequest()
+    return choose_plan(model_dir, request)[1]
 
 
 def _summary_line(config: SweepConfig, ev: dict[str, Any]) -> str:
@@ -388,6 +391,7 @@ def _latency(model_dir: Path, out: Path, configs: Sequence[SweepConfig], choices
     from prune_core.manifest import Manifest
 
     from .build import BuildSettings, build
+    from .measure import time_first_token
 
     builds = out / "builds"
     builds.mkdir(exist_ok=True)
@@ -417,54 +421,10 @@ def _latency(model_dir: Path, out: Path, configs: Sequence[SweepConfig], choices
                 return previous
         except (OSError, json.JSONDecodeError):
             pass
-    measured = time_first_token({c.name: builds / c.name for c in configs}, row, settings, log)
+    measured = time_first_token({c.name: builds / c.name for c in configs}, row, rounds=settings.rounds,
+                                warmup=settings.warmup, provider=settings.provider, threads=settings.threads, log=log)
     atomic_write_json(path, measured)
     return measured
-
-
-def time_first_token(build_dirs: dict[str, Path], row: Any, settings: SweepSettings, log: Log) -> dict[str, Any]:
-    """Median time to first token of each build on one data row, builds interleaved (order rotating per round).
-
-    The dense build must be one of them (key ``dense``): each build's ratio is its median over dense's.
-    """
-    from engines.generate import GenerationStats
-
-    from .generate import load_runner, prefill_graph_flops, timed_answer
-
-    runners = {name: load_runner(path, provider=settings.provider, threads=settings.threads)
-               for name, path in build_dirs.items()}  # fmt: skip
-    image = row.load_image()
-    names = list(runners)
-    times: dict[str, list[GenerationStats]] = {n: [] for n in names}
-    total = settings.warmup + settings.rounds
-    log(f"timing the first token of {len(names)} builds: {total} interleaved rounds on data line {row.line}")
-    try:
-        for i in range(total):
-            shift = i % len(names)
-            for name in names[shift:] + names[:shift]:
-                stats = timed_answer(runners[name], image, row.question, 1)
-                if i >= settings.warmup:
-                    times[name].append(stats)
-        out: dict[str, Any] = {"builds": names, "rounds": settings.rounds, "warmup": settings.warmup,
-                               "provider": runners[names[0]].provider, "threads": settings.threads,
-                               "line": row.line, "results": {}}  # fmt: skip
-        prompt = runners[names[0]].prompt(image, row.question)
-        out["prompt_tokens"] = prompt.num_tokens
-        for name, runner in runners.items():
-            out["results"][name] = {
-                "ttft_ms": statistics.median(s.ttft_ms for s in times[name]),
-                "prefill_ms": statistics.median(s.prefill_ms for s in times[name]),
-                "graph_flops": prefill_graph_flops(runner, runner.prefill_feeds(prompt)),
-            }
-    finally:
-        for runner in runners.values():
-            runner.deactivate()
-    dense = out["results"]["dense"]
-    for r in out["results"].values():
-        r["ttft_ratio"] = r["ttft_ms"] / dense["ttft_ms"]
-        r["ttft_speedup"] = dense["ttft_ms"] / r["ttft_ms"]
-        r["flops_ratio"] = r["graph_flops"] / dense["graph_flops"]
-    return out
 
 
 # -- the report --------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ def model_path(tmp_path: Path) -> Path:
 def triton_builds(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny builds to deploy: dense, AutoPrune (single prefill) and AutoPrune split (the TensorRT layout)."""
     from prune_core.plan import AutoPruneSection
-    from prune_export.workflows.build import BuildSettings, PlanChoice, build
+    from prune_export.workflows.build import BuildSettings, build
+    from prune_export.workflows.selection import PlanChoice
 
     root = tmp_path_factory.mktemp("triton-builds")
     kinds = {

@@ -19,7 +19,8 @@ from prune_core.autoprune import ScheduleTable
 from prune_core.errors import BuildError
 from prune_core.manifest import Manifest
 from prune_core.plan import AutoPruneSection
-from prune_export.workflows.build import BuildSettings, PlanChoice, build
+from prune_export.workflows.build import BuildSettings, build
+from prune_export.workflows.selection import PlanChoice
 
 AUTOPRUNE = PlanChoice(frozenset(), AutoPruneSection(tokens=4), {})
 

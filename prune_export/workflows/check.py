@@ -1,0 +1,301 @@
+"""Checking a build against the PyTorch executor: the graphs' outputs, greedy answers and FLOPs.
+
+The check runs at build time (:mod:`.build` calls :func:`check_build` with the build's own model and
+options, passed explicitly). It compares, on the check prompts (:data:`CHECK_PROMPTS`):
+
+* the vision graph's features and [CLS] attention with the adapter's vision tower;
+* the prefill graph(s)' logits, every layer's KV cache (in position order) and, for AutoPrune, the keep and
+  merge counts with the executor's prefill under the same plan (AutoPrune in table mode: what the graph does);
+* the matmul FLOPs counted from the graph (census) with the executor's count plus the LM head's row;
+* greedy answers through the build's runtime (its copied processor, embed, vision, prefill and decode
+  graphs) with the executor's ``generate``, token for token, and the logits of every step while they agree.
+
+Float builds are held to an absolute tolerance per precision (:data:`TOLERANCE`). Quantized builds are held
+to a relative bound (:data:`QUANT_RELATIVE_TOLERANCE`) and to the executor's greedy answers, where a flip of
+the top token is reported as a near tie when the executor's top-2 gap is below twice the measured logits
+error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.generate import GenerationRunner
+from engines.onnxruntime import OrtRunner, SessionFromOnnx
+from engines.prefill import PrefillRunner
+from exporter.baked import BakedPrefill
+from exporter.executor import PlanExecutor
+from exporter.sample import build_sample
+from prune_core.cost import lm_head_flops, prefill_flops
+from prune_core.manifest import CHECK_INPUTS, CHECK_REPORT, CheckOutput, CheckReport, Manifest
+from prune_core.spec import ModelSpec
+
+from .open_build import cast_feeds, graph_flops, synthetic_image
+from .selection import PlanChoice, token_policy
+
+Log = Callable[[str], None]
+
+#: Parity tolerance (max abs difference of logits and KV caches) per precision.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2e-1}
+#: Prompts of the parity check: two images (:func:`.open_build.synthetic_image` seeds) and two question
+#: lengths, run by one graph without re-export.
+CHECK_PROMPTS = (
+    (0, "What color is the square?"),
+    (1, "How many dogs are there in this picture, and where are they standing? Answer in one sentence."),
+)
+#: Largest relative difference between the graph's census FLOPs and the executor's count.
+CENSUS_TOLERANCE = 0.01
+#: Quantized builds: the largest error of an output over its reference's largest magnitude. A sanity bound
+#: (a wrong scale or axis gives errors of the order of the values themselves; int8 rounding of weights and
+#: activations gives a few percent up to ~0.12 on the demo models' KV caches): what the check requires of
+#: a quantized build is the fp32 executor's greedy answers.
+QUANT_RELATIVE_TOLERANCE = 0.25
+
+
+@dataclass
+class CheckInputs:
+    """The check prompts, prepared once right after the export: prompts, samples, pixels and prefill feeds."""
+
+    prompts: Sequence[tuple[int, str]]
+    samples: list[Any]
+    pixels: list[Any]
+    feeds: list[dict[str, np.ndarray]]
+
+
+def prepare_check_inputs(adapter: Any, work: Path, prompts: Sequence[tuple[int, str]] = CHECK_PROMPTS) -> CheckInputs:
+    """Tokenize the check prompts and run the vision tower; writes ``check_inputs.npz`` (``inspect``, ``bench``)."""
+    samples, pixels = [], []
+    for seed, question in prompts:
+        tokens = adapter.tokenize(synthetic_image(seed), question)
+        vision = adapter.vision(tokens.pixel_values)
+        pixels.append(tokens.pixel_values)
+        samples.append(build_sample(adapter, tokens.input_ids, tokens.image_start, tokens.image_end,
+                                    vision.features[0], vision.cls_attention[0]))  # fmt: skip
+    feeds = [BakedPrefill.feeds_from_sample(s) for s in samples]
+    np.savez(work / CHECK_INPUTS, pixel_values=pixels[0].float().cpu().numpy(), **feeds[0])
+    return CheckInputs(tuple(prompts), samples, pixels, feeds)
+
+
+def flops_doc(spec: ModelSpec, choice: PlanChoice, samples: Sequence[Any] = (), results: Sequence[Any] = ()) -> dict[str, Any]:
+    """What the plan promises: the ladder ratio at the reference prompt, and the executed check prompts."""
+    doc: dict[str, Any] = {"static_ratio": choice.info.get("flops_ratio", 1.0), "lm_head_row": lm_head_flops(spec)}
+    per = []
+    for s, result in zip(samples, results, strict=True):
+        dense = prefill_flops(spec, s.sizes)
+        per.append({"tokens": s.num_tokens, "dense": dense, "executed": result.flops, "ratio": result.flops / dense})
+    if per:
+        doc["check_prompts"] = per
+    return doc
+
+
+@dataclass
+class _Differences:
+    """The largest difference seen per output, and the largest magnitude of its reference (relative errors)."""
+
+    diffs: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+
+    def record(self, name: str, diff: float, ref: Any = None) -> None:
+        self.diffs[name] = max(self.diffs.get(name, 0.0), diff)
+        if ref is not None:
+            peak = float(np.abs(np.asarray(ref, dtype=np.float64)).max(initial=0.0))
+            self.scales[name] = max(self.scales.get(name, 0.0), peak)
+
+    def compare(self, name: str, got: np.ndarray, ref: np.ndarray) -> None:
+        self.record(name, float(np.abs(got.astype(np.float64) - ref).max()), ref)
+
+
+def check_build(
+    adapter: Any, work: Path, manifest: Manifest, choice: PlanChoice, inputs: CheckInputs, *, dtype: str,
+    quantize: str | None, provider: str, new_tokens: int, log: Log,
+) -> tuple[CheckReport, dict[str, Any]]:  # fmt: skip
+    """Check the graphs in ``work`` (described by ``manifest``) against the executor of ``adapter``'s model
+    under ``choice``; returns the report and the FLOPs document of the manifest.
+
+    ``dtype`` and ``quantize`` are the build's precision (they pick the criterion), ``provider`` the ONNX
+    Runtime provider that runs the graphs, ``new_tokens`` the greedy tokens generated per check prompt.
+    """
+    spec = adapter.spec
+    tolerance = TOLERANCE[dtype]
+    executor = PlanExecutor(adapter)
+    policy = token_policy(choice.tokens, spec, mode="table")  # what the graph does: the schedule table
+    references = [executor.prefill(s, choice.ops, policy) for s in inputs.samples]
+    flops = flops_doc(spec, choice, inputs.samples, references)
+    log(f"checking against the PyTorch executor on {len(inputs.samples)} prompts (tolerance {tolerance:g})")
+    found = _Differences()
+    _check_vision(adapter, work, inputs.pixels, provider, found)
+    with PrefillRunner(work, provider=provider, manifest=manifest) as prefill:
+        same_token, next_token_ties, per_prompt = _check_prefill(
+            prefill, references, inputs.feeds, policy, quantize is not None, lm_head_flops(spec), found
+        )
+        provider_name = prefill.provider
+    same_generation, generated, ties = _check_generation(
+        executor, work, manifest, choice, policy, inputs, provider=provider, new_tokens=new_tokens,
+        quantized=quantize is not None, found=found,
+    )  # fmt: skip
+    ties += next_token_ties
+    outputs = [_check_output(name, diff, found.scales.get(name), tolerance, quantize is not None,
+                             choice.tokens is not None)
+               for name, diff in found.diffs.items()]  # fmt: skip
+    # Token-for-token equality is the contract in fp32; in fp16/bf16 rounding may flip a near tie, so there
+    # the step logits (compared while the tokens agree) carry the check.
+    ok = all(o.ok for o in outputs) and same_token and (same_generation or dtype != "fp32")
+    worst = max((o for o in outputs if o.name != "census_flops_relative"), key=lambda o: o.max_abs_diff)
+    if quantize is not None:
+        bounded = [o for o in outputs if o.tolerance_kind == "relative" and o.tolerance is not None]
+        worst_rel = max(bounded, key=lambda o: o.max_rel_diff or 0.0)
+        log(f"  {quantize}: largest bounded relative error {worst_rel.name} {worst_rel.max_rel_diff:.3g} "
+            f"(bound {QUANT_RELATIVE_TOLERANCE:g}); the greedy answers must be the fp32 executor's")  # fmt: skip
+    log(f"  {'passed' if ok else 'FAILED'} on {provider_name}: logits max abs diff {found.diffs['logits']:.3g}, "
+        f"worst output {worst.name} {worst.max_abs_diff:.3g}, same next token: {same_token}, same greedy "
+        f"answers ({'/'.join(map(str, generated))} tokens): {same_generation}"
+        + (f" ({ties} near tie(s) broken by the quantization)" if ties else ""))  # fmt: skip
+    flops["graph_per_check_prompt"] = per_prompt
+    report = CheckReport(
+        status="passed" if ok else "failed", provider=provider_name, samples=len(inputs.samples),
+        tolerance=tolerance, same_next_token=same_token, same_generation=same_generation,
+        generated_tokens=generated, outputs=outputs, near_ties=ties if quantize is not None else None,
+    )  # fmt: skip
+    return report, flops
+
+
+def failure_message(check: CheckReport, *, dtype: str, quantize: str | None, kept_in: Path) -> str:
+    """The one error of a failed check: each output over its tolerance, and where the graphs are kept."""
+    bad = [o for o in check.outputs if not o.ok]
+    lines = "\n".join(
+        f"  {o.name}: max relative diff {o.max_rel_diff or float('inf'):.3g} > tolerance {o.tolerance:g}"
+        if o.tolerance_kind == "relative" else f"  {o.name}: max abs diff {o.max_abs_diff:.3g} > tolerance {o.tolerance:g}"
+        for o in bad[:12]
+    )  # fmt: skip
+    more = f"\n  ... and {len(bad) - 12} more" if len(bad) > 12 else ""
+    token = "" if check.same_next_token else "\n  the greedy next token differs"
+    if check.same_generation is False and dtype == "fp32":
+        token += "\n  the greedy answers through the graphs (embed, prefill, decode) differ from the executor's"
+    what = f"{dtype}, {quantize}" if quantize else dtype
+    return (
+        f"the exported graphs do not match the PyTorch executor ({what}, provider {check.provider}):\n"
+        f"{lines}{more}{token}\nthe graphs and {CHECK_REPORT} are kept in {kept_in} for inspection; "
+        "rebuild with --skip-check only if you know why they differ"
+    )
+
+
+def _check_vision(adapter: Any, work: Path, pixels: list[Any], provider: str, found: _Differences) -> None:
+    """The vision graph against the adapter's vision tower, all check images in one batch."""
+    batch = torch.cat(pixels)
+    ref = adapter.vision(batch)
+    with OrtRunner(SessionFromOnnx(work / "vision.onnx", provider=provider)) as vision:
+        pixel_dtype = vision.input_metadata()["pixel_values"][0]
+        got = vision.infer({"pixel_values": batch.float().cpu().numpy().astype(pixel_dtype)})
+    found.compare("vision.image_features", got["image_features"], ref.features.double().cpu().numpy())
+    found.compare("vision.cls_attention", got["cls_attention"], ref.cls_attention.double().cpu().numpy())
+
+
+def _check_prefill(
+    prefill: PrefillRunner, references: list[Any], feeds: list[dict[str, np.ndarray]], policy: Any,
+    quantized: bool, lm_head: int, found: _Differences,
+) -> tuple[bool, int, list[int]]:  # fmt: skip
+    """The prefill graph(s) against the executor's prefill on every check prompt: whether the next token is
+    the same on all, the near ties a quantized graph broke, and the graph's FLOPs per prompt."""
+    same_token, ties, per_prompt = True, 0, []
+    for result, feed in zip(references, feeds, strict=True):
+        out = prefill.infer(cast_feeds(prefill, feed))
+        logits = out["logits"][0].astype(np.float64)
+        ref_logits = result.logits.double().cpu().numpy()
+        diff = float(np.abs(logits - ref_logits).max())
+        found.record("logits", diff, ref_logits)
+        if int(logits.argmax()) != int(result.logits.argmax()):
+            if quantized and _near_tie(ref_logits, diff):
+                ties += 1
+            else:
+                same_token = False
+        assert result.cache is not None
+        for layer, cache in enumerate(result.cache):
+            keys, values = _sorted_cache(out, layer)
+            if keys.shape != tuple(cache.keys.shape):
+                found.record(f"present.{layer}.key", float("inf"))
+                continue
+            found.compare(f"present.{layer}.key", keys, cache.keys.double().cpu().numpy())
+            found.compare(f"present.{layer}.value", values, cache.values.double().cpu().numpy())
+        if policy is not None and hasattr(result.policy, "decision"):
+            decision = result.policy.decision
+            if list(out["autoprune.keep"]) != list(decision.schedule.keep):
+                found.record("autoprune.keep", float("inf"))
+            if list(out["autoprune.merged"]) != list(decision.schedule.merged):
+                found.record("autoprune.merged", float("inf"))
+        per_prompt.append(graph_flops(prefill, feed))
+        expected = result.flops + lm_head
+        found.record("census_flops_relative", abs(per_prompt[-1] - expected) / expected)
+    return same_token, ties, per_prompt
+
+
+def _sorted_cache(out: Mapping[str, np.ndarray], layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's K and V from the graph in position order (the executor's order; stable for merged ties)."""
+    order = np.argsort(out[f"present.{layer}.position"][0], kind="stable")
+    return out[f"present.{layer}.key"][0][:, order], out[f"present.{layer}.value"][0][:, order]
+
+
+def _check_generation(
+    executor: PlanExecutor, work: Path, manifest: Manifest, choice: PlanChoice, policy: Any, inputs: CheckInputs,
+    *, provider: str, new_tokens: int, quantized: bool, found: _Differences,
+) -> tuple[bool, list[int], int]:  # fmt: skip
+    """Greedy answers through the build's runtime (copied processor, embed, vision, prefill, decode) against
+    the executor's ``generate``: the prompt ids, every token, and the logits of every step while they agree."""
+    same, generated, ties = True, [], 0
+    with GenerationRunner(work, provider=provider, manifest=manifest) as runner:  # type: ignore[arg-type]
+        for (seed, question), sample in zip(inputs.prompts, inputs.samples, strict=True):
+            prompt = runner.prompt(synthetic_image(seed), question)
+            if prompt.input_ids.tolist() != sample.input_ids.tolist():
+                found.record("generate.prompt_ids", float("inf"))
+            ref = executor.generate(sample, choice.ops, policy, max_new_tokens=new_tokens)
+            got = runner.generate(synthetic_image(seed), question, new_tokens, keep_logits=True)
+            generated.append(len(ref.token_ids))
+            agree = 0
+            for a, b in zip(got.token_ids, ref.token_ids, strict=False):
+                if a != b:
+                    break
+                agree += 1
+            # Logits of the steps up to the first disagreement (inclusive: both saw the same past there).
+            diff = 0.0
+            for mine, theirs in list(zip(got.step_logits, ref.step_logits, strict=False))[: agree + 1]:
+                ref_step = theirs.double().cpu().numpy()
+                diff = float(np.abs(mine.astype(np.float64) - ref_step).max())
+                found.record("generate.step_logits", diff, ref_step)
+            if got.token_ids != ref.token_ids:
+                if quantized and agree < len(ref.step_logits) and _near_tie(ref.step_logits[agree], diff):
+                    ties += 1
+                else:
+                    same = False
+    return same, generated, ties
+
+
+def _near_tie(reference: Any, error: float) -> bool:
+    """Whether the reference's two best logits are closer than twice the graph's measured logits error: a
+    tie that the rounding of a quantized graph may break either way (reported, not a failure)."""
+    top = np.sort(np.asarray(reference.double().cpu().numpy() if hasattr(reference, "double") else reference,
+                             dtype=np.float64).reshape(-1))[-2:]  # fmt: skip
+    return bool(top[1] - top[0] <= 2 * error)
+
+
+def _check_output(name: str, diff: float, scale: float | None, tolerance: float, quantized: bool,
+                  selects_tokens: bool) -> CheckOutput:  # fmt: skip
+    """One checked output: absolute tolerance (float graphs, the census's relative one), or for the quantized
+    graphs' outputs a bound on the error relative to the reference's largest magnitude. A quantized build
+    that selects tokens may keep other tokens than the executor (the scores come from int8 projections):
+    its KV caches are reported, not bounded."""
+    rel = diff / scale if scale else None
+    if name == "census_flops_relative":
+        return CheckOutput(name=name, max_abs_diff=diff, tolerance=CENSUS_TOLERANCE, ok=diff <= CENSUS_TOLERANCE)
+    if quantized and selects_tokens and name.startswith("present."):
+        return CheckOutput(name=name, max_abs_diff=diff, tolerance=None, ok=True, max_rel_diff=rel,
+                           tolerance_kind="relative")  # fmt: skip
+    if quantized and not name.startswith("vision."):
+        ok = diff == 0.0 or (rel is not None and rel <= QUANT_RELATIVE_TOLERANCE)
+        return CheckOutput(name=name, max_abs_diff=diff, tolerance=QUANT_RELATIVE_TOLERANCE, ok=ok, max_rel_diff=rel,
+                           tolerance_kind="relative")  # fmt: skip
+    return CheckOutput(name=name, max_abs_diff=diff, tolerance=tolerance, ok=diff <= tolerance, max_rel_diff=rel)

@@ -1,0 +1,122 @@
+"""Opening a finished build: its verified runner, its check prompt as prefill feeds, images, and the FLOPs its
+prefill graph(s) execute, counted from the graphs.
+
+Shared by the workflows that use a build after it is made (:mod:`.check`, :mod:`.generate`,
+:mod:`.measure`, :mod:`.evaluate`). Build files are verified against the manifest's sha256 digests before
+any session is made, so a damaged build is named in one line instead of failing inside ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.baked import BakedPrefill
+from graph_passes import census
+from prune_core.cost import lm_head_flops
+from prune_core.errors import BuildError, DataError
+from prune_core.manifest import CHECK_INPUTS, Manifest
+from prune_core.spec import ModelSpec
+
+
+def require_file(path: str | Path, what: str = "image") -> Path:
+    """``path`` if it is a file, else one line saying whether it is missing or not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    return path
+
+
+def open_image(path: str | Path) -> Any:
+    """A PIL image from ``path``, or one line saying why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = require_file(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}; pass a PNG, JPEG or another format Pillow reads") from None
+
+
+def synthetic_image(seed: int) -> Any:
+    """The random 120x90 image of the build check's prompt ``seed`` (and of ``bench --generate``'s default)."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(90, 120, 3) * 255).astype("uint8"))
+
+
+def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int | None = None) -> Any:
+    """A verified build's :class:`~engines.generate.GenerationRunner`, not yet active: use it in a ``with``
+    block (sessions are made on entry and dropped on exit)."""
+    from engines.generate import GenerationRunner
+
+    manifest = Manifest.load(build_dir, verify="full")
+    return GenerationRunner(build_dir, provider=provider, threads=threads, manifest=manifest)  # type: ignore[arg-type]
+
+
+def manifest_spec(manifest: Manifest) -> ModelSpec:
+    """The architecture a build was made from, as its manifest records it."""
+    return ModelSpec(**{k: v for k, v in manifest.model.items() if k not in ("path", "fingerprint")})
+
+
+def load_check_inputs(build_dir: Path) -> dict[str, np.ndarray]:
+    """The build check's first prompt as the build saved it (``check_inputs.npz``: pixels and prefill inputs)."""
+    path = Path(build_dir) / CHECK_INPUTS
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except OSError as exc:
+        raise BuildError(f"cannot read {path}: {exc}; rebuild the directory with `prune-export build`") from None
+
+
+def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Prefill inputs: the build's check prompt, or with ``text_tokens`` text rows drawn like its embeddings."""
+    base = load_check_inputs(build_dir)
+    feed = {k: base[k] for k in BakedPrefill.PROMPT_INPUTS}
+    if text_tokens is not None:
+        if text_tokens < 1:
+            raise BuildError(f"--text-tokens must be >= 1, got {text_tokens}")
+        rng = np.random.default_rng(seed)
+        txt = feed["text_embeds"]
+        std = float(txt.std()) or 1.0
+        feed["text_embeds"] = (rng.standard_normal((1, text_tokens, txt.shape[2])) * std).astype(txt.dtype)
+    return feed
+
+
+def cast_feeds(prefill: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds in the dtypes the (possibly fp16/bf16) prefill graph declares."""
+    meta = prefill.input_metadata()
+    return {k: v.astype(meta[k][0]) if k in meta else v for k, v in feed.items()}
+
+
+def graph_flops(prefill: Any, feed: Mapping[str, np.ndarray]) -> int:
+    """Matmul FLOPs of a build's prefill graph(s) (a :class:`~engines.prefill.PrefillRunner`) for these
+    inputs, counted from the graph itself, the LM head's logits row included."""
+    feed = cast_feeds(prefill, feed)
+    graph = prefill.manifest.graph_path
+    if prefill.manifest.prefill_layout == "single":
+        return census(graph(prefill.build_dir, "prefill"), input_values=feed).matmul_flops
+    _, tail_feeds = prefill.run_head(feed)
+    return (census(graph(prefill.build_dir, "prefill_head"), input_values=feed).matmul_flops
+            + census(graph(prefill.build_dir, "prefill_tail"), input_values=tail_feeds).matmul_flops)  # fmt: skip
+
+
+def prefill_graph_flops(runner: Any, feeds: dict[str, np.ndarray]) -> int:
+    """Matmul FLOPs a generation runner's prefill graph(s) execute on ``feeds``, counted from the graph,
+    without the one logits row of the LM head (the cost model leaves it out, so the two compare)."""
+    return graph_flops(runner.prefill_runner, feeds) - lm_head_flops(manifest_spec(runner.manifest))
+
+
+def check_same_model(pruned_dir: Path, pruned_m: Manifest, dense_dir: Path, dense_m: Manifest) -> None:
+    """Refuse to compare two builds of different models."""
+    if pruned_m.model["fingerprint"] != dense_m.model["fingerprint"]:
+        raise BuildError(
+            f"{pruned_dir} and {dense_dir} were built from different models (fingerprints "
+            f"{pruned_m.model['fingerprint']} and {dense_m.model['fingerprint']}); build the baseline from the same model"
+        )
