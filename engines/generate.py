@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, Provider
-from engines.prefill import PrefillRunner, graph_runner
+from engines.onnxruntime import CUDA_PROVIDER, Provider
+from engines.prefill import BuildRunner, PrefillRunner
 from engines.runner import Runner
 from prune_core import defaults
 from prune_core.errors import BuildError, PruneExportError
@@ -109,7 +109,7 @@ class Answer:
     step_logits: list[np.ndarray] = field(default_factory=list)  # with keep_logits: one row per token
 
 
-class GenerationRunner(Runner):
+class GenerationRunner(BuildRunner):
     """Greedy generation through one build directory's graphs (see the module docstring)."""
 
     def __init__(
@@ -120,8 +120,7 @@ class GenerationRunner(Runner):
         threads: int | None = None,
         manifest: Manifest | None = None,
     ) -> None:
-        self.build_dir = Path(build_dir)
-        self.manifest = manifest or Manifest.load(self.build_dir)
+        super().__init__(build_dir, provider=provider, threads=threads, manifest=manifest)
         info = self.manifest.generation
         if info is None or "decode" not in self.manifest.graphs or "embed" not in self.manifest.graphs:
             raise BuildError(
@@ -131,8 +130,6 @@ class GenerationRunner(Runner):
         self.info = info
         self.num_layers = int(self.manifest.model["num_layers"])
         self.eos = frozenset(int(i) for i in info["eos_token_ids"])
-        self._provider: Provider = provider
-        self._threads = threads
         self._sessions: dict[str, Any] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -141,16 +138,12 @@ class GenerationRunner(Runner):
         return self._sessions is not None
 
     def _activate(self) -> None:
-        m, d = self.manifest, self.build_dir
-
-        def runner(name: str) -> OrtRunner:
-            return graph_runner(m, d, name, provider=self._provider, threads=self._threads).activate()
-
         self._sessions = {
-            "vision": runner("vision"),
-            "embed": runner("embed"),
-            "decode": runner("decode"),
-            "prefill": PrefillRunner(d, provider=self._provider, threads=self._threads, manifest=m).activate(),
+            "vision": self.graph("vision").activate(),
+            "embed": self.graph("embed").activate(),
+            "decode": self.graph("decode").activate(),
+            "prefill": PrefillRunner(self.build_dir, provider=self._provider, threads=self._threads,
+                                     manifest=self.manifest).activate(),
             "processor": self._load_processor(),
         }
 

@@ -36,7 +36,29 @@ def graph_runner(
     return OrtRunner(SessionFromOnnx(manifest.graph_path(build_dir, name), provider=provider, threads=threads))
 
 
-class PrefillRunner(Runner):
+class BuildRunner(Runner):
+    """A runner over one build directory: its folder, its manifest (loaded unless given) and the ONNX Runtime
+    provider and threads its graphs' sessions get."""
+
+    def __init__(
+        self,
+        build_dir: str | Path,
+        *,
+        provider: Provider = "auto",
+        threads: int | None = None,
+        manifest: Manifest | None = None,
+    ) -> None:
+        self.build_dir = Path(build_dir)
+        self.manifest = manifest or Manifest.load(self.build_dir)
+        self._provider: Provider = provider
+        self._threads = threads
+
+    def graph(self, name: str) -> OrtRunner:
+        """The runner of one of the build's graphs, by its manifest name (inactive until used)."""
+        return graph_runner(self.manifest, self.build_dir, name, provider=self._provider, threads=self._threads)
+
+
+class PrefillRunner(BuildRunner):
     """The prefill of one build directory as one call: ``infer(feeds) -> outputs by name``.
 
     A :class:`~engines.runner.Runner`: its graphs' sessions are made on :meth:`activate` (or a ``with``
@@ -51,19 +73,13 @@ class PrefillRunner(Runner):
         threads: int | None = None,
         manifest: Manifest | None = None,
     ) -> None:
-        self.build_dir = Path(build_dir)
-        self.manifest = manifest or Manifest.load(self.build_dir)
-        m = self.manifest
-
-        def runner(name: str) -> OrtRunner:
-            return graph_runner(m, self.build_dir, name, provider=provider, threads=threads)
-
-        if m.prefill_layout == "single":
-            self.runners = {"prefill": runner("prefill")}
+        super().__init__(build_dir, provider=provider, threads=threads, manifest=manifest)
+        if self.manifest.prefill_layout == "single":
+            self.runners = {"prefill": self.graph("prefill")}
             self.table: ScheduleTable | None = None
         else:
-            self.runners = {"head": runner("prefill_head"), "tail": runner("prefill_tail")}
-            self.table = load_schedule_table(self.build_dir, m)
+            self.runners = {"head": self.graph("prefill_head"), "tail": self.graph("prefill_tail")}
+            self.table = load_schedule_table(self.build_dir, self.manifest)
 
     @property
     def is_active(self) -> bool:

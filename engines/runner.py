@@ -1,7 +1,8 @@
 """The one lifecycle of every runner (ONNX Runtime graph, build prefill, generation), as Polygraphy's runners
 share one: ``activate()`` makes what the runner runs on (sessions, a tokenizer) and returns the runner,
 ``deactivate()`` lets it go, a ``with`` block does both, and first use activates. Activating an active runner
-or deactivating an inactive one does nothing, so nested ``with`` blocks and early returns are safe.
+or deactivating an inactive one does nothing, and a runner used after it was let go activates again, so an
+early return or an inner ``with`` block never leaves a runner that cannot run.
 """
 
 from __future__ import annotations

@@ -191,6 +191,8 @@ def time_answers(
     first = runners[names[0]]
     for name in names[1:]:
         check_same_model(build_dirs[name], runners[name].manifest, build_dirs[names[0]], first.manifest)
+    for runner in runners.values():
+        runner.check_new_tokens(new_tokens)
     with contextlib.ExitStack() as active:
         for runner in runners.values():
             active.enter_context(runner)
