@@ -3,6 +3,7 @@ dense answers that ``agreement`` compares with (:func:`load_reference`, :func:`b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ def evaluate_model(model_dir: Path, data_path: Path, request: PlanRequest = NO_P
     reference: Any = DENSE if compare else None
     if compare and reference_path is not None:
         reference = load_reference(reference_path, spec.fingerprint(), max_new_tokens, device)
-    with tqdm(total=len(rows), desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
+    holds_runner = reference if hasattr(reference, "__enter__") else contextlib.nullcontext()
+    with holds_runner, tqdm(total=len(rows), desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
         report = evaluate(adapter, rows, choice.ops, policy, max_new_tokens=max_new_tokens, progress=bar.update,
                           reference=reference)
     if samples_out is not None:

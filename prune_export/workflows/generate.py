@@ -117,7 +117,7 @@ def eval_build(
     runner = load_runner(build_dir, provider=provider, threads=threads)
     runner.check_new_tokens(max_new_tokens)
     start = time.perf_counter()
-    with runner, (reference if isinstance(reference, BuildReference) else contextlib.nullcontext()):
+    with runner, (reference if hasattr(reference, "__enter__") else contextlib.nullcontext()):
         results = _answer_rows(runner, rows, max_new_tokens, reference, progress)
         provider_name = runner.provider
     report = EvalReport.from_results(results, int(runner.manifest.model["num_layers"]), time.perf_counter() - start,
