@@ -1,7 +1,7 @@
 """Every documented ``--dtype`` x ``--target`` x plan kind on the tiny model: it passes its parity check
 against the PyTorch executor (fp32 reference, ONNX Runtime CPU), or it is refused before any export.
 
-fp32 ONNX Runtime builds of every kind are covered by test_build_cli.py; here are the fp16 builds of both
+fp32 ONNX Runtime builds of every kind are covered by test_build.py; here are the fp16 builds of both
 targets, the fp32 TensorRT-target builds, and the bf16 refusals.
 """
 

@@ -17,7 +17,7 @@ from prune_core.plan import AutoPruneSection
 from prune_export.workflows.build import BuildSettings, build
 from prune_export.workflows.selection import PlanChoice
 from tests.cli_helpers import assert_clean_error, run
-from tests.test_build_precision import KINDS as PRECISION_KINDS
+from test_build_precision import KINDS as PRECISION_KINDS
 
 COMBINED_OPS = frozenset(
     [Operation(2, g, Module.MLP) for g in (Group.IMG_KEY, Group.IMG_REST)]
