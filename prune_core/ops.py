@@ -8,6 +8,7 @@ exactly that work (see docs/methods.md).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from enum import Enum
 from typing import NamedTuple
@@ -50,6 +51,14 @@ class Operation(NamedTuple):
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"layer must be an integer, got {layer!r}")
         return cls(layer, Group(group), Module(module))
+
+    @classmethod
+    def from_str(cls, text: str) -> Operation:
+        """The inverse of ``str(op)``: ``"L3:img_rest.kv"`` (as a build's manifest lists them; raises ValueError)."""
+        match = re.fullmatch(r"L(\d+):(\w+)\.(\w+)", text.strip())
+        if match is None:
+            raise ValueError(f"not an operation: {text!r} (expected LAYER:GROUP.MODULE, e.g. L3:img_rest.kv)")
+        return cls(int(match.group(1)), Group(match.group(2)), Module(match.group(3)))
 
     def to_json(self) -> list[object]:
         return [self.layer, self.group.value, self.module.value]

@@ -27,7 +27,7 @@ def main() -> None:
 for command in (
     model.demo_model, model.demo_data, model.info, model.plan, model.autoprune_schedule,
     evaluate.search, evaluate.eval_cmd, evaluate.sweep_cmd,
-    build.build_cmd, build.engines_cmd, build.inspect_cmd, build.bench_cmd, build.run_cmd,
+    build.build_cmd, build.check_cmd, build.engines_cmd, build.inspect_cmd, build.bench_cmd, build.run_cmd,
     triton.deploy_cmd, triton.serve_cmd, triton.ask_cmd,
 ):  # fmt: skip
     main.add_command(command)

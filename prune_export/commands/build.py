@@ -12,6 +12,7 @@ import click
 from prune_core import defaults
 from prune_core.device import provider_for
 from prune_core.errors import PruneExportError
+from prune_core.manifest import Manifest
 from prune_core.precision import TARGETS
 
 from ..options import (
@@ -90,6 +91,39 @@ def _echo_engines(report: Any) -> None:
     else:
         click.echo("no TensorRT engines: TensorRT is not installed here; run `prune-export engines BUILD_DIR` "
                    "where it is" if report.status == "not_built" else f"TensorRT engines failed: {report.reason}")
+
+
+@click.command("check")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="The model folder the build was made from [default: the one in its manifest].")
+@click.option("--provider", type=PROVIDER_CHOICE, default=defaults.PROVIDER, show_default=True,
+              help="ONNX Runtime provider that runs the graphs.")
+@device_option("Where PyTorch runs the executor's reference: cpu, cuda or cuda:N.", default=defaults.TORCH_DEVICE)
+@json_option("Print the check report as one JSON object.")
+def check_cmd(build_dir: Path, model_dir: Path | None, provider: str, device: str, as_json: bool) -> None:
+    """Run a finished build's check again: its graphs, as they are now, against the PyTorch executor.
+
+    The same report as at build time (every output's largest difference and tolerance, the next token, the
+    greedy answers through the graphs); exit status 1 when it fails. Nothing in the build is written. For a
+    build copied to another machine, after upgrading ONNX Runtime, or after editing a graph by hand.
+    """
+    from ..workflows.check import failure_message, recheck_build
+
+    report = recheck_build(build_dir, model_dir=model_dir, provider=provider, device=device, log=log_err)
+    if as_json:
+        echo_json(report.model_dump(mode="json"))
+    else:
+        click.echo(f"check {report.status} on {report.provider}: {report.samples} prompts, greedy answers "
+                   f"({'/'.join(map(str, report.generated_tokens or []))} tokens) the executor's: {report.same_generation}")
+        for out in report.outputs:
+            bound = "reported" if out.tolerance is None else f"tolerance {out.tolerance:g}"
+            rel = "" if out.max_rel_diff is None else f", relative {out.max_rel_diff:.3g}"
+            click.echo(f"  {out.name:<28} max abs diff {out.max_abs_diff:.3g}{rel} ({bound}){'' if out.ok else '  FAILED'}")
+    if report.status != "passed":
+        manifest = Manifest.load(build_dir, verify="none")
+        quantize = manifest.quantization["mode"] if manifest.quantization else None
+        raise PruneExportError(failure_message(report, dtype=manifest.dtype, quantize=quantize, kept_in=None))
 
 
 @click.command("engines")

@@ -1,7 +1,9 @@
 """Checking a build against the PyTorch executor: the graphs' outputs, greedy answers and FLOPs.
 
 The check runs at build time (:mod:`.build` calls :func:`check_build` with the build's own model and
-options, passed explicitly). It compares, on the check prompts (:data:`CHECK_PROMPTS`):
+options, passed explicitly) and again on a finished build with ``prune-export check``
+(:func:`recheck_build`: after copying a build to another machine, upgrading ONNX Runtime or editing a graph
+by hand; nothing in the build is written). It compares, on the check prompts (:data:`CHECK_PROMPTS`):
 
 * the vision graph's features and [CLS] attention with the adapter's vision tower;
 * the prefill graph(s)' logits, every layer's KV cache (in position order) and, for AutoPrune, the keep and
@@ -18,6 +20,7 @@ error.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +32,17 @@ import torch
 from engines.generate import GenerationRunner
 from engines.onnxruntime import OrtRunner, SessionFromOnnx
 from engines.prefill import PrefillRunner
+from exporter.adapters import load_adapter, load_spec
 from exporter.baked import BakedPrefill
 from exporter.executor import PlanExecutor
 from exporter.sample import build_sample
+from prune_core import defaults
 from prune_core.cost import lm_head_flops, prefill_flops
-from prune_core.manifest import CHECK_INPUTS, CHECK_REPORT, CheckOutput, CheckReport, Manifest
+from prune_core.device import resolve_device
+from prune_core.errors import BuildDirError, BuildError
+from prune_core.manifest import CHECK_INPUTS, CHECK_REPORT, CheckOutput, CheckReport, Manifest, verify_files
+from prune_core.ops import Operation
+from prune_core.plan import AutoPruneSection, FixedScheduleSection
 from prune_core.spec import ModelSpec
 
 from .open_build import cast_feeds, graph_flops, synthetic_image
@@ -165,8 +174,55 @@ def check_build(
     return report, flops
 
 
-def failure_message(check: CheckReport, *, dtype: str, quantize: str | None, kept_in: Path) -> str:
-    """The one error of a failed check: each output over its tolerance, and where the graphs are kept."""
+def recheck_build(build_dir: Path, *, model_dir: Path | None = None, provider: str = defaults.PROVIDER,
+                  device: str = defaults.TORCH_DEVICE, log: Log = lambda message: None) -> CheckReport:  # fmt: skip
+    """Run a finished build's check again, on the graphs as they are now, against the executor of
+    ``model_dir`` (default: the model folder recorded in the manifest) in fp32 on ``device``; returns the
+    report (``status`` ``passed`` or ``failed``). Nothing in the build is written.
+
+    Files that differ from the manifest's digests (a graph edited by hand) are named in the log and checked
+    as they are. The check runs with the build's own precision, quantization and plan (from the manifest).
+    """
+    manifest = Manifest.load(build_dir, verify="none")
+    try:
+        verify_files(build_dir, manifest, mode="full")
+    except BuildDirError as err:
+        log(f"note: {err}; checking the graphs as they are now")
+    model_dir = Path(model_dir) if model_dir is not None else Path(manifest.model.get("path") or "")
+    if not (model_dir / "config.json").is_file():
+        raise BuildError(
+            f"the build's model folder {model_dir} is not here (no config.json); pass --model MODEL_DIR with the "
+            "model it was built from"
+        )
+    spec = load_spec(model_dir)
+    if spec.fingerprint() != manifest.model["fingerprint"]:
+        raise BuildError(
+            f"{model_dir} is another model (fingerprint {spec.fingerprint()}, the build's is "
+            f"{manifest.model['fingerprint']}); pass --model with the folder the build was made from"
+        )
+    choice = plan_choice_of(manifest)
+    adapter = load_adapter(model_dir, device=resolve_device(device))
+    with tempfile.TemporaryDirectory(prefix="prune-export-check-") as scratch:
+        inputs = prepare_check_inputs(adapter, Path(scratch))
+    quantize = manifest.quantization["mode"] if manifest.quantization else None
+    report, _ = check_build(adapter, Path(build_dir), manifest, choice, inputs, dtype=manifest.dtype,
+                            quantize=quantize, provider=provider, new_tokens=defaults.CHECK_NEW_TOKENS, log=log)  # fmt: skip
+    return report
+
+
+def plan_choice_of(manifest: Manifest) -> PlanChoice:
+    """What a build baked in, read back from its manifest (static operations and the token section)."""
+    ops = frozenset(Operation.from_str(text) for text in manifest.plan.get("ops", []))
+    tokens = manifest.plan.get("tokens")
+    section = None
+    if tokens is not None:
+        section = (AutoPruneSection if tokens.get("kind") == "autoprune" else FixedScheduleSection).model_validate(tokens)
+    return PlanChoice(ops, section, dict(manifest.plan))
+
+
+def failure_message(check: CheckReport, *, dtype: str, quantize: str | None, kept_in: Path | None) -> str:
+    """The one error of a failed check: each output over its tolerance, and where the graphs are kept
+    (``kept_in``; None: a finished build checked again, left as it is)."""
     bad = [o for o in check.outputs if not o.ok]
     lines = "\n".join(
         f"  {o.name}: max relative diff {o.max_rel_diff or float('inf'):.3g} > tolerance {o.tolerance:g}"
@@ -178,10 +234,12 @@ def failure_message(check: CheckReport, *, dtype: str, quantize: str | None, kep
     if check.same_generation is False and dtype == "fp32":
         token += "\n  the greedy answers through the graphs (embed, prefill, decode) differ from the executor's"
     what = f"{dtype}, {quantize}" if quantize else dtype
+    tail = ("the build is unchanged; rebuild it (or find what changed its graphs or their runtime)" if kept_in is None
+            else f"the graphs and {CHECK_REPORT} are kept in {kept_in} for inspection; rebuild with --skip-check "
+            "only if you know why they differ")  # fmt: skip
     return (
-        f"the exported graphs do not match the PyTorch executor ({what}, provider {check.provider}):\n"
-        f"{lines}{more}{token}\nthe graphs and {CHECK_REPORT} are kept in {kept_in} for inspection; "
-        "rebuild with --skip-check only if you know why they differ"
+        f"the graphs do not match the PyTorch executor ({what}, provider {check.provider}):\n"
+        f"{lines}{more}{token}\n{tail}"
     )
 
 
