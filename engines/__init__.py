@@ -18,32 +18,27 @@ It uses only the vocabulary, :mod:`prune_core`, never calib, exporter or graph_p
 lazy: importing :mod:`engines` does not import TensorRT, which only GPU machines have.
 """
 
-from engines.benchmark import LatencyStats, SpeedupReport, compare_latency, time_interleaved
-from engines.onnxruntime import OrtRunner, SessionFromOnnx, active_provider, session_from_onnx
-from engines.runner import Runner
-from engines.tensorrt import (
-    EngineFromOnnx,
-    SaveEngine,
-    engine_from_onnx,
-    require_tensorrt,
-    save_engine,
-    tensorrt_version,
-)
+from __future__ import annotations
 
-__all__ = [
-    "EngineFromOnnx",
-    "LatencyStats",
-    "OrtRunner",
-    "Runner",
-    "SaveEngine",
-    "SessionFromOnnx",
-    "SpeedupReport",
-    "active_provider",
-    "compare_latency",
-    "engine_from_onnx",
-    "require_tensorrt",
-    "save_engine",
-    "session_from_onnx",
-    "tensorrt_version",
-    "time_interleaved",
-]
+import importlib
+from typing import Any
+
+#: Public names and the module each lives in, imported on first use: importing one submodule (the timer,
+#: for the GPU benchmark) does not import ONNX Runtime or the TensorRT bindings.
+_EXPORTS = {
+    "LatencyStats": "benchmark", "SpeedupReport": "benchmark", "compare_latency": "benchmark",
+    "time_interleaved": "benchmark",
+    "OrtRunner": "onnxruntime", "SessionFromOnnx": "onnxruntime", "active_provider": "onnxruntime",
+    "session_from_onnx": "onnxruntime",
+    "Runner": "runner",
+    "EngineFromOnnx": "tensorrt", "SaveEngine": "tensorrt", "engine_from_onnx": "tensorrt",
+    "require_tensorrt": "tensorrt", "save_engine": "tensorrt", "tensorrt_version": "tensorrt",
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engines' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"engines.{_EXPORTS[name]}"), name)

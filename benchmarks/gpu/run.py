@@ -14,8 +14,8 @@ What it runs, in one process (the random model is built on the device, nothing i
 
 It writes ``OUT_DIR/gpu-bench.json`` (everything both scripts measured, with the GPU, dtype and versions) and
 ``OUT_DIR/gpu-bench.md`` (the tables), rewritten after each part, so a run cut short keeps what it measured.
-On a lent GPU machine, what the image lacks (pydantic and its three dependencies) travels as wheels in
-``.whl/`` (docs/benchmarks.md, "How to run the GPU benchmark").
+Install a CUDA build of torch, then the project (``pip install -e .``); docs/benchmarks.md says how, also for
+a GPU machine without internet.
 """
 
 from __future__ import annotations
