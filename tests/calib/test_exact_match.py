@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PROMPT_TEMPLATE
 
 from calib.data import load_rows
 from calib.evaluate import evaluate, exact_match, normalize_answer
 from calib.evaluator import CalibrationSet, ModelEvaluator
 from exporter.adapters import load_adapter
 from exporter.demo import build_demo_data
-
-#: The demo folder has no chat template: LLaVA-1.5's plain prompt (written out here, not taken from the adapter).
-PROMPT = "USER: <image>\n{question} ASSISTANT:"
 
 # -- normalisation ----------------------------------------------------------------------------------------
 
@@ -111,7 +109,7 @@ def _hf_greedy(model, processor, rows, max_new_tokens: int) -> list[str]:
     answers = []
     for row in rows:
         inputs = processor(
-            images=row.load_image(), text=PROMPT.format(question=row.question), return_tensors="pt"
+            images=row.load_image(), text=PROMPT_TEMPLATE.format(question=row.question), return_tensors="pt"
         )
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -175,7 +173,8 @@ def stopping(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     model, processor = adapter.model, adapter.processor
     prompts = set()
     for row in rows:
-        ids = processor(images=row.load_image(), text=PROMPT.format(question=row.question), return_tensors="pt")
+        text = PROMPT_TEMPLATE.format(question=row.question)  # written out, not taken from the adapter
+        ids = processor(images=row.load_image(), text=text, return_tensors="pt")
         prompts.update(ids["input_ids"][0].tolist())
     embed = model.model.language_model.embed_tokens.weight
     vocab, hidden = embed.shape

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from engine_graphs import matmul_add_model
+from helpers import on_targets, plan_kinds
 
 
 @pytest.fixture
@@ -19,14 +20,10 @@ def triton_builds(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """Tiny builds to deploy: dense, AutoPrune (single prefill) and AutoPrune split (the TensorRT layout)."""
     from prune_core.plan import AutoPruneSection
     from prune_export.workflows.build import BuildSettings, build
-    from prune_export.workflows.selection import PlanChoice
 
     root = tmp_path_factory.mktemp("triton-builds")
-    kinds = {
-        "dense": (PlanChoice(), "onnxruntime"),
-        "autoprune": (PlanChoice(tokens=AutoPruneSection(tokens=4)), "onnxruntime"),
-        "split": (PlanChoice(tokens=AutoPruneSection(tokens=4, positions="original")), "tensorrt"),
-    }
+    split = {"split": AutoPruneSection(tokens=4, positions="original")}
+    kinds = on_targets(plan_kinds(AutoPruneSection(tokens=4), split=split), tensorrt=split)
     out = {}
     for name, (choice, target) in kinds.items():
         out[name] = root / name

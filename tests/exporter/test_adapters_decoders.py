@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import PROMPT_TEMPLATE, SQUARE_QUESTION, random_image
 from ort_session import cpu_session
-from PIL import Image
 
 from exporter.adapters import LlavaAdapter, load_adapter, load_spec
 from exporter.baked import BakedPrefill
@@ -29,8 +29,7 @@ from exporter.onnx_export import export_prefill
 from exporter.sample import prepare_sample
 from prune_core.errors import ModelLoadError
 
-PROMPT = "USER: <image>\n{question} ASSISTANT:"  # the demo folder has no chat template
-QUESTIONS = [(0, "What color is the square?"), (1, "How many dogs are there, and where are they standing?")]
+QUESTIONS = [(0, SQUARE_QUESTION), (1, "How many dogs are there, and where are they standing?")]
 HIDDEN, LAYERS, HEADS, KV_HEADS = 64, 4, 4, 2
 GRAPH_INPUTS = ("sys_embeds", "image_embeds", "text_embeds", "cls_attention")
 
@@ -88,13 +87,9 @@ def family(request, tmp_path_factory: pytest.TempPathFactory):
     return name, folder, adapter, reference, processor
 
 
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
-
-
 def _hf_inputs(processor, seed: int, question: str):
-    return processor(images=_image(seed), text=PROMPT.format(question=question), return_tensors="pt")
+    text = PROMPT_TEMPLATE.format(question=question)  # the demo folder has no chat template
+    return processor(images=random_image(seed), text=text, return_tensors="pt")
 
 
 def test_spec_reads_the_decoder_config(family) -> None:
@@ -120,7 +115,7 @@ def test_spec_reads_the_decoder_config(family) -> None:
 def test_dense_prefill_matches_hf_forward(family, seed: int, question: str) -> None:
     _, _, adapter, reference, processor = family
     inputs = _hf_inputs(processor, seed, question)
-    sample = prepare_sample(adapter, _image(seed), question)
+    sample = prepare_sample(adapter, random_image(seed), question)
     assert torch.equal(sample.input_ids, inputs["input_ids"][0])  # the same prompt
     n = sample.num_tokens
     result = PlanExecutor(adapter).prefill(sample, logits_rows=n)
@@ -162,7 +157,7 @@ def test_greedy_generate_matches_hf_generate(family, seed: int, question: str) -
         )
     expected = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     assert processor.tokenizer.eos_token_id not in expected and len(set(expected)) >= 4  # ten varied tokens
-    got = PlanExecutor(adapter).generate(prepare_sample(adapter, _image(seed), question), max_new_tokens=10)
+    got = PlanExecutor(adapter).generate(prepare_sample(adapter, random_image(seed), question), max_new_tokens=10)
     assert got.token_ids == expected
     # Every step's logits (prefill, then nine decode steps through the KV cache).
     assert len(got.step_logits) == len(out.logits) == 10
@@ -177,7 +172,7 @@ def test_dense_onnx_prefill_matches_hf_forward(family, tmp_path: Path) -> None:
     sess = cpu_session(report.path)
     names = [o.name for o in sess.get_outputs()]
     for seed, question in QUESTIONS:  # one graph, two prompt lengths
-        sample = prepare_sample(adapter, _image(seed), question)
+        sample = prepare_sample(adapter, random_image(seed), question)
         feeds = dict(zip(GRAPH_INPUTS, (x.float().numpy() for x in BakedPrefill.inputs_from_sample(sample)), strict=True))
         out = dict(zip(names, sess.run(None, feeds), strict=True))
         with torch.no_grad():

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import SQUARE_QUESTION
 from PIL import Image, ImageDraw
 
 from exporter.adapters import load_adapter
@@ -48,7 +49,7 @@ def executor(adapter) -> PlanExecutor:
 
 @pytest.fixture(scope="module")
 def samples(adapter):
-    a = prepare_sample(adapter, _image((220, 30, 30), (10, 10, 60, 60)), "What color is the square?")
+    a = prepare_sample(adapter, _image((220, 30, 30), (10, 10, 60, 60)), SQUARE_QUESTION)
     b = prepare_sample(adapter, _image((30, 60, 220), (40, 20, 100, 90)), "How many dogs are there on the left?")
     return a, b
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import DOGS_QUESTION, SQUARE_QUESTION, random_image
 
 from exporter.adapters import load_adapter
 from exporter.baked import BakedPrefill, plan_layout
@@ -17,10 +16,7 @@ from prune_core.errors import BuildError
 from prune_core.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations
 
 G, M = Group, Module
-QUESTIONS = [
-    "What color is the square?",
-    "How many dogs are there in this picture, and where are they standing?",
-]
+QUESTIONS = [SQUARE_QUESTION, DOGS_QUESTION]
 
 #: q/kv/mlp of both image groups at several layers; key and rest pruned apart (needs the key split).
 GSOP_OPS = frozenset(
@@ -53,14 +49,9 @@ PLANS = {
 }
 
 
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
-
-
 @pytest.fixture(scope="module")
 def samples(tiny_adapter):
-    return [prepare_sample(tiny_adapter, _image(seed), q) for seed, q in enumerate(QUESTIONS)]
+    return [prepare_sample(tiny_adapter, random_image(seed), q) for seed, q in enumerate(QUESTIONS)]
 
 
 def _run(module: BakedPrefill, sample) -> tuple[torch.Tensor, ...]:
@@ -128,7 +119,7 @@ def test_random_plans_match_executor(tiny_adapter, samples) -> None:
 
 def test_gqa_model_matches_executor(tiny_gqa_model) -> None:
     adapter = load_adapter(tiny_gqa_model)
-    sample = prepare_sample(adapter, _image(7), QUESTIONS[1])
+    sample = prepare_sample(adapter, random_image(7), QUESTIONS[1])
     for ops, keep in (PLANS["gsop"], PLANS["combined"]):
         out = _run(BakedPrefill(adapter, ops, keep).eval(), sample)
         ref = PlanExecutor(adapter).prefill(sample, ops, FixedKeepPolicy(keep) if keep else None)

@@ -22,8 +22,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import PROMPTS, random_image
 from ort_session import cpu_session
-from PIL import Image
 from torch import nn
 
 from exporter.adapters import load_adapter
@@ -41,12 +41,6 @@ from prune_core.plan import AutoPruneSection
 
 G, M = Group, Module
 LAYERS, VISUAL = 6, 64
-#: Three prompts: different images, question lengths, and complexities I1 (hence schedule rows).
-PROMPTS = [
-    (0, "What color is the square?"),
-    (1, "How many dogs are there in this picture, and where are they standing?"),
-    (2, "Is there a red car on the left side of the street, next to the house with the green door?"),
-]  # fmt: skip
 SECTION = AutoPruneSection(tokens=16, x0=3.0, gamma=8.0)  # renumbered positions, recycling on
 #: The TensorRT split graphs are exported with the other position mode, so both reach ONNX Runtime.
 TRT_SECTION = AutoPruneSection(tokens=16, x0=3.0, gamma=8.0, positions="original")
@@ -69,11 +63,6 @@ COMBINED_SPLIT_OPS = COMBINED_OPS | {
 }
 
 
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
-
-
 def _section(positions: str, recycle_on: bool) -> AutoPruneSection:
     return SECTION.model_copy(update={"positions": positions, "recycle": recycle_on})
 
@@ -94,7 +83,7 @@ def adapter(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def samples(adapter):
-    out = [prepare_sample(adapter, _image(seed), question) for seed, question in PROMPTS]
+    out = [prepare_sample(adapter, random_image(seed), question) for seed, question in PROMPTS]
     assert len({s.num_tokens for s in out}) == len(out)
     return out
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import SQUARE_QUESTION, random_image
 
 from exporter.adapters import load_adapter
 from exporter.executor import FixedKeepPolicy, PlanExecutor
@@ -16,12 +15,7 @@ from exporter.sample import GROUP_INDEX, prepare_sample
 from prune_core.cost import prefill_flops
 from prune_core.ops import PRUNABLE_GROUPS, Group, Module, Operation, all_operations
 
-QUESTIONS = ["What color is the square?", "How many dogs are there in this picture, and where?"]
-
-
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
+QUESTIONS = [SQUARE_QUESTION, "How many dogs are there in this picture, and where?"]
 
 
 def _hf_last_logits(adapter, image, question) -> torch.Tensor:
@@ -36,7 +30,7 @@ def test_empty_plan_reproduces_hf_logits_and_greedy_answer(model: str, request: 
     adapter = load_adapter(request.getfixturevalue(model))
     executor = PlanExecutor(adapter)
     for seed, question in enumerate(QUESTIONS):
-        image = _image(seed)
+        image = random_image(seed)
         sample = prepare_sample(adapter, image, question)
         result = executor.prefill(sample)
         assert (result.logits - _hf_last_logits(adapter, image, question)).abs().max() <= 1e-5
@@ -51,7 +45,7 @@ def test_empty_plan_reproduces_hf_logits_and_greedy_answer(model: str, request: 
 def test_gqa_model_has_fewer_kv_heads(tiny_gqa_model: Path) -> None:
     adapter = load_adapter(tiny_gqa_model)
     assert adapter.spec.num_kv_heads == 2 < adapter.spec.num_heads
-    cache = PlanExecutor(adapter).prefill(prepare_sample(adapter, _image(0), QUESTIONS[0])).cache
+    cache = PlanExecutor(adapter).prefill(prepare_sample(adapter, random_image(0), QUESTIONS[0])).cache
     assert cache is not None and cache[0].keys.shape[0] == 2
 
 
@@ -64,7 +58,7 @@ def _random_plan(rng: random.Random, num_layers: int, size: int) -> set[Operatio
 def test_executed_flops_equal_cost_model_for_random_plans(model: str, request: pytest.FixtureRequest) -> None:
     adapter = load_adapter(request.getfixturevalue(model))
     executor = PlanExecutor(adapter)
-    sample = prepare_sample(adapter, _image(3), QUESTIONS[1])
+    sample = prepare_sample(adapter, random_image(3), QUESTIONS[1])
     rng = random.Random(0)
     n_ops = len(all_operations(adapter.spec.num_layers, PRUNABLE_GROUPS))
     for size in (0, 1, 3, 7, n_ops // 2, n_ops):
@@ -78,17 +72,17 @@ def test_every_image_op_pruned_equals_a_text_only_forward(tiny_adapter) -> None:
     """With all image ops pruned at every layer, image tokens influence nothing: the logits equal a run
     where the image tokens are simply absent (positions of the text kept)."""
     executor = PlanExecutor(tiny_adapter)
-    sample = prepare_sample(tiny_adapter, _image(1), QUESTIONS[0])
+    sample = prepare_sample(tiny_adapter, random_image(1), QUESTIONS[0])
     everything = set(all_operations(tiny_adapter.spec.num_layers, PRUNABLE_GROUPS))
     a = executor.prefill(sample, everything).logits
-    other = prepare_sample(tiny_adapter, _image(2), QUESTIONS[0])
+    other = prepare_sample(tiny_adapter, random_image(2), QUESTIONS[0])
     b = executor.prefill(other, everything).logits
     assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_pruned_kv_tokens_are_absent_from_that_layers_cache(tiny_adapter) -> None:
     executor = PlanExecutor(tiny_adapter)
-    sample = prepare_sample(tiny_adapter, _image(0), QUESTIONS[0])
+    sample = prepare_sample(tiny_adapter, random_image(0), QUESTIONS[0])
     ops = {Operation(1, Group.IMG_REST, Module.KV), Operation(2, Group.IMG_KEY, Module.KV)}
     cache = executor.prefill(sample, ops).cache
     sizes = sample.sizes
@@ -105,7 +99,7 @@ def test_pruned_kv_tokens_are_absent_from_that_layers_cache(tiny_adapter) -> Non
 
 def test_pruned_q_and_mlp_leave_hidden_states_unchanged(tiny_adapter) -> None:
     executor = PlanExecutor(tiny_adapter)
-    sample = prepare_sample(tiny_adapter, _image(0), QUESTIONS[0])
+    sample = prepare_sample(tiny_adapter, random_image(0), QUESTIONS[0])
     layer = tiny_adapter.spec.num_layers - 1
     ops = {Operation(layer, g, m) for g in PRUNABLE_GROUPS for m in (Module.Q, Module.MLP)}
     states: dict[int, object] = {}
@@ -118,7 +112,7 @@ def test_pruned_q_and_mlp_leave_hidden_states_unchanged(tiny_adapter) -> None:
 
 def test_resume_from_a_stored_prefix_state_is_identical(tiny_adapter) -> None:
     executor = PlanExecutor(tiny_adapter)
-    sample = prepare_sample(tiny_adapter, _image(5), QUESTIONS[1])
+    sample = prepare_sample(tiny_adapter, random_image(5), QUESTIONS[1])
     states: dict[int, object] = {}
     executor.prefill(sample, keep_states=[2], states_out=states, with_cache=False)
     ops = {Operation(2, Group.IMG_REST, Module.MLP), Operation(3, Group.IMG_REST, Module.KV)}
@@ -132,7 +126,7 @@ def test_fixed_keep_schedule_drops_visual_tokens_and_counts_flops(tiny_adapter, 
     from prune_core.spec import GroupSizes
 
     executor = PlanExecutor(tiny_adapter)
-    sample = prepare_sample(tiny_adapter, _image(4), QUESTIONS[0])
+    sample = prepare_sample(tiny_adapter, random_image(4), QUESTIONS[0])
     policy = FixedKeepPolicy({1: 6, 2: 3}, positions)  # type: ignore[arg-type]
     result = executor.generate(sample, policy=policy, max_new_tokens=3).prefill
     assert result.visual_tokens_per_layer == [16, 16, 6, 3]

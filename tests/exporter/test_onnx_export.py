@@ -7,8 +7,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+from helpers import SQUARE_QUESTION, random_image
 from ort_session import cpu_session
-from PIL import Image
 
 from exporter.baked import BakedPrefill
 from exporter.executor import FixedKeepPolicy, PlanExecutor
@@ -33,14 +33,9 @@ COMBINED_OPS = frozenset(
 PLANS = {"keep": (frozenset(), {1: 8, 2: 3}), "combined": (COMBINED_OPS, {1: 6})}
 #: Two prompts with different question lengths and images, both run by one exported graph.
 PROMPTS = [
-    (0, "What color is the square?"),
+    (0, SQUARE_QUESTION),
     (5, "How many dogs are there in this picture, and where are they?"),
 ]
-
-
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
 
 
 def _feeds(sample) -> dict[str, np.ndarray]:
@@ -50,7 +45,7 @@ def _feeds(sample) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def samples(tiny_adapter):
-    out = [prepare_sample(tiny_adapter, _image(seed), q) for seed, q in PROMPTS]
+    out = [prepare_sample(tiny_adapter, random_image(seed), q) for seed, q in PROMPTS]
     assert out[0].num_tokens != out[1].num_tokens
     return out
 
@@ -124,7 +119,7 @@ def test_vision_graph_matches_adapter_with_dynamic_batch(tiny_adapter, tmp_path)
     report = export_vision(tiny_adapter, tmp_path / "vision.onnx")
     assert onnx.load(str(report.path)).ir_version <= 13
     sess = cpu_session(report.path)
-    pixels = torch.cat([tiny_adapter.tokenize(_image(s), "?").pixel_values for s in (1, 2, 3)])
+    pixels = torch.cat([tiny_adapter.tokenize(random_image(s), "?").pixel_values for s in (1, 2, 3)])
     for batch in (pixels[:1], pixels):
         ref = tiny_adapter.vision(batch)
         features, cls = sess.run(None, {"pixel_values": batch.numpy()})

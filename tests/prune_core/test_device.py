@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from helpers import SQUARE_QUESTION, random_image
 
 from exporter.adapters import load_adapter
 from exporter.executor import FixedKeepPolicy, PlanExecutor
@@ -47,18 +46,13 @@ def test_cuda_without_cuda_is_one_line_everywhere(tiny_model: Path, demo_data: P
     assert not (tmp_path / "b").exists() and not (tmp_path / "p.json").exists()
 
 
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
-
-
 def test_executor_in_bf16_follows_hf_in_bf16(tiny_model: Path) -> None:
     """The dense executor in bf16 against HuggingFace's forward of the same bf16 weights (independent code)."""
     adapter = load_adapter(tiny_model, dtype=torch.bfloat16)
     fp32 = PlanExecutor(load_adapter(tiny_model))
     executor = PlanExecutor(adapter)
-    for seed, question in enumerate(["What color is the square?", "How many dogs are there, and where?"]):
-        image = _image(seed)
+    for seed, question in enumerate([SQUARE_QUESTION, "How many dogs are there, and where?"]):
+        image = random_image(seed)
         tokens = adapter.tokenize(image, question)
         with torch.no_grad():
             hf = adapter.model(input_ids=tokens.input_ids[None], pixel_values=tokens.pixel_values).logits[0, -1].float()
@@ -75,7 +69,7 @@ def test_token_schedules_are_the_same_in_every_dtype(tiny_model: Path) -> None:
     """Pruning decisions are counts, not precision: a fixed schedule keeps the same tokens per layer."""
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         adapter = load_adapter(tiny_model, dtype=dtype)
-        sample = prepare_sample(adapter, _image(0), "What color is the square?")
+        sample = prepare_sample(adapter, random_image(0), SQUARE_QUESTION)
         result = PlanExecutor(adapter).prefill(sample, frozenset(), FixedKeepPolicy.from_stages([(1, 6), (3, 2)]))
         assert result.visual_tokens_per_layer == [16, 16, 6, 6]  # stage (L, N): N tokens enter the layers after L
 

@@ -11,25 +11,14 @@ from pathlib import Path
 
 import onnx
 import pytest
+from helpers import tiny_plan_kinds
 
 from exporter.baked import BakedPrefill
 from prune_core.errors import BuildError
 from prune_core.manifest import Manifest
-from prune_core.ops import Group, Module, Operation
-from prune_core.plan import AutoPruneSection, FixedScheduleSection
 from prune_export.workflows.build import BuildSettings, build
-from prune_export.workflows.selection import PlanChoice
 
-GSOP_OPS = frozenset(
-    [Operation(3, Group.IMG_REST, m) for m in Module]
-    + [Operation(2, g, Module.MLP) for g in (Group.IMG_KEY, Group.IMG_REST)]
-)
-KINDS = {
-    "dense": PlanChoice(),
-    "gsop": PlanChoice(GSOP_OPS, None, {"operations": len(GSOP_OPS)}),
-    "fixed": PlanChoice(frozenset(), FixedScheduleSection(stages=[(1, 6)]), {}),
-    "autoprune": PlanChoice(frozenset(), AutoPruneSection(tokens=4), {}),
-}
+KINDS = tiny_plan_kinds()  # dense, gsop, fixed, autoprune
 CASES = [("fp16", target, kind) for target in ("onnxruntime", "tensorrt") for kind in KINDS] + [
     ("fp32", "tensorrt", kind) for kind in ("dense", "gsop", "fixed")
 ]

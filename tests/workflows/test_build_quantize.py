@@ -9,25 +9,21 @@ from pathlib import Path
 
 import onnx
 import pytest
+from helpers import tiny_plan_kinds
 
 from graph_passes.quantize import weight_matmuls, weight_matmuls_after
 from prune_core.manifest import Manifest
 from prune_core.ops import Group, Module, Operation
-from prune_core.plan import AutoPruneSection
 from prune_export.workflows.build import BuildSettings, build
-from prune_export.workflows.selection import PlanChoice
 from tests.cli_helpers import assert_clean_error, run
-from test_build_precision import KINDS as PRECISION_KINDS
 
 COMBINED_OPS = frozenset(
     [Operation(2, g, Module.MLP) for g in (Group.IMG_KEY, Group.IMG_REST)]
     + [Operation(3, g, Module.Q) for g in (Group.IMG_KEY, Group.IMG_REST)]
 )
-KINDS = {
-    **PRECISION_KINDS,  # dense, gsop, fixed, autoprune: the plans the fp16 builds are checked with
-    # GSOP ops on both image groups (the group rule), which token selection after them does not break
-    "combined": PlanChoice(COMBINED_OPS, AutoPruneSection(tokens=4), {"operations": len(COMBINED_OPS)}),
-}
+#: dense, gsop, fixed, autoprune: the plans the fp16 builds are checked with (test_build_precision.py), and
+#: "combined": GSOP ops on both image groups (the group rule), which token selection after them does not break
+KINDS = tiny_plan_kinds(combined=COMBINED_OPS)
 # dense int8 is covered by the CLI test below; "combined" holds AutoPrune single
 CASES = [
     ("int8", "onnxruntime", "gsop"),

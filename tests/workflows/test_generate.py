@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import PROMPTS, on_targets, plan_kinds, random_image
 
 from engines.generate import GenerationError, GenerationRunner
 from exporter.adapters import load_adapter
@@ -31,11 +31,6 @@ from prune_export.workflows.selection import PlanChoice
 
 G, M = Group, Module
 LAYERS, VISUAL, NEW_TOKENS = 6, 64, 8
-PROMPTS = [
-    (0, "What color is the square?"),
-    (1, "How many dogs are there in this picture, and where are they standing?"),
-    (2, "Is there a red car on the left side of the street, next to the house with the green door?"),
-]  # fmt: skip
 SECTION = AutoPruneSection(tokens=16, x0=3.0, gamma=8.0)  # renumbered positions, recycling on
 GSOP_OPS = frozenset(
     {
@@ -44,20 +39,13 @@ GSOP_OPS = frozenset(
         Operation(4, G.IMG_KEY, M.KV), Operation(4, G.IMG_REST, M.KV),
     }
 )  # fmt: skip
-KINDS = {
-    "dense": (PlanChoice(), "onnxruntime"),
-    "gsop": (PlanChoice(ops=GSOP_OPS), "onnxruntime"),
-    "fixed": (PlanChoice(tokens=FixedScheduleSection(stages=[(1, 24), (3, 8)])), "onnxruntime"),
-    "autoprune": (PlanChoice(tokens=SECTION), "onnxruntime"),
-    "autoprune-split": (PlanChoice(tokens=SECTION.model_copy(update={"positions": "original"})), "tensorrt"),
-    "combined": (PlanChoice(ops=GSOP_OPS - {Operation(4, G.IMG_KEY, M.KV), Operation(4, G.IMG_REST, M.KV)},
-                            tokens=SECTION), "onnxruntime"),
-}  # fmt: skip
-
-
-def _image(seed: int) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(70, 90, 3) * 255).astype("uint8"))
+SPLIT = {"autoprune-split": SECTION.model_copy(update={"positions": "original"})}  # built for TensorRT
+#: dense, gsop, fixed, autoprune, autoprune-split, combined: (plan, target)
+KINDS = on_targets(
+    plan_kinds(SECTION, gsop=GSOP_OPS, fixed=[(1, 24), (3, 8)], split=SPLIT,
+               combined=GSOP_OPS - {Operation(4, G.IMG_KEY, M.KV), Operation(4, G.IMG_REST, M.KV)}),
+    tensorrt=SPLIT,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +87,8 @@ def test_answers_through_the_graphs_equal_the_executor(kind: str, builds, adapte
     with GenerationRunner(builds[kind], provider="cpu") as runner:
         assert runner.manifest.prefill_layout == ("split" if target == "tensorrt" else "single")
         for seed, question in PROMPTS:
-            got = runner.generate(_image(seed), question, NEW_TOKENS, keep_logits=True)
-            sample = prepare_sample(adapter, _image(seed), question)
+            got = runner.generate(random_image(seed), question, NEW_TOKENS, keep_logits=True)
+            sample = prepare_sample(adapter, random_image(seed), question)
             ref = executor.generate(sample, choice.ops, _policy(choice, adapter.spec), max_new_tokens=NEW_TOKENS)
             assert got.token_ids == ref.token_ids, (seed, question)
             assert got.text == ref.text
@@ -113,7 +101,7 @@ def test_answers_through_the_graphs_equal_the_executor(kind: str, builds, adapte
             grown = len(ref.token_ids) - (len(ref.token_ids) == NEW_TOKENS)  # the executor's decode steps
             assert got.stats.kv_tokens_per_layer == [int(c.keys.shape[1]) - grown for c in ref.prefill.cache]
             if isinstance(choice.tokens, AutoPruneSection):
-                out = runner.prefill_runner.infer(runner.prefill_feeds(runner.prompt(_image(seed), question)))
+                out = runner.prefill_runner.infer(runner.prefill_feeds(runner.prompt(random_image(seed), question)))
                 schedules.add(tuple(int(k) for k in out["autoprune.keep"]))
                 decision = ref.prefill.policy.decision
                 assert list(out["autoprune.keep"]) == list(decision.schedule.keep)
@@ -129,8 +117,8 @@ def test_answers_through_the_graphs_equal_the_executor(kind: str, builds, adapte
 def test_streaming_gives_the_same_text(builds) -> None:
     with GenerationRunner(builds["autoprune"], provider="cpu") as runner:
         for seed, question in PROMPTS[:2]:
-            pieces = list(runner.stream(_image(seed), question, NEW_TOKENS))
-            answer = runner.generate(_image(seed), question, NEW_TOKENS)
+            pieces = list(runner.stream(random_image(seed), question, NEW_TOKENS))
+            answer = runner.generate(random_image(seed), question, NEW_TOKENS)
             assert "".join(pieces) == answer.text
             assert len(pieces) >= 2  # streamed, not one piece at the end
 
@@ -140,7 +128,7 @@ def test_eos_stops_generation(builds, tmp_path: Path) -> None:
     copy = tmp_path / "eos"
     shutil.copytree(builds["autoprune"], copy)
     with GenerationRunner(copy, provider="cpu") as runner:
-        answers = [(seed, q, runner.generate(_image(seed), q, NEW_TOKENS).token_ids) for seed, q in PROMPTS]
+        answers = [(seed, q, runner.generate(random_image(seed), q, NEW_TOKENS).token_ids) for seed, q in PROMPTS]
     # The first answer with a token that did not occur before it, as late as possible (random weights repeat).
     seed, question, full, stop = max(
         ((seed, q, ids, i) for seed, q, ids in answers for i in range(len(ids)) if ids[i] not in ids[:i]),
@@ -151,10 +139,10 @@ def test_eos_stops_generation(builds, tmp_path: Path) -> None:
     doc["generation"]["eos_token_ids"] = [full[stop]]
     (copy / "manifest.json").write_text(json.dumps(doc))
     with GenerationRunner(copy, provider="cpu") as runner:
-        answer = runner.generate(_image(seed), question, NEW_TOKENS)
+        answer = runner.generate(random_image(seed), question, NEW_TOKENS)
         assert answer.token_ids == full[:stop]
         assert answer.stats.new_tokens == stop and len(answer.stats.decode_ms) == stop
-        feeds = runner.prefill_feeds(runner.prompt(_image(seed), question))
+        feeds = runner.prefill_feeds(runner.prompt(random_image(seed), question))
         assert list(runner.token_ids(feeds, NEW_TOKENS, stop_at_eos=False)) == full
 
 
@@ -162,12 +150,12 @@ def test_a_copied_build_runs_without_the_model_folder(builds, model: Path, tmp_p
     copy = tmp_path / "elsewhere" / "build"
     shutil.copytree(builds["autoprune"], copy)
     with GenerationRunner(builds["autoprune"], provider="cpu") as runner:
-        expected = runner.generate(_image(1), PROMPTS[1][1], NEW_TOKENS)
+        expected = runner.generate(random_image(1), PROMPTS[1][1], NEW_TOKENS)
     hidden = model.with_name(model.name + ".hidden")
     model.rename(hidden)
     try:
         with GenerationRunner(copy, provider="cpu") as runner:
-            answer = runner.generate(_image(1), PROMPTS[1][1], NEW_TOKENS)
+            answer = runner.generate(random_image(1), PROMPTS[1][1], NEW_TOKENS)
     finally:
         hidden.rename(model)
     assert answer.token_ids == expected.token_ids and answer.text == expected.text
@@ -176,16 +164,16 @@ def test_a_copied_build_runs_without_the_model_folder(builds, model: Path, tmp_p
 def test_bad_generation_input_is_refused(builds) -> None:
     with GenerationRunner(builds["dense"], provider="cpu") as runner:
         with pytest.raises(GenerationError, match="question is empty"):
-            runner.generate(_image(0), "  ", 4)
+            runner.generate(random_image(0), "  ", 4)
         with pytest.raises(GenerationError, match="max_new_tokens must be >= 1"):
-            runner.generate(_image(0), "What?", 0)
+            runner.generate(random_image(0), "What?", 0)
 
 
 # -- CLI: run, eval BUILD_DIR, bench --generate ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("img") / "photo.png"
-    _image(1).save(path)
+    random_image(1).save(path)
     return path
 
 
@@ -193,7 +181,7 @@ def test_run_prints_the_answer_and_its_timings(builds, image_file: Path) -> None
     from cli_helpers import run
 
     with GenerationRunner(builds["autoprune"], provider="cpu") as runner:
-        expected = runner.generate(_image(1), PROMPTS[1][1], NEW_TOKENS)
+        expected = runner.generate(random_image(1), PROMPTS[1][1], NEW_TOKENS)
     code, out = run("run", builds["autoprune"], "--image", image_file, "--question", PROMPTS[1][1],
                     "--max-new-tokens", NEW_TOKENS, "--json")  # fmt: skip
     assert code == 0, out
@@ -313,8 +301,8 @@ def test_grouped_query_attention_decodes_like_the_executor(tiny_gqa_model: Path,
     executor = PlanExecutor(adapter)
     with GenerationRunner(out, provider="cpu") as runner:
         for seed, question in PROMPTS[:2]:
-            got = runner.generate(_image(seed), question, NEW_TOKENS)
-            ref = executor.generate(prepare_sample(adapter, _image(seed), question), (),
+            got = runner.generate(random_image(seed), question, NEW_TOKENS)
+            ref = executor.generate(prepare_sample(adapter, random_image(seed), question), (),
                                     _policy(choice, adapter.spec), max_new_tokens=NEW_TOKENS)  # fmt: skip
             assert got.token_ids == ref.token_ids
 
