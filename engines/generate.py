@@ -46,7 +46,7 @@ from engines.runner import Runner
 from prune_core import defaults
 from prune_core.errors import BuildError, PruneExportError
 from prune_core.manifest import Manifest, check_new_tokens
-from prune_core.prompt import TextPieces, prompt_text
+from prune_core.prompt import PromptError, TextPieces, check_question, image_span, prompt_text
 
 KV_KINDS = ("key", "value", "position")
 
@@ -193,27 +193,22 @@ class GenerationRunner(BuildRunner):
     # -- prompt ----------------------------------------------------------------------------------------
     def prompt(self, image: Any, question: str) -> Prompt:
         """Tokenise ``question`` with the build's chat template and preprocess ``image`` (a PIL image)."""
-        if not isinstance(question, str) or not question.strip():
-            raise GenerationError("the question is empty; pass the text to ask about the image")
+        try:
+            check_question(question)
+        except PromptError as err:
+            raise GenerationError(str(err)) from None
         processor = self._part("processor")
         try:
             inputs = processor(images=image.convert("RGB"), text=prompt_text(processor, question), return_tensors="np")
         except Exception as exc:
             raise GenerationError(f"the image processor rejected the input ({type(exc).__name__}: {exc})") from None
         ids = np.asarray(inputs["input_ids"][0], dtype=np.int64)
-        where = np.flatnonzero(ids == int(self.info["image_token_id"]))
-        visual = int(self.manifest.model["visual_tokens"])
-        if len(where) != visual:
-            raise BuildError(
-                f"the build's processor expanded <image> into {len(where)} tokens but its graphs take {visual}; "
-                f"the processor files in {self.build_dir / self.info['processor']} do not belong to this build"
-            )
-        start, end = int(where[0]), int(where[-1]) + 1
-        if start == 0 or end == len(ids):  # the prefill graphs take at least one token on each side
-            raise BuildError(
-                "the build's chat template puts the image at the very start or end of the prompt; the graphs "
-                "take the prompt as system tokens + image + text, each non-empty"
-            )
+        ranges = self.manifest.shape_ranges
+        try:
+            start, end = image_span(ids, int(self.info["image_token_id"]), int(self.manifest.model["visual_tokens"]),
+                                    int(ranges["sys_len"][2]), int(ranges["text_len"][2]))  # fmt: skip
+        except PromptError as err:
+            raise GenerationError(f"{self.build_dir}: {err}") from None
         return Prompt(ids, start, end, np.asarray(inputs["pixel_values"]))
 
     def prefill_feeds(self, prompt: Prompt) -> dict[str, np.ndarray]:

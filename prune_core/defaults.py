@@ -7,6 +7,12 @@ counts) stay beside that arithmetic (:mod:`prune_core.autoprune`, :mod:`prune_co
 
 from __future__ import annotations
 
+#: The largest image ``run`` and a served model decode (width x height, checked on the image's header);
+#: defined beside the prompt rules, which the Triton model copies.
+from .prompt import MAX_IMAGE_PIXELS
+
+__all__ = ["MAX_IMAGE_PIXELS"]  # the rest are this module's own constants
+
 #: Greedy tokens of one answer: ``run``, ``ask`` and a served request that sends no ``max_new_tokens``.
 ANSWER_NEW_TOKENS = 64
 #: Greedy tokens per data row of an evaluation: ``eval``, ``sweep``.
@@ -50,3 +56,4 @@ SEARCH_METRIC = "accuracy"
 SEARCH_TOLERANCE = 0.3
 SEARCH_STEPS = 15
 KEY_DANGER_LAYERS = 6
+

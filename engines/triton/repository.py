@@ -113,6 +113,7 @@ class RepositoryFromBuild:
         instances: int = 1,
         kind: Kind = "cpu",
         max_new_tokens: int | None = None,
+        max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
         stream: bool = False,
         overwrite: bool = False,
         manifest: Manifest | None = None,
@@ -138,6 +139,9 @@ class RepositoryFromBuild:
                 f"{self.build_dir} was built without the decode and embed graphs (an older prune-export); "
                 "rebuild it with `prune-export build` to deploy it"
             )
+        if max_image_pixels < 1:
+            raise BuildError(f"--max-image-pixels must be >= 1, got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
         bound = int(generation["max_new_tokens"])
         self.max_new_tokens = bound if max_new_tokens is None else check_new_tokens(self.manifest, max_new_tokens)
 
@@ -210,6 +214,9 @@ class RepositoryFromBuild:
             "eos_token_ids": [int(i) for i in gen["eos_token_ids"]],
             "max_new_tokens": self.max_new_tokens,
             "default_new_tokens": min(defaults.ANSWER_NEW_TOKENS, self.max_new_tokens),
+            "max_sys_tokens": int(m.shape_ranges["sys_len"][2]),
+            "max_text_tokens": int(m.shape_ranges["text_len"][2]),
+            "max_image_pixels": self.max_image_pixels,
             "input_dtypes": dtypes,
             "processor": "processor",
         }

@@ -236,10 +236,13 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
 @device_option("cpu or cuda: the ONNX Runtime provider (instead of --provider).")
 @dtype_option("Refuse the build unless its graphs are in this precision (a build's dtype is baked in).",
               name="expect_dtype")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=defaults.MAX_IMAGE_PIXELS, show_default=True,
+              help="Refuse a larger image (width x height, read from its header before it is decoded).")
 @click.option("--stream", is_flag=True, help="Print the answer as its tokens come.")
 @json_option("Print one JSON object: answer, prompt_tokens, new_tokens, ttft_ms, decode_ms_per_token, ...")
 def run_cmd(build_dir: Path, image_path: Path, question: str, max_new_tokens: int, provider: str,
-            threads: int | None, device: str | None, expect_dtype: str | None, stream: bool, as_json: bool) -> None:
+            threads: int | None, device: str | None, expect_dtype: str | None, max_image_pixels: int, stream: bool,
+            as_json: bool) -> None:
     """Answer a question about an image with a build directory's graphs (greedy, on ONNX Runtime).
 
     The build carries its tokenizer and image processor: the model folder is not needed.
@@ -250,4 +253,4 @@ def run_cmd(build_dir: Path, image_path: Path, question: str, max_new_tokens: in
         raise PruneExportError("--device and --provider both choose the provider; pass one of them")
     echo_answer(lambda on_text: run_build(build_dir, image_path, question, max_new_tokens=max_new_tokens,
                                            provider=provider_for(device, provider), threads=threads,
-                                           expect_dtype=expect_dtype, on_text=on_text), stream, as_json)  # fmt: skip
+                                           expect_dtype=expect_dtype, max_image_pixels=max_image_pixels, on_text=on_text), stream, as_json)  # fmt: skip

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from prune_core import defaults
+
 from ..options import (
     json_option,
     max_new_tokens_option,
@@ -25,11 +27,13 @@ from ..output import echo_answer, echo_json, log_err
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Instance kind of the graph models (KIND_CPU / KIND_GPU).")
 @max_new_tokens_option(None, "Largest answer a request may ask for [default: the build's bound].")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=defaults.MAX_IMAGE_PIXELS, show_default=True,
+              help="The served model refuses a larger image (HTTP 400), read from its header before decoding.")
 @click.option("--stream", is_flag=True, help="A decoupled model that streams the answer as its tokens come (gRPC).")
 @click.option("--overwrite", is_flag=True, help="Replace REPO if it exists.")
 @json_option()
 def deploy_cmd(build_dir: Path, repo_dir: Path, name: str, instances: int, device: str, max_new_tokens: int | None,
-               stream: bool, overwrite: bool, as_json: bool) -> None:
+               max_image_pixels: int, stream: bool, overwrite: bool, as_json: bool) -> None:
     """Write BUILD_DIR as a Triton model repository: one model per graph and the model clients call.
 
     Every config.pbtxt is checked with Triton's schema and against its ONNX graph before REPO appears.
@@ -38,7 +42,7 @@ def deploy_cmd(build_dir: Path, repo_dir: Path, name: str, instances: int, devic
     from ..workflows.deploy import deploy
 
     result = deploy(build_dir, repo_dir, name=name, instances=instances, device=device, max_new_tokens=max_new_tokens,
-                    stream=stream, overwrite=overwrite, log=(lambda m: None) if as_json else log_err)  # fmt: skip
+                    max_image_pixels=max_image_pixels, stream=stream, overwrite=overwrite, log=(lambda m: None) if as_json else log_err)  # fmt: skip
     if as_json:
         echo_json(result)
         return

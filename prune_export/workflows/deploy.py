@@ -15,14 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from prune_core import defaults
 from prune_core.errors import DataError, ServeError
 from prune_core.manifest import Manifest
 
 
 def deploy(
     build_dir: Path, repo_dir: Path, *, name: str = "prune_export", instances: int = 1, device: str = "cpu",
-    max_new_tokens: int | None = None, stream: bool = False, overwrite: bool = False,
-    log: Callable[[str], None] = lambda message: None,
+    max_new_tokens: int | None = None, max_image_pixels: int = defaults.MAX_IMAGE_PIXELS, stream: bool = False,
+    overwrite: bool = False, log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``build_dir`` as the Triton repository ``repo_dir``; what was written."""
     from engines.triton.repository import RepositoryFromBuild
@@ -30,7 +31,8 @@ def deploy(
     started = time.perf_counter()
     manifest = Manifest.load(build_dir, verify="full")
     writer = RepositoryFromBuild(build_dir, repo_dir, name=name, instances=instances, kind=device,  # type: ignore[arg-type]
-                                 max_new_tokens=max_new_tokens, stream=stream, overwrite=overwrite,
+                                 max_new_tokens=max_new_tokens, max_image_pixels=max_image_pixels, stream=stream,
+                                 overwrite=overwrite,
                                  manifest=manifest, log=log)  # fmt: skip
     repo = writer()
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())

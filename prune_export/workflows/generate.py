@@ -32,6 +32,7 @@ from prune_core.autoprune import steepness
 from prune_core.cost import prefill_flops
 from prune_core.errors import BuildError
 from prune_core.manifest import Manifest
+from prune_core.prompt import MAX_IMAGE_PIXELS, PromptError, check_question
 from prune_core.spec import GroupSizes
 
 from .open_build import load_runner, manifest_spec, open_image, prefill_graph_flops
@@ -41,18 +42,22 @@ def run_build(
     build_dir: Path, image_path: Path, question: str, *, max_new_tokens: int = defaults.ANSWER_NEW_TOKENS,
     provider: str = defaults.PROVIDER,
     threads: int | None = None, on_text: Callable[[str], None] | None = None, expect_dtype: str | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:  # fmt: skip
     """Answer ``question`` about the image at ``image_path``; ``on_text`` receives the answer as it streams.
 
     Returns the answer with its timings (``answer``, ``prompt_tokens``, ``new_tokens``, ``ttft_ms``,
     ``decode_ms_per_token``, ``kv_tokens_per_layer``, ``provider``, ...). ``expect_dtype``: refuse a build
-    whose graphs are in another precision (``run --dtype``).
+    whose graphs are in another precision (``run --dtype``). An image larger than ``max_image_pixels`` is
+    refused before it is decoded.
     """
-    if not question.strip():
-        raise GenerationError("the question is empty; pass --question with the text to ask about the image")
+    try:
+        check_question(question)
+    except PromptError as err:
+        raise GenerationError(f"{err} (--question)") from None
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    image = open_image(image_path)
+    image = open_image(image_path, max_image_pixels)
     runner = load_runner(build_dir, provider=provider, threads=threads)
     if expect_dtype is not None and runner.manifest.dtype != expect_dtype:
         raise BuildError(

@@ -19,6 +19,7 @@ from graph_passes import census
 from prune_core.cost import lm_head_flops
 from prune_core.errors import BuildError, DataError
 from prune_core.manifest import CHECK_INPUTS, Manifest
+from prune_core.prompt import MAX_IMAGE_PIXELS, PromptError, decode_image
 from prune_core.spec import ModelSpec
 
 
@@ -30,17 +31,14 @@ def require_file(path: str | Path, what: str = "image") -> Path:
     return path
 
 
-def open_image(path: str | Path) -> Any:
-    """A PIL image from ``path``, or one line saying why it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """An RGB PIL image from ``path``, read only when its header says it has at most ``max_pixels`` pixels; or
+    one line saying why it cannot be read."""
     path = require_file(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}; pass a PNG, JPEG or another format Pillow reads") from None
+        return decode_image(path, max_pixels)
+    except PromptError as err:
+        raise DataError(f"cannot read image {path}: {err}") from None
 
 
 def synthetic_image(seed: int) -> Any:

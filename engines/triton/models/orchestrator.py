@@ -19,8 +19,9 @@ they come and then a final empty response.
 Inputs: ``image`` (TYPE_STRING [1]: encoded image bytes), ``question`` (TYPE_STRING [1]), optional
 ``max_new_tokens`` (TYPE_INT32 [1]) and ``ignore_eos`` (TYPE_BOOL [1]: generate exactly ``max_new_tokens``,
 for benchmarks). Outputs: ``answer`` (TYPE_STRING [1]) and ``new_tokens`` (TYPE_INT32 [1]). A bad request
-(bytes that are not an image, an empty question, ``max_new_tokens`` out of range) gets an error response
-that says what was wrong; the model stays loaded.
+(bytes that are not an image, an image larger than the deployment's pixel limit, a question that is empty or
+not UTF-8, ``max_new_tokens`` out of range, a prompt the graphs cannot take) gets an INVALID_ARG (HTTP 400)
+response that says what was wrong, before any graph runs; the model stays loaded.
 """
 
 from __future__ import annotations
@@ -111,8 +112,6 @@ class TritonPythonModel:
 
     # -- request -> prompt -----------------------------------------------------------------------------
     def _parse(self, request) -> tuple:
-        from PIL import Image, UnidentifiedImageError
-
         image_tensor = pb_utils.get_input_tensor_by_name(request, "image")
         if image_tensor is None:
             raise RequestError("input 'image' is missing: send the encoded image file (PNG, JPEG, ...) as bytes")
@@ -120,22 +119,22 @@ class TritonPythonModel:
         if raw.size != 1:
             raise RequestError(f"image must hold one element (one encoded image file), got {raw.size}")
         data = raw[0] if isinstance(raw[0], bytes) else bytes(raw[0])
+        max_pixels = int(self.spec.get("max_image_pixels", self.rules.MAX_IMAGE_PIXELS))
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                image = img.convert("RGB")
-        except UnidentifiedImageError:
-            raise RequestError(f"image: the {len(data)} bytes are not an image file Pillow can read (send PNG, JPEG, ...)") from None
-        except (OSError, ValueError) as exc:
-            raise RequestError(f"image: the {len(data)} bytes are not a readable image ({exc})") from None
+            image = self.rules.decode_image(io.BytesIO(data), max_pixels)
+        except self.rules.PromptError as exc:
+            raise RequestError(f"image ({len(data)} bytes): {exc}") from None
         try:
             question = _text(request, "question")
-        except UnicodeDecodeError:
-            raise RequestError("question is not UTF-8 text") from None
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"question is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position "
+                               f"{exc.start}); send it in UTF-8") from None  # fmt: skip
         if question is None:
             raise RequestError("input 'question' is missing")
-        if not question.strip():
-            raise RequestError("question is empty: send the text to ask about the image")
+        try:
+            self.rules.check_question(question)
+        except self.rules.PromptError as exc:
+            raise RequestError(str(exc)) from None
         bound = int(self.spec["max_new_tokens"])
         new_tokens = int(self.spec["default_new_tokens"])
         tensor = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
@@ -157,11 +156,12 @@ class TritonPythonModel:
         except Exception as exc:
             raise RequestError(f"the image processor rejected the input ({type(exc).__name__}: {exc})") from None
         ids = np.asarray(inputs["input_ids"][0], dtype=np.int64)
-        where = np.flatnonzero(ids == int(self.spec["image_token_id"]))
-        if len(where) != int(self.spec["visual_tokens"]):
-            raise RequestError(f"the prompt holds {len(where)} image tokens, the graphs take {self.spec['visual_tokens']}: "
-                               "the question must not contain the image placeholder")  # fmt: skip
-        start, end = int(where[0]), int(where[-1]) + 1
+        try:  # the runtime's checks, before any graph runs
+            start, end = self.rules.image_span(ids, int(self.spec["image_token_id"]), int(self.spec["visual_tokens"]),
+                                               int(self.spec.get("max_sys_tokens", len(ids))),
+                                               int(self.spec.get("max_text_tokens", len(ids))))  # fmt: skip
+        except self.rules.PromptError as exc:
+            raise RequestError(str(exc)) from None
         m = self.models
         vision = self._infer(m["vision"], {"pixel_values": np.asarray(inputs["pixel_values"]).astype(self.dtypes["pixel_values"])},
                              ["image_features", "cls_attention"])  # fmt: skip
