@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import LLAVA_7B_CONFIG, assert_clean_error, run
+from helpers.cli import LLAVA_7B_CONFIG, assert_clean_error, run
 
 from exporter.adapters import load_spec
 from prune_core.ops import Group, Module, Operation

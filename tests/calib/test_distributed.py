@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import assert_clean_error, run
 
 from calib.evaluator import CalibrationSet, ModelEvaluator, metric_info
 from calib.journal import Journal
 from calib.search import SearchEvent, SearchResult, SearchSettings, journal_identity, run_search
 from exporter.adapters import load_adapter
 from prune_core.spec import GroupSizes
-from tests.cli_helpers import assert_clean_error, run
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the local instance stays on 127.0.0.1
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'prune-export[ray]')")

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from calib_stubs import BatchStubEvaluator, Killed, StubEvaluator, Weights, free_from
+from helpers.calib_stubs import BatchStubEvaluator, Killed, StubEvaluator, Weights, free_from
 
 from calib.journal import Journal
 from calib.search import (

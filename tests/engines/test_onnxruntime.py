@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from engine_graphs import BIAS, WEIGHT, save_graph
+from helpers.engine_graphs import BIAS, WEIGHT, save_graph
 from onnx import TensorProto, helper
 
 from engines.onnxruntime import CUDA_PROVIDER, OrtRunner, SessionFromOnnx, active_provider, session_from_onnx

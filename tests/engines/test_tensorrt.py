@@ -2,10 +2,10 @@
 
 Three groups: tests that need no TensorRT at all (missing-TensorRT error, lazy import, argument checks,
 atomic save); tests that drive :class:`EngineFromOnnx` on small real ONNX graphs through the strict stand-in
-``tensorrt`` module of fake_tensorrt.py (which reads inputs and shape tensors from the graph and holds
-TensorRT's call order) to check what it asks of the TensorRT API (network flags for TensorRT 10 and 11,
-profile calls, error reports); and tests that build real engines, which run only where TensorRT is installed
-(GPU machines).
+``tensorrt`` module of helpers/fake_tensorrt.py (which reads inputs and shape tensors from the graph and
+holds TensorRT's call order) to check what it asks of the TensorRT API (network flags for TensorRT 10 and
+11, profile calls, error reports); and tests that build real engines, which run only where TensorRT is
+installed (GPU machines).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from engine_graphs import IR_VERSION, matmul_add_model, save_graph
-from fake_tensorrt import fake_tensorrt, shape_tensor_inputs
+from helpers.engine_graphs import IR_VERSION, matmul_add_model, save_graph
+from helpers.fake_tensorrt import fake_tensorrt, shape_tensor_inputs
 from onnx import TensorProto, helper
 
 from engines.tensorrt import (
@@ -137,7 +137,7 @@ def test_save_engine_writes_atomically(tmp_path: Path) -> None:
     assert target.read_bytes() == b"second"
 
 
-# ── against the strict stand-in tensorrt module (fake_tensorrt.py) ──────────────────────────────────────
+# ── against the strict stand-in tensorrt module (helpers/fake_tensorrt.py) ──────────────────────────────
 
 
 def slice_by_k_and_fixed_model(path: Path) -> Path:

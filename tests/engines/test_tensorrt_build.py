@@ -1,6 +1,6 @@
 """TensorRT engines of a real ``--target tensorrt`` build directory, against the strict stand-in module
-(fake_tensorrt.py: inputs and shape tensors read from the real ONNX files, TensorRT's call order and its way
-of failing), and ``build`` / ``prune-export engines`` around it.
+(helpers/fake_tensorrt.py: inputs and shape tensors read from the real ONNX files, TensorRT's call order and
+its way of failing), and ``build`` / ``prune-export engines`` around it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import onnx
 import pytest
-from cli_helpers import assert_clean_error, run
-from fake_tensorrt import fake_tensorrt, shape_tensor_inputs
+from helpers.cli import assert_clean_error, run
+from helpers.fake_tensorrt import fake_tensorrt, shape_tensor_inputs
 
 from engines.tensorrt import EnginesFromBuild, engine_file, profile_for_graph
 from prune_core.autoprune import ScheduleTable

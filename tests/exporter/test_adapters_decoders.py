@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import PROMPT_TEMPLATE, SQUARE_QUESTION, random_image
-from ort_session import cpu_session
+from helpers.ort_session import cpu_session
 
 from exporter.adapters import LlavaAdapter, load_adapter, load_spec
 from exporter.baked import BakedPrefill

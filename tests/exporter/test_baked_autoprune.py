@@ -23,7 +23,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from helpers import PROMPTS, random_image
-from ort_session import cpu_session
+from helpers.ort_session import cpu_session
 from torch import nn
 
 from exporter.adapters import load_adapter

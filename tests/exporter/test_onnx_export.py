@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 import torch
 from helpers import SQUARE_QUESTION, random_image
-from ort_session import cpu_session
+from helpers.ort_session import cpu_session
 
 from exporter.baked import BakedPrefill
 from exporter.executor import FixedKeepPolicy, PlanExecutor

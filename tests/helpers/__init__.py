@@ -1,6 +1,10 @@
 """What several test files share: random test images, the questions asked of them, and plan-kind tables.
 
-Imported at module level as ``from helpers import ...`` (see tests/conftest.py for the rule).
+The package's modules hold the rest: ``helpers.cli`` (CLI runs and one-line errors), ``helpers.engine_graphs``
+(small ONNX graphs), ``helpers.fake_tensorrt`` (a strict stand-in ``tensorrt`` module),
+``helpers.calib_stubs`` (stub evaluators) and ``helpers.ort_session`` (a CPU ONNX Runtime session).
+Imported at module level as ``from helpers import ...`` / ``from helpers.cli import ...`` (the rule is in
+tests/conftest.py).
 """
 
 from __future__ import annotations

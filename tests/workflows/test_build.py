@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import assert_clean_error, run
 from click.testing import CliRunner
+from helpers.cli import assert_clean_error, run
 
 import prune_export.workflows.check as check_module
 from engines.benchmark import LatencyStats

@@ -10,12 +10,12 @@ from pathlib import Path
 import onnx
 import pytest
 from helpers import tiny_plan_kinds
+from helpers.cli import assert_clean_error, run
 
 from graph_passes.quantize import weight_matmuls, weight_matmuls_after
 from prune_core.manifest import Manifest
 from prune_core.ops import Group, Module, Operation
 from prune_export.workflows.build import BuildSettings, build
-from tests.cli_helpers import assert_clean_error, run
 
 COMBINED_OPS = frozenset(
     [Operation(2, g, Module.MLP) for g in (Group.IMG_KEY, Group.IMG_REST)]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import PROMPTS, on_targets, plan_kinds, random_image
+from helpers.cli import assert_clean_error, run
 
 from engines.generate import GenerationError, GenerationRunner
 from exporter.adapters import load_adapter
@@ -178,8 +179,6 @@ def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_run_prints_the_answer_and_its_timings(builds, image_file: Path) -> None:
-    from cli_helpers import run
-
     with GenerationRunner(builds["autoprune"], provider="cpu") as runner:
         expected = runner.generate(random_image(1), PROMPTS[1][1], NEW_TOKENS)
     code, out = run("run", builds["autoprune"], "--image", image_file, "--question", PROMPTS[1][1],
@@ -199,8 +198,6 @@ def test_run_prints_the_answer_and_its_timings(builds, image_file: Path) -> None
 
 def test_eval_of_a_build_answers_like_the_executor(builds, model: Path, demo_data: Path, tmp_path: Path) -> None:
     """The build's answers and FLOPs against ``eval MODEL_DIR`` with the same token policy (the executor)."""
-    from cli_helpers import run
-
     data = demo_data
     code, out = run("eval", builds["fixed"], "--data", data, "--json", "--max-new-tokens", 4,
                     "--samples-out", tmp_path / "build.jsonl")  # fmt: skip
@@ -233,8 +230,6 @@ def test_eval_of_a_build_answers_like_the_executor(builds, model: Path, demo_dat
     assert dense["agreement"] == 1.0 and dense["mean_first_token_kl"] < 1e-6  # graphs vs executor: rounding only
     code, out = run("eval", builds["fixed"], "--data", data, "--json", "--max-new-tokens", 4, "--no-reference")
     assert json.loads(out)["agreement"] is None
-    from cli_helpers import assert_clean_error
-
     assert_clean_error(*run("eval", builds["fixed"], "--data", data, "--reference", builds["gsop"]),
                        "pruned or quantized build")  # fmt: skip
     code, out = run("eval", builds["fixed"], "--data", data, "--autoprune-tokens", 8)
@@ -242,8 +237,6 @@ def test_eval_of_a_build_answers_like_the_executor(builds, model: Path, demo_dat
 
 
 def test_bench_generate_times_both_builds(builds) -> None:
-    from cli_helpers import run
-
     code, out = run("bench", builds["autoprune"], "--baseline", builds["dense"], "--generate", 4, "--runs", 2,
                     "--warmup", 0, "--json")  # fmt: skip
     assert code == 0, out
@@ -258,8 +251,6 @@ def test_bench_generate_times_both_builds(builds) -> None:
 
 
 def test_run_refuses_bad_input_in_one_line(builds, image_file: Path, tmp_path: Path, demo_data: Path) -> None:
-    from cli_helpers import assert_clean_error, run
-
     def run_on(build: Path, **options: object) -> tuple[int, str]:
         args = {"--image": image_file, "--question": "What is it?", **options}
         return run("run", build, *[x for item in args.items() for x in item])
@@ -309,8 +300,6 @@ def test_grouped_query_attention_decodes_like_the_executor(tiny_gqa_model: Path,
 
 def test_eval_of_an_autoprune_build_reports_the_graphs_decisions(builds, model: Path, demo_data: Path) -> None:
     """Per-sample AutoPrune decisions read from the graph equal the executor's in table mode."""
-    from cli_helpers import run
-
     code, out = run("eval", builds["autoprune"], "--data", demo_data, "--json", "--max-new-tokens", 2,
                     "--samples-out", builds["autoprune"].parent / "ap-rows.jsonl")  # fmt: skip
     assert code == 0, out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import assert_clean_error, run
+from helpers.cli import assert_clean_error, run
 from PIL import Image
 
 from exporter.adapters import load_spec
