@@ -395,36 +395,65 @@ def _latency(model_dir: Path, out: Path, configs: Sequence[SweepConfig], choices
 
     builds = out / "builds"
     builds.mkdir(exist_ok=True)
+    bs = BuildSettings(check=not settings.skip_check, max_text_tokens=settings.max_text_tokens,
+                       max_sys_tokens=settings.max_sys_tokens, provider=settings.provider,
+                       device=settings.device, overwrite=True)  # fmt: skip
     for i, config in enumerate(configs):
         target = builds / config.name
         if (target / "manifest.json").is_file():
-            try:
-                manifest = Manifest.load(target, verify="size")
-                if manifest.plan == json.loads(json.dumps(choices[config.name].info)):
-                    continue
-            except PruneExportError:
-                pass
-            log(f"{target} is not this configuration's finished build; building it again")
+            why_not = _why_not_reuse(target, choices[config.name].info, bs)
+            if why_not is None:
+                log(f"kept the build {target} (same plan, bounds and precision; check "
+                    f"{Manifest.load(target, verify='none').check.status})")  # fmt: skip
+                continue
+            log(f"{target} is not this configuration's build ({why_not}); building it again")
         log(f"[{i + 1}/{len(configs)}] building {config.name} into {target}")
-        bs = BuildSettings(check=not settings.skip_check, max_text_tokens=settings.max_text_tokens,
-                           max_sys_tokens=settings.max_sys_tokens, provider=settings.provider,
-                           device=settings.device, overwrite=True)  # fmt: skip
         build(model_dir, target, choices[config.name], bs, log)
         result.built.append(config.name)
     path = out / "latency.json"
     names = [c.name for c in configs]
+    timing = {"builds": names, "rounds": settings.rounds, "warmup": settings.warmup, "threads": settings.threads,
+              "provider_option": settings.provider}  # fmt: skip
     if path.is_file() and not result.built:
         try:
             previous = json.loads(path.read_text())
-            if previous.get("builds") == names and previous.get("rounds") == settings.rounds:
-                log(f"kept the latency measured before ({path})")
-                return previous
         except (OSError, json.JSONDecodeError):
-            pass
+            previous = {}
+        differs = [key for key, value in timing.items() if previous.get(key) != value]
+        if not differs:
+            log(f"kept the latency measured before ({path}: same builds, rounds, warm-up, threads and provider)")
+            return previous
+        if previous:
+            log(f"timing again: {', '.join(differs)} differ from the latency measured before ({path})")
     measured = time_first_token({c.name: builds / c.name for c in configs}, row, rounds=settings.rounds,
                                 warmup=settings.warmup, provider=settings.provider, threads=settings.threads, log=log)
+    measured["provider_option"] = settings.provider
     atomic_write_json(path, measured)
     return measured
+
+
+def _why_not_reuse(target: Path, plan_info: dict[str, Any], settings: Any) -> str | None:
+    """Why a kept build cannot stand for this configuration now (None: it can): another plan, other bounds or
+    precision, files that differ from its manifest, or no passed check where this sweep checks its builds."""
+    from prune_core.manifest import Manifest
+
+    try:
+        manifest = Manifest.load(target, verify="full")
+    except PruneExportError as err:
+        return str(err).split(";")[0]
+    if manifest.plan != json.loads(json.dumps(plan_info)):
+        return "another plan"
+    wanted = {"dtype": settings.dtype, "target": settings.target, "quantization": None,
+              "max_text_tokens": settings.max_text_tokens, "max_sys_tokens": settings.max_sys_tokens}
+    found = {"dtype": manifest.dtype, "target": manifest.target, "quantization": manifest.quantization,
+             "max_text_tokens": manifest.shape_ranges.get("text_len", [None] * 3)[2],
+             "max_sys_tokens": manifest.shape_ranges.get("sys_len", [None] * 3)[2]}
+    differs = [key for key in wanted if wanted[key] != found[key]]
+    if differs:
+        return "another " + ", ".join(differs)
+    if settings.check and manifest.check.status != "passed":
+        return f"its check was {manifest.check.status}, and this sweep checks its builds"
+    return None
 
 
 # -- the report --------------------------------------------------------------------------------------------

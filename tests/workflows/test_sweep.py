@@ -223,3 +223,12 @@ def test_latency_builds_every_configuration_and_times_it_against_dense(tiny_mode
     assert tokens["dense"] is None and tokens["autoprune-4"]["tokens"] == 4
     code, text = run(*args)
     assert code == 0 and "0 built" in text and "kept the latency measured before" in text
+    assert "kept the build" in text
+    code, text = run(*args, "--threads", 1)
+    assert code == 0 and "0 built" in text and "timing again: threads differ" in text, text
+    checked = [a for a in args if a != "--skip-check"]  # a checked sweep does not take unchecked builds
+    code, text = run(*checked)
+    assert code == 0 and "2 built" in text, text
+    assert text.count("its check was skipped, and this sweep checks its builds") == 2
+    assert all(json.loads((out / "builds" / name / "manifest.json").read_text())["check"]["status"] == "passed"
+               for name in rows)  # fmt: skip
