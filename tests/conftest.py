@@ -27,12 +27,18 @@ How the tests are laid out (for whoever adds one):
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+#: The project's packages come before the test folders of the same names (tests/graph_passes, ...), also
+#: when pytest is started as a bare ``pytest`` (``python -m pytest`` already puts the working folder first).
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path[:1]:
+    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ the model folder the build came from is not needed. Builds are opened (and their
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from prune_core.autoprune import steepness
 from prune_core.cost import prefill_flops
 from prune_core.errors import BuildError
 from prune_core.manifest import Manifest
+from prune_core.ops import PRUNABLE_GROUPS, Module, Operation
 from prune_core.prompt import MAX_IMAGE_PIXELS, PromptError, check_question
 from prune_core.spec import GroupSizes
 
@@ -80,12 +80,10 @@ def run_build(
 
 
 # -- eval through a build --------------------------------------------------------------------------------
-_OP = re.compile(r"^L(\d+):(img_key|img_rest)\.kv$")
-
-
 def _kv_pruned_layers(manifest: Manifest) -> set[int]:
     """Layers where a static operation removes visual tokens' K/V (their KV count omits visual tokens)."""
-    return {int(m.group(1)) for op in manifest.plan.get("ops", []) if (m := _OP.match(str(op)))}
+    ops = (Operation.from_str(str(text)) for text in manifest.plan.get("ops", []))
+    return {op.layer for op in ops if op.module is Module.KV and op.group in PRUNABLE_GROUPS}
 
 
 def visual_tokens_per_layer(manifest: Manifest, kv_tokens: list[int], sys_tokens: int, text_tokens: int) -> list[int]:

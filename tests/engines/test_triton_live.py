@@ -11,6 +11,7 @@ Skips only where the server environment (the nvidia-pytriton wheel) cannot be in
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from engines.triton.client import TritonAsker
 from engines.triton.server import ServerEnvironment
@@ -172,6 +174,14 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, prom
     assert "image" in send({"question": q})
     assert "not an image" in send({"image": (np.array([b"definitely not a PNG"], dtype=np.object_), "BYTES"), "question": q})
     assert "question is empty" in send({"image": img, "question": (np.array([b"   "], dtype=np.object_), "BYTES")})
+    bomb = io.BytesIO()  # a PNG of a few KB that declares 200 megapixels: refused from its header
+    Image.new("1", (20000, 10000)).save(bomb, format="PNG")
+    message = send({"image": (np.array([bomb.getvalue()], dtype=np.object_), "BYTES"), "question": q})
+    assert "20000 x 10000 = 200,000,000 pixels, more than the limit of 50,000,000" in message
+    message = send({"image": img, "question": (np.array([b"caf\xe9?"], dtype=np.object_), "BYTES")})
+    assert "not UTF-8 text (byte 0xe9 at position 3)" in message
+    long_question = (np.array([("word " * 5000).encode()], dtype=np.object_), "BYTES")
+    assert "more than the build's bound of 4096" in send({"image": img, "question": long_question})
     for bad in (0, -3, 100_000):
         message = send({"image": img, "question": q, "max_new_tokens": (np.array([bad], dtype=np.int32), "INT32")})
         assert "max_new_tokens must be between 1 and 1024" in message and str(bad) in message

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
+from helpers.cli import run
 from onnx import numpy_helper
 
-from prune_export.cli import main
 from prune_export.workflows.build import BuildSettings, build
 from prune_export.workflows.selection import PlanChoice
 
@@ -31,10 +30,7 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def _check(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["check", *[str(a) for a in args]])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+    return run("check", *args)
 
 
 def test_a_fresh_build_passes_again_and_nothing_in_it_changes(built: Path) -> None:

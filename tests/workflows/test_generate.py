@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from helpers import PROMPTS, on_targets, plan_kinds, random_image
 from helpers.cli import assert_clean_error, run
+from PIL import Image
 
 from engines.generate import GenerationError, GenerationRunner
 from exporter.adapters import load_adapter
@@ -262,6 +263,14 @@ def test_run_refuses_bad_input_in_one_line(builds, image_file: Path, tmp_path: P
     assert_clean_error(*run_on(builds["dense"], **{"--image": not_image}), "cannot read image")
     assert_clean_error(*run_on(builds["dense"], **{"--image": tmp_path / "missing.png"}), "does not exist")
     assert_clean_error(*run_on(builds["dense"], **{"--question": "   "}), "question is empty")
+    bomb = tmp_path / "bomb.png"  # a few KB that declare 200 megapixels: refused from the header, not decoded
+    Image.new("1", (20000, 10000)).save(bomb)
+    assert bomb.stat().st_size < 100_000
+    assert_clean_error(*run_on(builds["dense"], **{"--image": bomb}), "20000 x 10000 = 200,000,000 pixels, more than the limit")
+    code, _ = run_on(builds["dense"], **{"--image": bomb, "--max-image-pixels": 300_000_000, "--max-new-tokens": 1})
+    assert code == 0  # the limit is the user's to raise
+    assert_clean_error(*run_on(builds["dense"], **{"--question": "caf\udce9?"}), "not UTF-8 text (byte 0xe9 at position 3)")
+    assert_clean_error(*run_on(builds["dense"], **{"--question": "word " * 5000}), "more than the build's bound of 4096")
     code, output = run_on(builds["dense"], **{"--max-new-tokens": 0})  # click's own range check, as every command's
     assert code == 2 and "0 is not in the range x>=1" in output and "Traceback" not in output
     bound = Manifest.load(builds["dense"]).generation["max_new_tokens"]
