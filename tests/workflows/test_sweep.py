@@ -110,6 +110,11 @@ def test_agreement_counts_answers_identical_to_huggingface_greedy_answers(sweep:
         ids = adapter.model.generate(input_ids=tokens.input_ids[None], pixel_values=tokens.pixel_values,
                                      max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.input_ids.shape[0]:]  # fmt: skip
         hf[row.line] = adapter.decode([int(i) for i in ids if int(i) not in adapter.eos_token_ids])
+    # The sweep's dense answers, which every agreement compares with, are HuggingFace's own greedy answers
+    # (an independent reference, not dense compared with itself).
+    dense = json.loads((sweep / "configs" / "dense.json").read_text())["eval"]["results"]
+    assert [s["prediction"] for s in dense] == [hf[s["line"]] for s in dense]
+    assert all(s["agrees"] for s in dense)
     for name in ("fixed-1x2", "autoprune-4", "gsop-0.7"):
         samples = json.loads((sweep / "configs" / f"{name}.json").read_text())["eval"]["results"]
         same = [s["prediction"] == hf[s["line"]] for s in samples]
