@@ -12,6 +12,7 @@ never leaves a directory that looks complete. A build that fails its parity chec
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import shutil
@@ -45,7 +46,7 @@ from exporter.onnx_export import (
     save_ir_for_ort,
 )
 from graph_passes import PassManager, default_pipeline
-from prune_core import defaults
+from prune_core import defaults, memory
 from prune_core.device import resolve_device, torch_dtype
 from prune_core.errors import BuildError
 from prune_core.io import atomic_write_json, staged_directory
@@ -156,6 +157,7 @@ def check_build_options(settings: BuildSettings) -> None:
 def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSettings, log: Log) -> Manifest:
     """Export, optimize, check and write one build directory; returns its manifest."""
     check_build_options(settings)
+    settings = fit_in_memory(model_dir, settings, log)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not settings.overwrite:
         raise BuildError(
@@ -169,6 +171,32 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
             f"{manifest.engines.reason}; fix the cause and run `prune-export engines {out_dir}`"
         )
     return manifest
+
+
+def fit_in_memory(model_dir: Path, settings: BuildSettings, log: Log) -> BuildSettings:
+    """The settings a build can run with in the memory available (:mod:`prune_core.memory`), before anything is
+    loaded: as given when they fit; with ``low_memory`` when only the fp32 copy of an fp16/bf16 build does
+    not fit (said in the log); else one line with both figures and the option that fits, if one does."""
+    have = memory.available_bytes()
+    fp32 = memory.load_bytes(model_dir, "fp32")
+    if have is None or fp32 is None:
+        return settings
+    held = settings.dtype if settings.low_memory else "fp32"
+    needed = memory.load_bytes(model_dir, held) or 0
+    if needed <= have:
+        return settings
+    low = memory.load_bytes(model_dir, "fp16") or 0
+    if settings.dtype in ("fp16", "bf16") and settings.quantize is None and low <= have:
+        log(f"the model in fp32 needs about {memory.gib(needed)} and {memory.gib(have)} is available: building with "
+            f"--low-memory (the model loaded and exported in {settings.dtype}, about {memory.gib(low)}; the check's "
+            f"reference runs in {settings.dtype} too)")  # fmt: skip
+        return dataclasses.replace(settings, low_memory=True)
+    fix = (f"build with --dtype fp16 --low-memory (about {memory.gib(low)})" if low <= have and settings.quantize is None
+           else "build on a machine with more memory")  # fmt: skip
+    raise memory.InsufficientMemoryError(
+        f"building {model_dir} holds the model in {held}: about {memory.gib(needed)} of memory, and "
+        f"{memory.gib(have)} is available; {fix}"
+    )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prune_core import defaults
+from prune_core import defaults, memory
 from prune_core.errors import DataError, PruneExportError
 from prune_core.io import atomic_write_text
 
@@ -50,6 +50,7 @@ def evaluate_model(model_dir: Path, data_path: Path, request: PlanRequest = NO_P
     _check_reference_options(reference_path, compare)
     spec, choice = choose_plan(model_dir, request)
     rows = load_rows(data_path, require_answer=True, limit=limit)
+    memory.check_model_fits(model_dir, dtype, "eval")
     policy = token_policy(choice.tokens, spec, request.autoprune_mode or "exact")
     adapter = load_adapter(model_dir, dtype=torch_dtype(dtype), device=resolve_device(device))
     reference: Any = DENSE if compare else None

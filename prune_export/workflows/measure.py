@@ -24,7 +24,7 @@ from engines.generate import GenerationStats
 from engines.prefill import PrefillRunner
 from graph_passes import census
 from graph_passes.quantize import weight_matmuls, weight_matmuls_after
-from prune_core import defaults
+from prune_core import defaults, memory
 from prune_core.errors import BuildError
 from prune_core.manifest import Manifest
 
@@ -59,6 +59,8 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None, *, run: bool 
     names = ["prefill"] if manifest.prefill_layout == "single" else ["prefill_head", "prefill_tail"]
     out: dict[str, np.ndarray] = {}
     if run:
+        memory.check_fits(f"inspect {build_dir} (running its prefill)", memory.estimate(memory.graphs_bytes(build_dir, names)),
+                          "inspect it with --no-run, which counts the FLOPs by shape inference without loading weights")  # fmt: skip
         with PrefillRunner(build_dir, provider="cpu", manifest=manifest) as prefill:
             flops = graph_flops(prefill, feed)
             out = prefill.infer(cast_feeds(prefill, feed))

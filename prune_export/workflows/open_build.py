@@ -16,6 +16,7 @@ import numpy as np
 
 from exporter.baked import BakedPrefill
 from graph_passes import census
+from prune_core import memory
 from prune_core.cost import lm_head_flops
 from prune_core.errors import BuildError, DataError
 from prune_core.manifest import CHECK_INPUTS, Manifest
@@ -55,6 +56,8 @@ def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int |
     from engines.generate import GenerationRunner
 
     manifest = Manifest.load(build_dir, verify="full")
+    memory.check_fits(f"running {build_dir}", memory.estimate(memory.graphs_bytes(build_dir, list(manifest.graphs))),
+                      "run it on a machine with more memory")  # fmt: skip
     return GenerationRunner(build_dir, provider=provider, threads=threads, manifest=manifest)  # type: ignore[arg-type]
 
 

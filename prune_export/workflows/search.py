@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prune_core import defaults
+from prune_core import defaults, memory
 from prune_core.plan import Plan
 from prune_core.spec import GroupSizes
 
@@ -100,6 +100,7 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, *, metric: str = d
     from exporter.adapters import load_adapter
     from prune_core.device import torch_dtype
 
+    memory.check_model_fits(model_dir, dtype, "search")
     adapter = load_adapter(model_dir, dtype=torch_dtype(dtype), device=device)
     n_rows = len(load_rows(calib_path, require_answer=metric != "kl", limit=limit))
     with tqdm(total=n_rows, desc="calibration", unit="sample", file=sys.stderr, disable=None) as bar:

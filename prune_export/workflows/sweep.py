@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from prune_core import defaults
+from prune_core import defaults, memory
 from prune_core.errors import PruneExportError
 from prune_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -317,6 +317,7 @@ def run_sweep(model_dir: Path, data_path: Path, out: Path, configs: Sequence[Swe
     if result.kept:
         log(f"kept {len(result.kept)} finished configuration(s) from {out}: {', '.join(result.kept)}")
     if todo:
+        memory.check_model_fits(model_dir, dtype, "sweep")
         adapter = load_adapter(model_dir, dtype=torch_dtype(dtype), device=resolve_device(device))
         reference = _load_reference(reference_path) if "dense" in records else None
         try:
