@@ -94,6 +94,20 @@ class CheckOutput(_Strict):
     tolerance_kind: Literal["absolute", "relative"] = "absolute"
 
 
+class TokenFlip(_Strict):
+    """A check step where the graphs' greedy token differs from the executor's."""
+
+    #: ``logits``: the prefill's next token; ``generate``: a step of the greedy answer through the runtime
+    output: Literal["logits", "generate"]
+    prompt: int
+    step: int
+    #: the executor's two best logits apart there
+    gap: float
+    #: quantized builds: twice the largest logits error where the tokens agree; a gap at most this is a near tie
+    bound: float | None = None
+    near_tie: bool = False
+
+
 class CheckReport(_Strict):
     """The parity check of the exported graphs against the PyTorch executor."""
 
@@ -107,9 +121,11 @@ class CheckReport(_Strict):
     same_generation: bool | None = None
     generated_tokens: list[int] = Field(default_factory=list)
     outputs: list[CheckOutput] = Field(default_factory=list)
-    #: quantized builds: prompts whose greedy answer left the executor's at a near tie (the executor's two
-    #: best logits closer than twice the graph's logits error there); counted as agreeing. None: float builds
+    #: quantized builds: check prompts whose greedy token flipped at a near tie (the executor's top-2 gap at
+    #: most ``bound``, twice the largest logits error measured where the tokens agree). None: float builds
     near_ties: int | None = None
+    #: every step where the greedy token differed, with the executor's top-2 gap there
+    token_flips: list[TokenFlip] = Field(default_factory=list)
 
 
 class EngineReport(_Strict):

@@ -70,3 +70,65 @@ def test_a_missing_model_folder_is_one_line(built: Path, tmp_path: Path) -> None
     assert code == 1 and "Traceback" not in output
     assert len([line for line in output.splitlines() if line.strip()]) == 1
     assert "pass --model MODEL_DIR" in output
+
+
+# -- the near-tie rule of quantized builds ---------------------------------------------------------------------
+def _flip(logits: list[float], output: str = "generate", prompt: int = 0, step: int = 3):
+    from prune_export.workflows.check import _Flip
+
+    return _Flip(output, prompt, step, np.asarray(logits, dtype=np.float64))
+
+
+def test_a_true_near_tie_passes_against_the_error_where_tokens_agree() -> None:
+    from prune_export.workflows.check import classify_flips
+
+    (flip,) = classify_flips([_flip([0.0, 5.00, 5.03, 1.0])], agree_errors=[0.01, 0.02], quantized=True)
+    assert flip.near_tie and flip.gap == pytest.approx(0.03) and flip.bound == pytest.approx(0.04)
+
+
+def test_a_clear_flip_is_not_a_near_tie_whatever_the_error_at_the_flip() -> None:
+    """The old rule measured the error on the flipped step itself, where a flip makes it at least half the gap,
+    so every flip passed. The bound now comes from the steps where the tokens agree."""
+    from prune_export.workflows.check import classify_flips
+
+    rng = np.random.default_rng(0)
+    shuffled = rng.permutation(rng.standard_normal(400) * 3)  # a logits vector with an ordinary top-2 gap
+    flips = classify_flips([_flip(list(shuffled)), _flip([0.0, 4.0, 5.0])], agree_errors=[0.01], quantized=True)
+    assert [f.near_tie for f in flips] == [False, False]
+    assert flips[1].gap == pytest.approx(1.0) and flips[1].bound == pytest.approx(0.02)
+
+
+def test_without_an_agreeing_step_nothing_is_a_near_tie_and_float_builds_have_none() -> None:
+    from prune_export.workflows.check import classify_flips
+
+    assert not classify_flips([_flip([5.0, 5.0 + 1e-9])], agree_errors=[], quantized=True)[0].near_tie
+    (flip,) = classify_flips([_flip([5.0, 5.0 + 1e-9])], agree_errors=[1.0], quantized=False)
+    assert not flip.near_tie and flip.bound is None
+
+
+def test_a_damaged_int8_scale_fails_the_check_naming_the_flip(tiny_model: Path, tmp_path: Path) -> None:
+    """An int8-weights build whose LM-head scales are damaged for two tokens (one scaled by 1000, one by
+    -1000, so one of them wins every step by far): `check` fails it, naming the outputs and the steps where
+    the greedy token left the executor's; none of those flips is a near tie."""
+    out = tmp_path / "int8"
+    build(tiny_model, out, PlanChoice(), BuildSettings(provider="cpu", quantize="int8-weights"), lambda m: None)
+    for graph in ("prefill.onnx", "decode.onnx"):
+        model = onnx.load(str(out / graph))
+        inits = {t.name: t for t in model.graph.initializer}
+        weight = max((t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8),
+                     key=lambda t: int(np.prod(t.dims)))  # the LM head's, the largest  # fmt: skip
+        dequantize = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == weight.name)
+        scale = inits[dequantize.input[1]]
+        values = numpy_helper.to_array(scale).copy()
+        values.flat[1] *= 1000.0
+        values.flat[2] *= -1000.0
+        scale.CopyFrom(numpy_helper.from_array(values, scale.name))
+        onnx.save(model, str(out / graph))
+    code, output = _check(out, "--provider", "cpu", "--json")
+    assert code == 1, output
+    report = json.loads(output[output.index("{"): output.rindex("}") + 1])
+    flips = [f for f in report["token_flips"] if not f["near_tie"]]
+    assert report["status"] == "failed" and flips, report["token_flips"]
+    assert {f["output"] for f in flips} == {"logits", "generate"}
+    assert all(f["bound"] is not None and f["gap"] > f["bound"] for f in flips)
+    assert "flipped at step" in output and "not a near tie" in output
