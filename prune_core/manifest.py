@@ -121,8 +121,8 @@ class CheckReport(_Strict):
     same_generation: bool | None = None
     generated_tokens: list[int] = Field(default_factory=list)
     outputs: list[CheckOutput] = Field(default_factory=list)
-    #: quantized builds: check prompts whose greedy token flipped at a near tie (the executor's top-2 gap at
-    #: most ``bound``, twice the largest logits error measured where the tokens agree). None: float builds
+    #: quantized builds: greedy-token flips at a near tie (the executor's top-2 gap at most ``bound``, twice
+    #: the largest logits error measured where the tokens agree), at most 2 of the 4 decisions. None: float builds
     near_ties: int | None = None
     #: every step where the greedy token differed, with the executor's top-2 gap there
     token_flips: list[TokenFlip] = Field(default_factory=list)

@@ -74,8 +74,9 @@ CENSUS_TOLERANCE = 0.01
 #: activations gives a few percent up to ~0.12 on the demo models' KV caches): what the check requires of
 #: a quantized build is the fp32 executor's greedy answers.
 QUANT_RELATIVE_TOLERANCE = 0.25
-#: Quantized builds: check prompts (of 2) whose greedy token may flip at a near tie and still pass.
-MAX_NEAR_TIES = 1
+#: Quantized builds: greedy-token decisions that may flip at a near tie and still pass, of the four the
+#: check compares (each check prompt's next token from the prefill graph, and its answer through the runtime).
+MAX_NEAR_TIES = 2
 
 
 @dataclass
@@ -159,6 +160,15 @@ def classify_flips(flips: Sequence[_Flip], agree_errors: Sequence[float], quanti
     return out
 
 
+def token_verdict(flips: Sequence[TokenFlip]) -> tuple[bool, bool, int, bool]:
+    """Whether the next tokens and the answers count as the executor's (every flip a near tie), how many near
+    ties there were, and whether that is within :data:`MAX_NEAR_TIES`."""
+    same_token = not any(f.output == "logits" and not f.near_tie for f in flips)
+    same_generation = not any(f.output == "generate" and not f.near_tie for f in flips)
+    ties = sum(f.near_tie for f in flips)
+    return same_token, same_generation, ties, ties <= MAX_NEAR_TIES
+
+
 def check_build(
     adapter: Any, work: Path, manifest: Manifest, choice: PlanChoice, inputs: CheckInputs, *, dtype: str,
     quantize: str | None, provider: str, new_tokens: int, log: Log,
@@ -188,16 +198,14 @@ def check_build(
     )  # fmt: skip
     flips = classify_flips([*prefill_flips, *generation_flips], [*agree_errors, *generation_errors],
                            quantize is not None)  # fmt: skip
-    ties = len({f.prompt for f in flips if f.near_tie})  # a prompt's next token and answer flip as one
-    same_token = not any(f.output == "logits" and not f.near_tie for f in flips)
-    same_generation = not any(f.output == "generate" and not f.near_tie for f in flips)
+    same_token, same_generation, ties, ties_ok = token_verdict(flips)
     outputs = [_check_output(name, diff, found.scales.get(name), tolerance, quantize is not None,
                              choice.tokens is not None)
                for name, diff in found.diffs.items()]  # fmt: skip
     # Token-for-token equality is the contract in fp32; in fp16/bf16 rounding may flip a near tie, so there
     # the step logits (compared while the tokens agree) carry the check.
     ok = (all(o.ok for o in outputs) and same_token and (same_generation or dtype != "fp32")
-          and ties <= MAX_NEAR_TIES)  # fmt: skip
+          and ties_ok)  # fmt: skip
     worst = max((o for o in outputs if o.name != "census_flops_relative"), key=lambda o: o.max_abs_diff)
     if quantize is not None:
         bounded = [o for o in outputs if o.tolerance_kind == "relative" and o.tolerance is not None]

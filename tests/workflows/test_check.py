@@ -132,3 +132,15 @@ def test_a_damaged_int8_scale_fails_the_check_naming_the_flip(tiny_model: Path, 
     assert {f["output"] for f in flips} == {"logits", "generate"}
     assert all(f["bound"] is not None and f["gap"] > f["bound"] for f in flips)
     assert "flipped at step" in output and "not a near tie" in output
+
+
+def test_more_near_ties_than_the_cap_fail() -> None:
+    from prune_export.workflows.check import MAX_NEAR_TIES, classify_flips, token_verdict
+
+    near = [_flip([0.0, 5.0, 5.01], output=out, prompt=p, step=0) for p in (0, 1) for out in ("logits", "generate")]
+    flips = classify_flips(near, agree_errors=[0.05], quantized=True)
+    assert all(f.near_tie for f in flips) and len(flips) > MAX_NEAR_TIES == 2
+    assert token_verdict(flips) == (True, True, 4, False)  # each decision a near tie, but too many of them
+    assert token_verdict(flips[:2]) == (True, True, 2, True)  # at the cap: passes
+    hard = classify_flips([_flip([0.0, 4.0, 5.0], output="logits")], agree_errors=[0.05], quantized=True)
+    assert token_verdict(hard) == (False, True, 0, True)
