@@ -693,7 +693,9 @@ class BakedPrefill(nn.Module):
         ap = self.autoprune
         assert ap is not None
         vis = st.vis
-        kc = torch.clamp(keep_row[layer - 1], max=vis)
+        # min(K_l, current) by Where, not Clip: TensorRT's ONNX parser takes Clip on floats only (onnx-tensorrt
+        # 10.x operator table), and this count is int64.
+        kc = torch.where(keep_row[layer - 1] > vis, vis, keep_row[layer - 1])
         k = _count(kc, vis)
         perm = self._in_original_order(lay, st)
         ranked = scores if perm is None else scores[perm]
