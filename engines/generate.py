@@ -34,18 +34,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from engines.onnxruntime import CUDA_PROVIDER, Provider
+from engines.onnxruntime import CUDA_PROVIDER
 from engines.prefill import BuildRunner, PrefillRunner
 from engines.runner import Runner
 from prune_core import defaults
 from prune_core.errors import BuildError, PruneExportError
-from prune_core.manifest import Manifest, check_new_tokens
+from prune_core.manifest import check_new_tokens
 from prune_core.prompt import PromptError, TextPieces, check_question, image_span, prompt_text
 
 KV_KINDS = ("key", "value", "position")
@@ -112,15 +111,7 @@ class Answer:
 class GenerationRunner(BuildRunner):
     """Greedy generation through one build directory's graphs (see the module docstring)."""
 
-    def __init__(
-        self,
-        build_dir: str | Path,
-        *,
-        provider: Provider = "auto",
-        threads: int | None = None,
-        manifest: Manifest | None = None,
-    ) -> None:
-        super().__init__(build_dir, provider=provider, threads=threads, manifest=manifest)
+    def _open(self) -> None:
         info = self.manifest.generation
         if info is None or "decode" not in self.manifest.graphs or "embed" not in self.manifest.graphs:
             raise BuildError(

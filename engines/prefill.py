@@ -52,6 +52,10 @@ class BuildRunner(Runner):
         self.manifest = manifest or Manifest.load(self.build_dir)
         self._provider: Provider = provider
         self._threads = threads
+        self._open()
+
+    def _open(self) -> None:
+        """What a subclass reads from the build when it is made (its graphs' runners, checks of the manifest)."""
 
     def graph(self, name: str) -> OrtRunner:
         """The runner of one of the build's graphs, by its manifest name (inactive until used)."""
@@ -65,15 +69,7 @@ class PrefillRunner(BuildRunner):
     block, or first use) and dropped on :meth:`deactivate`.
     """
 
-    def __init__(
-        self,
-        build_dir: str | Path,
-        *,
-        provider: Provider = "auto",
-        threads: int | None = None,
-        manifest: Manifest | None = None,
-    ) -> None:
-        super().__init__(build_dir, provider=provider, threads=threads, manifest=manifest)
+    def _open(self) -> None:
         if self.manifest.prefill_layout == "single":
             self.runners = {"prefill": self.graph("prefill")}
             self.table: ScheduleTable | None = None

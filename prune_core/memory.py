@@ -92,19 +92,24 @@ def check_fits(what: str, needed: int, fix: str) -> None:
         raise InsufficientMemoryError(f"{what} needs about {gib(needed)} of memory and {gib(have)} is available; {fix}")
 
 
+def load_estimate(params: int, dtype: str) -> int:
+    """Peak bytes of holding ``params`` parameters in PyTorch in ``dtype``."""
+    return estimate(params * BYTES_PER_PARAM[dtype])
+
+
 def load_bytes(model_dir: str | Path, dtype: str) -> int | None:
     """Peak bytes of loading a model folder in PyTorch in ``dtype`` (None: no safetensors to count)."""
     params = model_parameters(model_dir)
-    return None if params is None else estimate(params * BYTES_PER_PARAM[dtype])
+    return None if params is None else load_estimate(params, dtype)
 
 
 def check_model_fits(model_dir: str | Path, dtype: str, command: str) -> None:
     """Refuse, before loading, a model that would not fit in ``dtype`` (``eval``, ``search``, ``sweep``)."""
-    needed = load_bytes(model_dir, dtype)
-    if needed is None:
+    params = model_parameters(model_dir)
+    if params is None:
         return
-    smaller = "" if dtype != "fp32" else f" (in bf16 or fp16 it needs about {gib(load_bytes(model_dir, 'bf16') or 0)})"
-    check_fits(f"{command} of {model_dir} in {dtype}", needed,
+    smaller = "" if dtype != "fp32" else f" (in bf16 or fp16 it needs about {gib(load_estimate(params, 'bf16'))})"
+    check_fits(f"{command} of {model_dir} in {dtype}", load_estimate(params, dtype),
                f"run it on a machine with more memory, or with --dtype bf16/fp16{smaller}")  # fmt: skip
 
 

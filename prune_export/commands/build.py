@@ -12,7 +12,6 @@ import click
 from prune_core import defaults
 from prune_core.device import provider_for
 from prune_core.errors import PruneExportError
-from prune_core.manifest import Manifest
 from prune_core.precision import TARGETS
 
 from ..options import (
@@ -108,9 +107,9 @@ def check_cmd(build_dir: Path, model_dir: Path | None, provider: str, device: st
     greedy answers through the graphs); exit status 1 when it fails. Nothing in the build is written. For a
     build copied to another machine, after upgrading ONNX Runtime, or after editing a graph by hand.
     """
-    from ..workflows.check import failure_message, recheck_build
+    from ..workflows.check import recheck_build
 
-    report = recheck_build(build_dir, model_dir=model_dir, provider=provider, device=device, log=log_err)
+    report, failure = recheck_build(build_dir, model_dir=model_dir, provider=provider, device=device, log=log_err)
     if as_json:
         echo_json(report.model_dump(mode="json"))
     else:
@@ -120,10 +119,8 @@ def check_cmd(build_dir: Path, model_dir: Path | None, provider: str, device: st
             bound = "reported" if out.tolerance is None else f"tolerance {out.tolerance:g}"
             rel = "" if out.max_rel_diff is None else f", relative {out.max_rel_diff:.3g}"
             click.echo(f"  {out.name:<28} max abs diff {out.max_abs_diff:.3g}{rel} ({bound}){'' if out.ok else '  FAILED'}")
-    if report.status != "passed":
-        manifest = Manifest.load(build_dir, verify="none")
-        quantize = manifest.quantization["mode"] if manifest.quantization else None
-        raise PruneExportError(failure_message(report, dtype=manifest.dtype, quantize=quantize, kept_in=None))
+    if failure is not None:
+        raise PruneExportError(failure)
 
 
 @click.command("engines")

@@ -163,12 +163,6 @@ def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | 
                + " ".join(f"{v:.1f}" for v in report.mean_visual_tokens_per_layer))
 
 
-def _keep_schedule(text: str) -> list[tuple[int, int]]:
-    from prune_core.tokens import parse_keep_schedule
-
-    return parse_keep_schedule(text)
-
-
 # -- sweep ----------------------------------------------------------------------------------------------
 @click.command("sweep")
 @click.argument("model_dir", type=click.Path(path_type=Path))
@@ -208,12 +202,14 @@ def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path |
     Each configuration is evaluated as `eval` with the same options evaluates it. Finished configurations are
     kept in REPORT_DIR: run the same command again after an interruption and only the rest is done.
     """
+    from prune_core.tokens import parse_keep_schedule
+
     from ..workflows.sweep import SweepSettings, parse_config, parse_numbers, run_sweep, sweep_configs
 
     configs = sweep_configs(
         plan_path=plan_path, budgets=parse_numbers(budgets, "--budgets"),
         autoprune_tokens=parse_numbers(autoprune_tokens, "--autoprune-tokens"),
-        keep_schedules=[_keep_schedule(text) for text in keep_schedules],
+        keep_schedules=[parse_keep_schedule(text) for text in keep_schedules],
         extra=[parse_config(text) for text in extra_configs],
     )  # fmt: skip
     settings = SweepSettings(latency=latency, rounds=rounds, warmup=warmup, threads=threads, skip_check=skip_check,

@@ -178,14 +178,14 @@ def fit_in_memory(model_dir: Path, settings: BuildSettings, log: Log) -> BuildSe
     loaded: as given when they fit; with ``low_memory`` when only the fp32 copy of an fp16/bf16 build does
     not fit (said in the log); else one line with both figures and the option that fits, if one does."""
     have = memory.available_bytes()
-    fp32 = memory.load_bytes(model_dir, "fp32")
-    if have is None or fp32 is None:
+    params = memory.model_parameters(model_dir)  # the safetensors headers, read once
+    if have is None or params is None:
         return settings
     held = settings.dtype if settings.low_memory else "fp32"
-    needed = memory.load_bytes(model_dir, held) or 0
+    needed = memory.load_estimate(params, held)
     if needed <= have:
         return settings
-    low = memory.load_bytes(model_dir, "fp16") or 0
+    low = memory.load_estimate(params, "fp16")
     if settings.dtype in ("fp16", "bf16") and settings.quantize is None and low <= have:
         log(f"the model in fp32 needs about {memory.gib(needed)} and {memory.gib(have)} is available: building with "
             f"--low-memory (the model loaded and exported in {settings.dtype}, about {memory.gib(low)}; the check's "

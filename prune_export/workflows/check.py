@@ -227,7 +227,8 @@ def check_build(
 
 
 def recheck_build(build_dir: Path, *, model_dir: Path | None = None, provider: str = defaults.PROVIDER,
-                  device: str = defaults.TORCH_DEVICE, log: Log = lambda message: None) -> CheckReport:  # fmt: skip
+                  device: str = defaults.TORCH_DEVICE,
+                  log: Log = lambda message: None) -> tuple[CheckReport, str | None]:  # fmt: skip
     """Run a finished build's check again, on the graphs as they are now, against the executor of
     ``model_dir`` (default: the model folder recorded in the manifest) in fp32 on ``device``; returns the
     report (``status`` ``passed`` or ``failed``). Nothing in the build is written.
@@ -259,7 +260,8 @@ def recheck_build(build_dir: Path, *, model_dir: Path | None = None, provider: s
     quantize = manifest.quantization["mode"] if manifest.quantization else None
     report, _ = check_build(adapter, Path(build_dir), manifest, choice, inputs, dtype=manifest.dtype,
                             quantize=quantize, provider=provider, new_tokens=defaults.CHECK_NEW_TOKENS, log=log)  # fmt: skip
-    return report
+    failed = report.status != "passed"
+    return report, failure_message(report, dtype=manifest.dtype, quantize=quantize, kept_in=None) if failed else None
 
 
 def plan_choice_of(manifest: Manifest) -> PlanChoice:
