@@ -64,6 +64,7 @@ from prune_core.autoprune import (
     ScheduleTable,
     _ascending,
     _rank,
+    _topk,
     complexity_i0,
     complexity_i1,
     n0_for_budget,
@@ -242,8 +243,12 @@ def _add_rows(
 
 
 def _count(value: torch.Tensor, upper: object) -> object:
-    """A run-time count from a 0-d int64 tensor, as an integer the exporter can size tensors with."""
-    n = value.item()
+    """A run-time count from a 0-d int64 tensor, as an integer the exporter can size tensors with.
+
+    The graph says the count is never negative (a ``Max`` with 0; the counts are not, whatever the inputs),
+    so every TopK's ``K = count + 1`` is provably at least 1 from the graph alone (``graph_passes.value_range``).
+    """
+    n = torch.maximum(value, torch.zeros_like(value)).item()
     torch._check(n >= 0)
     torch._check(n <= upper)
     return n
@@ -623,7 +628,7 @@ class BakedPrefill(nn.Module):
         if lay.visual_in_original_order:
             return None
         vis_pos = st.positions[st.s : st.s + st.vis]
-        return torch.topk(vis_pos, st.vis, largest=False, sorted=True).indices
+        return _topk(vis_pos, st.vis, largest=False)[1]
 
     def _keep(self, lay: LayerLayout, st: _State, scores: torch.Tensor, k: object) -> torch.Tensor:
         """Visual rows (indices within the visual block) of the top ``k`` scores, in original order."""

@@ -2,20 +2,23 @@
 
 An engine build takes minutes on a GPU and fails with one error at a time, often deep inside Myelin
 for a data-dependent shape. This lint runs on CPU in milliseconds and lists every offending node at
-once, with the reason and the usual fix. The constraints come from onnx-tensorrt's operator table
-and the TensorRT docs; docs/build.md, section "TensorRT constraints", explains each of them.
+once, with the reason and the usual fix. It holds two kinds of rule:
+
+* what TensorRT's ONNX parser refuses, by its published operator table
+  (:mod:`graph_passes.tensorrt_parser`: op, opset, element types, TopK's K, constant axes, ...);
+* what parses but builds badly, this project's rules: ``NonZero`` (a data-dependent output shape) and
+  shape inputs computed from data.
+
+docs/build.md, section "TensorRT constraints", explains each of them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from collections.abc import Callable
-
 import onnx_ir as ir
 
-from graph_passes.base import INT_TYPES, GraphPass, constant_array, is_constant, iter_all_nodes, node_label
-from graph_passes.bound_shapes import MAX_SHAPE_TENSOR_VALUES, SHAPE_BOUNDS_KEY
+from graph_passes.base import INT_TYPES, GraphPass, is_constant, iter_all_nodes, node_label
+from graph_passes.bound_shapes import MAX_SHAPE_TENSOR_VALUES
+from graph_passes.tensorrt_parser import TOPK_MAX_K, LintFinding, parser_findings
 from prune_core.errors import BuildError
 
 __all__ = [
@@ -25,14 +28,10 @@ __all__ = [
     "lint_tensorrt",
 ]
 
-#: TensorRT's TopK requires K < 3840.
-TOPK_MAX_K = 3840
-
-_UNSUPPORTED = {
+#: Ops the parser takes (for some types) that this project keeps out of TensorRT graphs.
+_POLICY = {
     "NonZero": "NonZero has a data-dependent output shape (Myelin build failures); keep pruned "
     "lengths in shape tensors (TopK with K from an int64 input) instead of boolean masks",
-    "Unique": "Unique is not supported by TensorRT",
-    "Compress": "Compress is not supported by TensorRT; use Gather with indices from TopK",
 }
 
 #: ``(op_type, input index) -> what the input means``: inputs TensorRT needs as shape tensors.
@@ -66,37 +65,19 @@ _SHAPE_ARITHMETIC = frozenset(
 )  # fmt: skip
 
 
-_PASS_THROUGH = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze"})
-
-
-@dataclasses.dataclass(frozen=True)
-class LintFinding:
-    """One TensorRT incompatibility: which node, its op type, and why (with the usual fix)."""
-
-    node: str
-    op_type: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.node} ({self.op_type}): {self.reason}"
-
-
 def lint_tensorrt(model: ir.Model) -> list[LintFinding]:
-    """All TensorRT findings of ``model`` (main graph and subgraphs), in graph order.
+    """All TensorRT findings of ``model`` (main graph and subgraphs): the parser's, then this project's.
 
-    Checks:
+    The parser's (:func:`~graph_passes.tensorrt_parser.parser_findings`): opset, domain, operator and
+    element types against TensorRT's operator table; ``TopK`` with ``sorted=0``, a ``K`` that can reach
+    3840 or is not proved to be at least 1 (by :class:`~graph_passes.value_range.ValueRanges`, which
+    reads the input value ranges :class:`~graph_passes.bound_shapes.BoundShapesPass` records); axes
+    computed at run time; ScatterND reductions; non-zero quantization zero points.
 
-    * ``TopK`` with a constant ``K >= 3840``, a ``K`` input whose recorded value bound (see
-      :class:`~graph_passes.bound_shapes.BoundShapesPass`) reaches 3840, or ``sorted=0``;
-    * ``NonZero``, ``Unique``, ``Compress`` (unsupported / data-dependent output shape);
-    * ``ScatterElements`` on BOOL data (read from the value's type annotation, which the cleanup
-      pass fills); ``ScatterND`` with ``reduction`` other than ``none``;
-    * ``CumSum`` whose axis is not a constant or initializer;
-    * data-dependent shapes: a shape-consuming input (:data:`SHAPE_INPUTS`: Reshape/Expand shape,
-      Slice starts/ends/axes/steps, TopK K, Range start/limit/delta, ConstantOfShape input, Tile
-      repeats, Pad pads) whose value is not a *shape computation*.
-
-    The shape-computation rule, traced backwards through the producers of the input:
+    This project's: ``NonZero``; and data-dependent shapes: a shape-consuming input
+    (:data:`SHAPE_INPUTS`: Reshape/Expand shape, Slice starts/ends/axes/steps, TopK K, Range
+    start/limit/delta, ConstantOfShape input, Tile repeats, Pad pads) whose value is not a *shape
+    computation*. That rule, traced backwards through the producers of the input:
 
     * allowed sources: constants and initializers; ``Shape``/``Size`` of anything; integer graph
       inputs that can be TensorRT shape tensors (scalars, or 1-D with at most 64 static values,
@@ -110,49 +91,27 @@ def lint_tensorrt(model: ir.Model) -> list[LintFinding]:
       (``input_ids``, ``attention_mask``: execution tensors in TensorRT), or any other op (MatMul,
       ArgMax, TopK outputs, NonZero, ReduceSum of activations reaches the activation, ...).
     """
-    findings: list[LintFinding] = []
+    findings = parser_findings(model)
     tracer = _ShapeTracer()
-    value_bounds = _recorded_value_bounds(model)
-
-    def add(node: ir.Node, reason: str) -> None:
-        findings.append(LintFinding(node_label(node), node.op_type, reason))
-
     for node in iter_all_nodes(model.graph):
         if node.domain != "":
             continue
         op = node.op_type
-        if op in _UNSUPPORTED:
-            add(node, _UNSUPPORTED[op])
-        elif op == "TopK":
-            _check_topk(node, value_bounds, add)
-        elif op == "ScatterElements":
-            data = node.inputs[0] if node.inputs else None
-            if data is not None and data.dtype == ir.DataType.BOOL:
-                add(
-                    node,
-                    "ScatterElements has no BOOL support in TensorRT; scatter an int32/uint8 "
-                    "tensor and compare afterwards",
-                )
-        elif op == "ScatterND":
-            reduction = node.attributes.get("reduction")
-            mode = reduction.as_string() if isinstance(reduction, ir.Attr) else "none"
-            if mode != "none":
-                add(node, f"ScatterND reduction={mode!r}; TensorRT supports only reduction='none'")
-        elif op == "CumSum":
-            axis = node.inputs[1] if len(node.inputs) > 1 else None
-            if not is_constant(axis):
-                add(node, "CumSum axis is not a constant or initializer; TensorRT needs it at build time")
-
+        if op in _POLICY:
+            findings.append(LintFinding(node_label(node), op, _POLICY[op]))
         for index, value in enumerate(node.inputs):
             role = SHAPE_INPUTS.get((op, index))
             if role is None or value is None:
                 continue
             origin = tracer.data_origin(value)
             if origin is not None:
-                add(
-                    node,
-                    f"{role} input {value.name!r} is data-dependent (derives from {origin}); "
-                    "derive it from Shape() of inputs or an int64 shape-tensor input",
+                findings.append(
+                    LintFinding(
+                        node_label(node),
+                        op,
+                        f"{role} input {value.name!r} is data-dependent (derives from {origin}); "
+                        "derive it from Shape() of inputs or an int64 shape-tensor input",
+                    )
                 )
     return findings
 
@@ -178,53 +137,6 @@ class TensorRTLintPass(GraphPass):
 
 
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_topk(node: ir.Node, value_bounds: dict[str, int], add: Callable[[ir.Node, str], None]) -> None:
-    sorted_attr = node.attributes.get("sorted")
-    if isinstance(sorted_attr, ir.Attr) and sorted_attr.as_int() == 0:
-        add(node, "TopK sorted=0; TensorRT requires sorted=1")
-    k_value = node.inputs[1] if len(node.inputs) > 1 else None
-    if k_value is None:  # opset < 10: K is an attribute
-        k_attr = node.attributes.get("k")
-        k_const = k_attr.as_int() if isinstance(k_attr, ir.Attr) else None
-    else:
-        k_array = constant_array(k_value)
-        k_const = int(k_array.reshape(-1)[0]) if k_array is not None and k_array.size else None
-    if k_const is not None:
-        if k_const >= TOPK_MAX_K:
-            add(node, f"TopK K={k_const}; TensorRT requires K < {TOPK_MAX_K}")
-        return
-    source = _pass_through_source(k_value)
-    if source is not None and source.name in value_bounds:
-        k_max = value_bounds[source.name]
-        if k_max >= TOPK_MAX_K:
-            add(
-                node,
-                f"TopK K comes from input {source.name!r} bounded up to {k_max}; TensorRT "
-                f"requires K < {TOPK_MAX_K}",
-            )
-
-
-def _pass_through_source(value: ir.Value | None) -> ir.Value | None:
-    """Follow Identity/Cast/Reshape/(Un)Squeeze back to a graph input, if that is where it starts."""
-    while value is not None:
-        if value.is_graph_input():
-            return value
-        producer = value.producer()
-        if producer is None or producer.op_type not in _PASS_THROUGH or not producer.inputs:
-            return None
-        value = producer.inputs[0]
-    return None
-
-
-def _recorded_value_bounds(model: ir.Model) -> dict[str, int]:
-    """Max of each shape-tensor input's value range recorded by BoundShapesPass (if any)."""
-    raw = model.metadata_props.get(SHAPE_BOUNDS_KEY)
-    if raw is None:
-        return {}
-    values = json.loads(raw).get("values", {})
-    return {name: int(bound["max"]) for name, bound in values.items()}
 
 
 def _is_shape_tensor_like(value: ir.Value) -> bool:

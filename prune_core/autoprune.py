@@ -564,13 +564,36 @@ def _rank(scores: torch.Tensor, k: Any) -> torch.Tensor:
     ties by the lower index, and torch.onnx has no translation of a stable sort).
     """
     if torch.compiler.is_exporting():
-        return torch.topk(scores, k, largest=True, sorted=True).indices
+        return _topk(scores, k, largest=True)[1]
     return torch.sort(scores, descending=True, stable=True).indices[:k]
 
 
 def _ascending(indices: torch.Tensor) -> torch.Tensor:
     """Distinct integer indices in ascending order (a TopK of the smallest, whole length)."""
-    return torch.topk(indices, indices.shape[0], largest=False, sorted=True).values
+    return _topk(indices, indices.shape[0], largest=False)[0]
+
+
+def _topk(x: torch.Tensor, k: Any, dim: int = -1, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k, dim, largest, sorted=True)`` as ``(values, indices)``; exported, a TopK with K >= 1.
+
+    ONNX requires a positive K (OpenVINO refuses K = 0; ONNX Runtime takes it), and the counts here can be 0:
+    no merged tokens, or one candidate with no neighbour. Under export, ``x`` gets one more element along
+    ``dim`` that sorts after every real one (-inf or +inf, the integer extreme for integers; TopK breaks ties
+    by the lower index and the pad is last), TopK asks for ``k + 1``, and the last slot is dropped: the same
+    values and indices for every ``0 <= k <= x.shape[dim]``. Eager, ``torch.topk`` as it is.
+    """
+    if not torch.compiler.is_exporting():
+        return torch.topk(x, k, dim=dim, largest=largest, sorted=True)
+    if x.is_floating_point():
+        fill = -math.inf if largest else math.inf
+    else:
+        info = torch.iinfo(x.dtype)
+        fill = info.min if largest else info.max
+    pad_shape = list(x.shape)
+    pad_shape[dim] = 1
+    padded = torch.cat([x, x.new_full(pad_shape, fill)], dim=dim)
+    values, indices = torch.topk(padded, k + 1, dim=dim, largest=largest, sorted=True)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
 
 
 def _distances(x: torch.Tensor) -> torch.Tensor:
@@ -616,7 +639,7 @@ def _dpc_knn(
     idx = torch.arange(n, device=x.device)
     eye = idx.unsqueeze(1) == idx.unsqueeze(0)
     near = torch.sym_max(torch.sym_min(neighbours, n - 1), 0)
-    nearest = torch.topk(dist.masked_fill(eye, math.inf), near, dim=1, largest=False, sorted=True).values
+    nearest = _topk(dist.masked_fill(eye, math.inf), near, dim=1, largest=False)[0]
     count = torch.sym_max(near, 1)
     log_rho = -(nearest * nearest).sum(dim=1) / count
     # denser[i, j]: point j is denser than point i (ties broken by index).

@@ -214,18 +214,20 @@ def reshape_by_shape_model(path: Path) -> Path:
     return save_graph(graph, path)
 
 
-def nonzero_model(path: Path) -> Path:
+def nonzero_model(path: Path, dtype: int = TensorProto.FLOAT16) -> Path:
     """Write a graph whose node 3 is a NonZero named ``mask_nz`` (a data-dependent shape) and return its path.
 
     ::
 
-        x [n, 4] ──► Abs ──► Sign ──► Cast (bool) ──► NonZero 'mask_nz' (node 3) ──► y [2, nnz] (int64)
+        x [n, 4] ──► Abs ──► Sign ──► Cast (dtype) ──► NonZero 'mask_nz' (node 3) ──► y [2, nnz] (int64)
+
+    TensorRT's operator table lists NonZero for FP32 and FP16 only: with ``dtype`` BOOL the graph does not parse.
     """
     graph = helper.make_graph(
         [
             helper.make_node("Abs", ["x"], ["a"], name="abs"),
             helper.make_node("Sign", ["a"], ["s"], name="sign"),
-            helper.make_node("Cast", ["s"], ["m"], name="mask", to=TensorProto.BOOL),
+            helper.make_node("Cast", ["s"], ["m"], name="mask", to=dtype),
             helper.make_node("NonZero", ["m"], ["y"], name="mask_nz"),
         ],
         "nonzero",
@@ -371,6 +373,67 @@ def test_fake_build_lists_every_parser_error(monkeypatch: pytest.MonkeyPatch, tm
     assert "node 3 (NonZero 'mask_nz'): data-dependent shape is not supported here" in message
     assert "model has unsupported IR version" in message
     assert record.calls == ["network", "parse"]  # nothing configured or built after the parser failed
+
+
+def _graph_with(path: Path, node: onnx.NodeProto, inputs: list[onnx.ValueInfoProto], opset: int = 17) -> Path:
+    """``x [2, 3] (float) -> Relu 'relu' (node 0) -> node (node 1) -> y``: one node under test after a good one."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), node],
+        "one_node",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]), *inputs],
+        [helper.make_tensor_value_info("y", TensorProto.UNDEFINED, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("bool_nonzero", "node 3 (NonZero 'mask_nz'): input 0 ('m') is BOOL; TensorRT's NonZero takes FP16, FP32"),
+        ("int64_clip", "node 1 (Clip 'clamp'): input 0 ('n') is INT64; TensorRT's Clip takes BF16, FP16, FP32"),
+        ("unique", "node 1 (Unique 'uniq'): Unique is listed as not supported"),
+        ("bitshift", "node 1 (BitShift 'shift'): BitShift is listed as not supported"),
+        ("contrib", "node 1 (Gelu 'gelu'): operator of domain 'com.microsoft'"),
+        ("topk_k0", "node 1 (TopK 'topk'): TopK K is not proved >= 1 (the graph proves only K >= 0)"),
+        ("opset_21", "opset 21; TensorRT 10.x parses opsets 9 to 20"),
+    ],
+)
+def test_the_stand_in_refuses_what_tensorrts_operator_table_refuses(
+    case: str, error: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / f"{case}.onnx"
+    zero = onnx.numpy_helper.from_array(np.array([0], np.int64), "k")
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, [4])
+    u8 = helper.make_tensor_value_info("u", TensorProto.UINT8, [4])
+    if case == "bool_nonzero":
+        nonzero_model(path, TensorProto.BOOL)
+    elif case == "int64_clip":
+        _graph_with(path, helper.make_node("Clip", ["n"], ["y"], name="clamp"), [n])
+    elif case == "unique":
+        _graph_with(path, helper.make_node("Unique", ["r"], ["y"], name="uniq"), [])
+    elif case == "bitshift":
+        node = helper.make_node("BitShift", ["u", "u"], ["y"], name="shift", direction="LEFT")
+        _graph_with(path, node, [u8])
+    elif case == "contrib":
+        _graph_with(path, helper.make_node("Gelu", ["r"], ["y"], name="gelu", domain="com.microsoft"), [])
+    elif case == "topk_k0":
+        node = helper.make_node("TopK", ["r", "k"], ["y", "i"], name="topk")
+        path = _graph_with(path, node, [])
+        model = onnx.load(str(path))
+        model.graph.initializer.append(zero)
+        onnx.save(model, str(path))
+    else:
+        _graph_with(path, helper.make_node("Relu", ["r"], ["y"], name="relu2"), [], opset=21)
+    record = use(monkeypatch)
+    profile = {"x": ((1, 4), (2, 4), (3, 4))} if case == "bool_nonzero" else {}
+
+    with pytest.raises(BuildError, match="TensorRT's ONNX parser rejected") as info:
+        EngineFromOnnx(path, profile=profile)()
+
+    assert error in str(info.value)
+    assert record.calls == ["network", "parse"] and record.engines == []
 
 
 def test_fake_build_failure_says_to_rerun_verbose(monkeypatch: pytest.MonkeyPatch, model_path: Path) -> None:

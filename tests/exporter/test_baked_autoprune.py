@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,6 +35,7 @@ from exporter.executor import PlanExecutor, PrefillResult
 from exporter.onnx_export import OnnxFromPlan
 from exporter.sample import prepare_sample
 from graph_passes import census, lint_tensorrt
+from graph_passes.tensorrt_parser import parser_findings
 from prune_core.autoprune import recycle, recycle_tokens, steepness
 from prune_core.errors import BuildError
 from prune_core.ops import Group, Module, Operation
@@ -359,6 +361,27 @@ def test_onnx_autoprune_census_flops_equal_the_executors(full_graph, adapter, ex
         assert graph.matmul_flops - lm_head == ref.flops
         seen.add(ref.flops)
     assert len(seen) == len(samples)  # prompt-dependent work, counted from one graph
+
+
+def test_every_topk_asks_for_at_least_one(full_graph, samples, tmp_path: Path) -> None:
+    """ONNX requires a positive K (OpenVINO refuses K = 0), and a layer can merge 0 tokens or have 0 neighbours.
+
+    Seen two ways: the graph proves every K >= 1 (value ranges, no recorded input bounds needed), and every K
+    the three prompts reach, read as extra graph outputs, is at least 1.
+    """
+    assert [f for f in parser_findings(ir.load(str(full_graph.path))) if f.op_type == "TopK"] == []
+    model = onnx.load(str(full_graph.path))
+    ks = list(dict.fromkeys(n.input[1] for n in model.graph.node if n.op_type == "TopK"))
+    assert len(ks) >= 10
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(k, onnx.TensorProto.INT64, None) for k in ks)
+    onnx.save(model, str(tmp_path / "ks.onnx"))
+    sess = cpu_session(tmp_path / "ks.onnx")
+    reached = set()
+    for sample in samples:
+        out = _run(sess, _feeds(sample))
+        reached |= {int(out[k].reshape(-1)[0]) for k in ks}
+    assert min(reached) >= 1, sorted(reached)
+    assert 1 in reached  # a count of 0 was asked for: the pad made it K = 1
 
 
 # -- the TensorRT target: head + host lookup + tail ----------------------------------------------------------

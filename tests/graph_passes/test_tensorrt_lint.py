@@ -141,15 +141,84 @@ def slice_end_from_argmax(make_model: MakeModel) -> onnx.ModelProto:
     return make_model(nodes, [_vi("x", F, [8])], [_vi("y", F, None)], [_i64("zero", [0])])
 
 
+def int64_clip(make_model: MakeModel) -> onnx.ModelProto:
+    """A count clamped as ``torch.clamp`` exports it (onnx-tensorrt takes Clip on floats only).
+
+    ::
+
+        n [1] (int64) ── Clip(lo = 0, hi = 9) ── y
+    """
+    node = helper.make_node("Clip", ["n", "lo", "hi"], ["y"], name="clamp")
+    return make_model([node], [_vi("n", I64, [1])], [_vi("y", I64, None)], [_i64("lo", [0]), _i64("hi", [9])])
+
+
+def topk_k_from_unbounded_input(make_model: MakeModel) -> onnx.ModelProto:
+    """::
+
+    x [8] ── TopK(K = k input, no recorded range) ── values, indices
+    """
+    node = helper.make_node("TopK", ["x", "k"], ["values", "indices"], name="topk")
+    outputs = [_vi("values", F, None), _vi("indices", I64, None)]
+    return make_model([node], [_vi("x", F, [8]), _vi("k", I64, [1])], outputs)
+
+
+def topk_k_may_be_zero(make_model: MakeModel) -> onnx.ModelProto:
+    """A neighbour count as DPC-KNN once exported it: ``max(min(6, n - 1), 0)``, 0 for one point.
+
+    ::
+
+        x [n, n] ── Shape ── Gather(0) ── Sub(1) ── Min(6) ── Max(0) ── Reshape([1]) ── K
+        x ──────────────────────────────────────────────────────────────── TopK(axis=1) ── values
+    """
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0),
+        helper.make_node("Sub", ["n", "one"], ["n1"]),
+        helper.make_node("Min", ["n1", "six"], ["m"]),
+        helper.make_node("Max", ["m", "zero"], ["near"]),
+        helper.make_node("Reshape", ["near", "one_dim"], ["k"]),
+        helper.make_node("TopK", ["x", "k"], ["values", "indices"], name="topk", largest=0),
+    ]
+    outputs = [_vi("values", F, None), _vi("indices", I64, None)]
+    scalars = [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in (("zero", 0), ("one", 1), ("six", 6))]
+    return make_model(nodes, [_vi("x", F, ["n", "n"])], outputs, [*scalars, _i64("one_dim", [1])])
+
+
+def custom_domain(make_model: MakeModel) -> onnx.ModelProto:
+    """An ONNX Runtime contrib op, as its optimizer writes them.
+
+    ::
+
+        a [2, 3], b [3, 4] ── com.microsoft::FusedMatMul ── y
+    """
+    node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], name="fused", domain="com.microsoft")
+    return make_model([node], [_vi("a", F, [2, 3]), _vi("b", F, [3, 4])], [_vi("y", F, None)])
+
+
+def unsqueeze_runtime_axes(make_model: MakeModel) -> onnx.ModelProto:
+    """::
+
+    x [4] ──────────────────┐
+    axes [1] (int64 input) ─ Unsqueeze ── y
+    """
+    node = helper.make_node("Unsqueeze", ["x", "axes"], ["y"], name="unsqueeze")
+    return make_model([node], [_vi("x", F, [4]), _vi("axes", I64, [1])], [_vi("y", F, None)])
+
+
 VIOLATIONS: list[tuple[Callable[..., onnx.ModelProto], str, str]] = [
-    (topk_k_4000, "TopK", "K=4000"),
+    (topk_k_4000, "TopK", "K can reach 4000; TensorRT requires K < 3840"),
     (topk_unsorted, "TopK", "sorted=0"),
     (nonzero, "NonZero", "data-dependent output shape"),
-    (unique, "Unique", "not supported"),
-    (compress, "Compress", "not supported"),
-    (bool_scatter_elements, "ScatterElements", "BOOL"),
+    (unique, "Unique", "Unique is listed as not supported (onnx-tensorrt docs/operators.md"),
+    (compress, "Compress", "Compress is listed as not supported"),
+    (bool_scatter_elements, "ScatterElements", "input 0 ('mask') is BOOL, input 2 ('upd') is BOOL; TensorRT's"),
+    (int64_clip, "Clip", "input 0 ('n') is INT64, input 1 ('lo') is INT64, input 2 ('hi') is INT64; TensorRT's Clip"),
+    (topk_k_from_unbounded_input, "TopK", "TopK K is not proved >= 1 (nothing bounds it from below)"),
+    (topk_k_may_be_zero, "TopK", "TopK K is not proved >= 1 (the graph proves only K >= 0)"),
+    (custom_domain, "FusedMatMul", "domain 'com.microsoft'"),
     (scatter_nd_add, "ScatterND", "reduction='add'"),
-    (cumsum_runtime_axis, "CumSum", "axis is not a constant"),
+    (cumsum_runtime_axis, "CumSum", "axis input is computed at run time; TensorRT needs it as an initializer"),
+    (unsqueeze_runtime_axes, "Unsqueeze", "axes input is computed at run time"),
     (reshape_from_float_data, "Reshape", "'shape' is data-dependent (derives from FLOAT graph input 'x')"),
     (slice_end_from_argmax, "Slice", "ends input 'end' is data-dependent (derives from ArgMax node"),
 ]
@@ -227,6 +296,7 @@ def test_clean_graph_passes(make_model: MakeModel, run_ort: RunOrt, ops: OpTypes
     }
     (expected,) = run_ort(proto, feeds)
     model = ir.from_proto(proto)
+    BoundShapesPass({"n": (1, 8), "k": (1, 4)})(model)
 
     assert lint_tensorrt(model) == []
     result = TensorRTLintPass()(model)
@@ -245,4 +315,4 @@ def test_topk_k_bound_from_recorded_value_range(make_model: MakeModel) -> None:
     findings = lint_tensorrt(model)
 
     assert [(f.node, f.op_type) for f in findings] == [("topk", "TopK")]
-    assert "bounded up to 4096" in findings[0].reason
+    assert "K can reach 4096" in findings[0].reason

@@ -17,9 +17,20 @@ What it holds TensorRT's way (TensorRT 10/11 Python API, as documented):
 * the network creation flags follow the version's enum: TensorRT 10 has ``STRONGLY_TYPED`` (its bit is the
   only flag accepted), TensorRT 11 networks are always strongly typed and its enum has no such member (any
   flag is refused);
-* parser errors, when a test asks for them, come as TensorRT gives them: ``parse_from_file`` returns False
-  and each error has ``node()`` (its index in the graph, -1 for the whole model), ``node_operator()``,
-  ``node_name()`` and ``desc()``, with index and operator read from the graph.
+* the network is parsed the way TensorRT's ONNX parser decides, by its published operator table
+  (:mod:`graph_passes.tensorrt_parser`, onnx-tensorrt's ``docs/operators.md`` for TensorRT 10.x): every node is
+  checked for its opset, domain, operator and data element types, TopK's ``sorted`` and K (below 3840, and
+  proved at least 1), axes that must be initializers, ScatterND reductions, quantization zero points; element
+  types come from ONNX shape inference, as TensorRT infers them; a shape-tensor input must be a scalar or 1-D
+  of static length, as TensorRT requires;
+* parser errors come as TensorRT gives them: ``parse_from_file`` returns False and each error has ``node()``
+  (its index in the graph, -1 for the whole model or a node of a subgraph), ``node_operator()``,
+  ``node_name()`` and ``desc()``, with index and operator read from the graph. A test can add errors of its
+  own (``parser_errors``) for what only a real TensorRT would refuse.
+
+What it does not model: which kernels a GPU has for a layer (a build that TensorRT fails with "no
+implementation obeys reformatting-free rules" is ``engine_fails``), memory, the restrictions of the table on
+Resize modes, pooling and recurrent layers, and the numbers an engine computes.
 """
 
 from __future__ import annotations
@@ -30,6 +41,10 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from graph_passes.tensorrt_parser import parser_findings
 
 #: (op type, input indices) that set sizes: an integer value reaching one of them is read as a shape.
 SHAPE_OPERANDS: dict[str, tuple[int, ...]] = {
@@ -117,6 +132,33 @@ def _parser_errors(graph: onnx.GraphProto, wanted: Sequence[tuple[str | None, st
     return errors
 
 
+def _table_errors(path: str, graph: onnx.GraphProto) -> list[FakeParserError]:
+    """What TensorRT's operator table refuses in the model at ``path``, as parser errors."""
+    model = ir.load(path)
+    ShapeInferencePass(strict_mode=False, data_prop=False)(model)
+    where = {node.name: (index, node.op_type) for index, node in enumerate(graph.node) if node.name}
+    errors = []
+    for finding in parser_findings(model):
+        index, operator = where.get(finding.node, (-1, finding.op_type))
+        errors.append(FakeParserError(index, operator, finding.node, finding.reason))
+    return errors
+
+
+def _shape_tensor_errors(graph: onnx.GraphProto, shapes: set[str]) -> list[FakeParserError]:
+    """Shape-tensor inputs TensorRT cannot take: not a scalar or a 1-D tensor of static length."""
+    errors = []
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in shapes and (len(dims) > 1 or (len(dims) == 1 and not dims[0].HasField("dim_value"))):
+            errors.append(
+                FakeParserError(
+                    -1, "", "", f"input {value.name!r} is used as a shape tensor but is not a scalar or 1-D "
+                    "tensor of static length"
+                )
+            )
+    return errors
+
+
 def fake_tensorrt(
     *,
     version: str | None = None,
@@ -181,13 +223,17 @@ def fake_tensorrt(
         def parse_from_file(self, path: str) -> bool:
             record.calls.append("parse")
             model = onnx.load(path, load_external_data=False)
-            self.errors = _parser_errors(model.graph, wanted_errors)
+            shapes = shape_tensor_inputs(model.graph)
+            self.errors = [
+                *_table_errors(path, model.graph),
+                *_shape_tensor_errors(model.graph, shapes),
+                *_parser_errors(model.graph, wanted_errors),
+            ]
             if self.errors:
                 for error in self.errors:
                     Logger(0).log(1, f"ONNX parser: node {error.node()}: {error.desc()}")
                 return False
             initializers = {t.name for t in model.graph.initializer}
-            shapes = shape_tensor_inputs(model.graph)
             for value in model.graph.input:
                 if value.name in initializers:
                     continue
