@@ -1,5 +1,8 @@
 """ONNX graph passes between export and engine build: clean, fold, cast, bound, lint, census.
 
+Analyses beside the rewrites: :func:`census` (FLOPs), :func:`parser_findings` (TensorRT's operator table),
+:class:`ValueRanges` (proved value intervals).
+
 Each rewrite is an :class:`onnx_ir.passes.InPlacePass` (one per module) returning
 ``PassResult(model, modified)`` with a truthful ``modified`` flag; :func:`default_pipeline` holds
 the one list that fixes their order for a target runtime and precision, and :class:`PassManager`
@@ -23,6 +26,8 @@ from graph_passes.cleanup import CleanupPass
 from graph_passes.manager import TARGETS, PassManager, PassReport, PipelineResult, default_pipeline
 from graph_passes.normalize import NormalizeVersionsPass, max_opset_for_ir
 from graph_passes.tensorrt_lint import TOPK_MAX_K, LintFinding, TensorRTLintPass, lint_tensorrt
+from graph_passes.tensorrt_parser import parser_findings
+from graph_passes.value_range import ValueRanges
 
 __all__ = [
     "DEFAULT_KEEP_FP32_OPS",
@@ -43,11 +48,13 @@ __all__ = [
     "PassReport",
     "PipelineResult",
     "TensorRTLintPass",
+    "ValueRanges",
     "census",
     "default_pipeline",
     "lint_tensorrt",
     "matmul_flops",
     "max_opset_for_ir",
+    "parser_findings",
     "read_shape_bounds",
     "structural_fingerprint",
 ]
