@@ -67,7 +67,7 @@ PRESETS["llava-7b"] = PRESETS["llava-1.5-7b"]  # the name the CLI offers
 DEFAULT_DTYPES: dict[str, torch.dtype] = {"llava-1.5-7b": torch.float16, "llava-7b": torch.float16}
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, corpus: str = _CORPUS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
@@ -81,7 +81,7 @@ def _train_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = [line for line in _CORPUS.strip().splitlines() if line.strip()]
+    lines = [line for line in corpus.strip().splitlines() if line.strip()]
     tok.train_from_iterator(lines * 20, trainer)
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(
@@ -100,12 +100,14 @@ def random_llava(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    corpus: str = _CORPUS,
     **overrides: int,
 ):
     """A random LLaVA-1.5-architecture ``(model, processor)`` built in memory, directly on ``device`` in
     ``dtype`` (a 7B-shaped model never passes through fp32 host memory).
 
-    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model). The vision tower uses eager
+    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model); ``corpus`` is the text the
+    byte-level BPE tokenizer is trained on (one sentence per line). The vision tower uses eager
     attention (it must return the [CLS] attention), the decoder sdpa, as :meth:`LlavaAdapter.load` sets them.
     Weights depend on ``seed`` and the device's random generator.
     """
@@ -124,7 +126,7 @@ def random_llava(
         LlavaProcessor,
     )
 
-    tokenizer = _train_tokenizer(p.vocab)
+    tokenizer = _train_tokenizer(p.vocab, corpus)
     vision = CLIPVisionConfig(
         hidden_size=p.vision_hidden,
         intermediate_size=p.vision_intermediate,
@@ -184,27 +186,50 @@ def random_llava(
     return model, processor
 
 
+#: The trained demo model shipped with the package (scripts/train_demo_model.py wrote it).
+TRAINED_DIR = Path(__file__).resolve().parent / "demo_models" / "trained"
+#: Files of the shipped folder that make up the model (the training log goes along as its record).
+_TRAINED_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+                  "tokenizer.json", "tokenizer_config.json", "training_log.json")  # fmt: skip
+
+
 def build_demo_model(
     out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False,
     dtype: torch.dtype | None = None, max_shard_size: str = "2GB", **overrides: int,
 ) -> Path:  # fmt: skip
-    """Write a random LLaVA-1.5-architecture model with tokenizer and processor to ``out_dir``.
+    """Write a LLaVA-1.5-architecture demo model with tokenizer and processor to ``out_dir``.
 
-    ``overrides`` replace preset fields (e.g. ``kv_heads=2`` for a GQA model). The weights are created in
-    ``dtype`` (default: fp32, fp16 for the 7B preset) and written as safetensors shards of at most
-    ``max_shard_size``, so a 7B model needs its 14 GB once plus one shard, never an fp32 copy. The folder is
-    written atomically: built in a temporary sibling folder, then renamed.
+    ``preset="trained"`` copies the model trained on the demo VQA task (:data:`TRAINED_DIR`); it takes no
+    ``seed``, ``dtype`` or overrides. Any other preset is random: ``overrides`` replace preset fields (e.g.
+    ``kv_heads=2`` for a GQA model), the weights are created in ``dtype`` (default: fp32, fp16 for the 7B
+    preset) and written as safetensors shards of at most ``max_shard_size``, so a 7B model needs its 14 GB
+    once plus one shard, never an fp32 copy. The folder is written atomically: built in a temporary sibling
+    folder, then renamed.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PruneExportError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
-    dtype = dtype if dtype is not None else DEFAULT_DTYPES.get(preset, torch.float32)
-    model, processor = random_llava(preset, seed, dtype=dtype, **overrides)
+    if preset == "trained":
+        changed = [name for name, given in (("--seed", seed != 0), ("--dtype", dtype is not None),
+                                            *((f"--{k.replace('_', '-')}", True) for k in overrides)) if given]  # fmt: skip
+        if changed:
+            raise PruneExportError(f"the trained preset is fixed weights; {', '.join(changed)} do(es) not apply to it")
+        missing = [name for name in _TRAINED_FILES if not (TRAINED_DIR / name).is_file()]
+        if missing:
+            raise PruneExportError(f"the trained demo model is incomplete in {TRAINED_DIR} (missing {', '.join(missing)}); "
+                                   "reinstall prune-export or run scripts/train_demo_model.py")  # fmt: skip
+    else:
+        dtype = dtype if dtype is not None else DEFAULT_DTYPES.get(preset, torch.float32)
+        model, processor = random_llava(preset, seed, dtype=dtype, **overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-        processor.save_pretrained(str(tmp))
+        if preset == "trained":
+            for name in _TRAINED_FILES:
+                shutil.copyfile(TRAINED_DIR / name, tmp / name)
+        else:
+            model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+            processor.save_pretrained(str(tmp))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -214,28 +239,19 @@ def build_demo_model(
     return out
 
 
-_COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 180, 60),
-    "blue": (30, 60, 220),
-    "yellow": (235, 220, 40),
-    "purple": (140, 40, 180),
-    "orange": (250, 140, 20),
-}
-_SHAPES = ("square", "circle")
+def build_demo_data(out_dir: str | Path, samples: int = 8, seed: int = 0, image_size: int = 224) -> Path:
+    """Write ``samples`` rows of the demo VQA task (:mod:`exporter.demo_scenes`) as JSONL + PNGs.
 
-
-def build_demo_data(out_dir: str | Path, samples: int = 8, seed: int = 0, image_size: int = 96) -> Path:
-    """Write ``samples`` synthetic VQA rows (a coloured shape; "what color is the ...?") as JSONL + PNGs.
-
-    Returns the JSONL path. Images are drawn in code, so the data set needs no download.
+    Question kinds are taken in turn (color, shape, count, side, exists), so every kind is a fifth of the
+    set; each row also holds its ``kind``. Returns the JSONL path. Images are drawn in code, so the data set
+    needs no download; another ``seed`` gives a fresh set of the same task.
     """
     import json
     import random
 
-    from PIL import Image, ImageDraw
-
     from prune_core.io import atomic_write_text
+
+    from .demo_scenes import KINDS, draw_scene, make_question
 
     if samples < 1:
         raise PruneExportError(f"--samples must be >= 1, got {samples}")
@@ -244,18 +260,11 @@ def build_demo_data(out_dir: str | Path, samples: int = 8, seed: int = 0, image_
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(samples):
-        color = rng.choice(sorted(_COLORS))
-        shape = rng.choice(_SHAPES)
-        background = tuple(rng.randrange(0, 256) for _ in range(3))
-        img = Image.new("RGB", (image_size, image_size), background)
-        draw = ImageDraw.Draw(img)
-        a = rng.randrange(4, image_size // 3)
-        b = rng.randrange(image_size // 2, image_size - 4)
-        box = (a, a, b, b)
-        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=_COLORS[color])
+        kind = KINDS[i % len(KINDS)]
+        scene, question = make_question(kind, rng)
         name = f"images/{i:04d}.png"
-        img.save(out / name)
-        lines.append(json.dumps({"image": name, "question": f"What color is the {shape}?", "answer": color}))
+        draw_scene(scene, image_size).save(out / name)
+        lines.append(json.dumps({"image": name, "question": question.question, "answer": question.answer, "kind": kind}))
     path = out / "data.jsonl"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

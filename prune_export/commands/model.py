@@ -21,9 +21,10 @@ from ..output import echo_json, tflops
 # -- demo-model / demo-data -------------------------------------------------------------------------------
 @click.command("demo-model")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "bench", "llava-7b"]), default="tiny", show_default=True,
-              help="tiny: seconds to build, for tests; bench: 576 visual tokens, hidden 1024, 8 layers; llava-7b: "
-                   "LLaVA-1.5-7B's shapes (7.06 B parameters, 14 GB in fp16).")
+@click.option("--preset", type=click.Choice(["trained", "tiny", "bench", "llava-7b"]), default="tiny", show_default=True,
+              help="trained: trained on the demo VQA task (demo-data), 196 visual tokens, answers from the image; "
+                   "tiny: random, seconds to build, for tests; bench: random, 576 visual tokens, hidden 1024, 8 "
+                   "layers; llava-7b: random, LLaVA-1.5-7B's shapes (7.06 B parameters, 14 GB in fp16).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--kv-heads", type=int, default=None, help="Override the number of KV heads (GQA).")
 @click.option("--layers", type=click.IntRange(min=2), default=None, help="Override the number of decoder layers.")
@@ -32,7 +33,7 @@ from ..output import echo_json, tflops
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, layers: int | None, dtype: str | None,
                overwrite: bool) -> None:
-    """Write a random LLaVA-1.5-architecture model (weights as safetensors shards, tokenizer, processor)."""
+    """Write a LLaVA-1.5-architecture demo model (weights as safetensors, tokenizer, processor)."""
     import time
 
     from ..workflows.model import demo_model as write_demo_model
@@ -45,9 +46,11 @@ def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, laye
 @click.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--samples", type=int, default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the scenes and questions; the trained demo model never saw a set made here.")
 def demo_data(out_dir: Path, samples: int, seed: int) -> None:
-    """Write a synthetic VQA data set (coloured shapes) as OUT_DIR/data.jsonl + images."""
+    """Write the demo VQA task (coloured shapes on a grid; colour, shape, count and side questions with
+    one-word answers) as OUT_DIR/data.jsonl + images."""
     from ..workflows.model import demo_data as write_demo_data
 
     path = write_demo_data(out_dir, samples=samples, seed=seed)
