@@ -303,9 +303,9 @@ def plot(log: dict, path: Path) -> None:
                markersize=3, label="held-out accuracy")  # fmt: skip
     right.set_ylim(0, 1)
     right.set_ylabel("held-out accuracy (exact match)")
-    fig.legend(loc="center right", fontsize=8)
+    fig.legend(loc="lower center", ncol=3, fontsize=8)
     left.set_title("Demo LLaVA trained from scratch on the demo VQA task (CPU)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
