@@ -16,7 +16,6 @@ from calib.data import load_rows
 from calib.evaluate import evaluate, exact_match, normalize_answer
 from calib.evaluator import CalibrationSet, ModelEvaluator
 from exporter.adapters import load_adapter
-from exporter.demo import build_demo_data
 
 # -- normalisation ----------------------------------------------------------------------------------------
 
@@ -155,6 +154,29 @@ def test_evaluate_scores_own_greedy_answers_one_and_wrong_answers_zero(
     assert [r.correct for r in report.results] == [False] * len(rows)
 
 
+def _single_shape_rows(folder: Path, count: int) -> Path:
+    """``count`` rows asking the colour of one square or circle on a background of random colour, 96 px (the
+    demo data this test was written with): the random model's first answer tokens differ from row to row,
+    which the demo task's gray scenes do not give."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    colors = {"blue": (30, 60, 220), "green": (30, 180, 60), "orange": (250, 140, 20), "purple": (140, 40, 180),
+              "red": (220, 30, 30), "yellow": (235, 220, 40)}  # fmt: skip
+    rng, size, lines = random.Random(0), 96, []
+    for i in range(count):
+        color, shape = rng.choice(sorted(colors)), rng.choice(("square", "circle"))
+        image = Image.new("RGB", (size, size), tuple(rng.randrange(0, 256) for _ in range(3)))
+        box = (rng.randrange(4, size // 3),) * 2 + (rng.randrange(size // 2, size - 4),) * 2
+        draw = ImageDraw.Draw(image)
+        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=colors[color])
+        image.save(folder / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": f"What color is the {shape}?", "answer": color}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
 @pytest.fixture(scope="module")
 def stopping(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny model, edited so that it says EOS right after the first generated token that is not in any
@@ -168,8 +190,7 @@ def stopping(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     first answer token are those of the random model.
     """
     adapter = load_adapter(tiny_model)  # a private copy: the session's tiny_adapter stays as it is
-    data = build_demo_data(tmp_path_factory.mktemp("em_data"), samples=8, seed=0)
-    rows = load_rows(data)
+    rows = load_rows(_single_shape_rows(tmp_path_factory.mktemp("em_data"), 8))
     model, processor = adapter.model, adapter.processor
     prompts = set()
     for row in rows:
