@@ -47,8 +47,6 @@ from prune_core.prompt import prompt_text  # noqa: E402
 #: Model sizes (fields of exporter.demo.DemoPreset): 224 px / 16 px patches -> 196 visual tokens.
 SIZES = dict(image_size=224, patch_size=16, vision_hidden=128, vision_intermediate=256, vision_layers=3,
              vision_heads=4, hidden=128, intermediate=352, layers=4, heads=4, kv_heads=4, vocab=1000)  # fmt: skip
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def corpus() -> str:
@@ -72,7 +70,10 @@ class Batches:
         # A string seed: Python's Random hashes it into a state no integer seed (``demo-data --seed N``) reaches.
         self.processor, self.rng, self.kinds = processor, random.Random(seed), kinds
         self.tokenizer = processor.tokenizer
-        self.size = processor.image_processor.crop_size["height"]
+        images = processor.image_processor
+        self.size = images.crop_size["height"]
+        self.mean, self.std = np.array(images.image_mean, np.float32), np.array(images.image_std, np.float32)
+        self.rescale = np.float32(images.rescale_factor)
         self.patch = SIZES["patch_size"]
         self._prompts: dict[str, list[int]] = {}
 
@@ -84,8 +85,8 @@ class Batches:
 
     def pixels(self, image) -> np.ndarray:
         """What CLIPImageProcessor makes of an image already at the model's size: rescale and normalise."""
-        array = np.asarray(image, np.float32) / 255.0
-        return ((array - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+        array = np.asarray(image, np.float32) * self.rescale
+        return ((array - self.mean) / self.std).transpose(2, 0, 1)
 
     def patch_targets(self, scene) -> np.ndarray:
         """Per visual token (row-major over the patch grid): the colour and shape of the object under the
