@@ -10,12 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: One colour and marker per sweep method, the same in every plot.
+#: One colour and marker per sweep series (a method, AutoPrune's position mode, a quantization), the same in
+#: every plot. Quantized builds are points, not lines: each sits at its float twin's FLOPs.
 STYLE = {
     "dense": {"color": "black", "marker": "*", "label": "dense"},
     "gsop": {"color": "tab:blue", "marker": "o", "label": "GSOP (plan ladder)"},
     "autoprune": {"color": "tab:orange", "marker": "s", "label": "AutoPrune (T)"},
+    "autoprune-original": {"color": "tab:red", "marker": "D", "label": "AutoPrune (T), original positions"},
     "fixed": {"color": "tab:green", "marker": "^", "label": "fixed keep schedule"},
+    "gsop+autoprune": {"color": "tab:purple", "marker": "P", "label": "GSOP + AutoPrune"},
+    "gsop+autoprune-original": {"color": "tab:pink", "marker": "P", "label": "GSOP + AutoPrune, original positions"},
+    "gsop+fixed": {"color": "tab:brown", "marker": "X", "label": "GSOP + fixed schedule"},
+    "int8": {"color": "tab:gray", "marker": "v", "label": "int8 build", "points": True},
+    "int8-weights": {"color": "tab:olive", "marker": "<", "label": "int8-weights build", "points": True},
 }
 FLOPS_AXIS = "FLOPs ratio (pruned / dense prefill FLOPs)"
 DPI = 110
@@ -113,18 +120,28 @@ def plan_ladder_plot(plan: Any, path: Path, budget: float | None = None) -> None
                 title=f"GSOP ladder: {len(plan.steps)} steps down to FLOPs ratio {plan.ladder[-1]:.3f}")
 
 
+def _series(config: dict[str, Any]) -> str:
+    """A report row's plot series (reports written before series existed: the method)."""
+    return config.get("series") or config["method"]
+
+
+def _style(series: str) -> dict[str, Any]:
+    return STYLE.get(series, {"color": "tab:cyan", "marker": "h", "label": series})
+
+
 def _by_method(configs: Sequence[dict[str, Any]], key: str) -> dict[str, list[tuple[float, float]]]:
-    """Per method, ``(flops_ratio, value)`` points sorted by FLOPs ratio, each method's line starting at dense."""
-    dense = next((c for c in configs if c["method"] == "dense"), None)
+    """Per series, ``(flops_ratio, value)`` points sorted by FLOPs ratio, each line starting at dense (not the
+    quantized builds' series: they are points)."""
+    dense = next((c for c in configs if _series(c) == "dense"), None)
     out: dict[str, list[tuple[float, float]]] = {}
     for c in configs:
-        if c["method"] == "dense" or c.get(key) is None:
+        if _series(c) == "dense" or c.get(key) is None:
             continue
-        out.setdefault(c["method"], []).append((c["flops_ratio"], c[key]))
-    for method, points in out.items():
-        if dense is not None and dense.get(key) is not None:
+        out.setdefault(_series(c), []).append((c["flops_ratio"], c[key]))
+    for series, points in out.items():
+        if dense is not None and dense.get(key) is not None and not _style(series).get("points"):
             points.append((dense["flops_ratio"], dense[key]))
-        out[method] = sorted(set(points))
+        out[series] = sorted(set(points))
     return out
 
 
@@ -138,13 +155,14 @@ def plot_fidelity(path: Path, configs: Sequence[dict[str, Any]]) -> None:
         ("mean_first_token_kl", "first-token KL(dense || pruned), nats"),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    dense = next((c for c in configs if c["method"] == "dense"), None)
+    dense = next((c for c in configs if _series(c) == "dense"), None)
     for ax, (key, ylabel) in zip(axes.flat, panels, strict=True):
         lines = _by_method(configs, key)
-        for method, points in lines.items():
-            style = STYLE[method]
+        for series, points in lines.items():
+            style = _style(series)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=style["marker"], color=style["color"],
-                    label=style["label"])
+                    label=style["label"], linestyle="none" if style.get("points") else "-",
+                    markersize=9 if style.get("points") else 6)
         if dense is not None and dense.get(key) is not None:
             ax.plot([dense["flops_ratio"]], [dense[key]], linestyle="none", markersize=12, **_marker("dense"))
         if not lines and (dense is None or dense.get(key) is None):
@@ -163,14 +181,16 @@ def plot_fidelity(path: Path, configs: Sequence[dict[str, Any]]) -> None:
                 handles.append(h)
                 labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=9)
+        ncol = min(len(handles), 4)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
+    rows = -(-len(handles) // 4) if handles else 1
     fig.suptitle("What each configuration keeps, against the FLOPs it keeps")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.015, 1, 0.96))
     _save(fig, path)
 
 
-def _marker(method: str) -> dict[str, Any]:
-    style = STYLE[method]
+def _marker(series: str) -> dict[str, Any]:
+    style = _style(series)
     return {"marker": style["marker"], "color": style["color"], "label": style["label"]}
 
 
@@ -184,11 +204,11 @@ def plot_latency(path: Path, configs: Sequence[dict[str, Any]], latency: dict[st
         lat = c.get("latency")
         if lat is None:
             continue
-        style = STYLE[c["method"]]
-        label = style["label"] if c["method"] not in seen else None
-        seen.add(c["method"])
+        style = _style(_series(c))
+        label = style["label"] if _series(c) not in seen else None
+        seen.add(_series(c))
         ax.plot([lat["flops_ratio"]], [lat["ttft_ratio"]], linestyle="none", marker=style["marker"],
-                color=style["color"], markersize=12 if c["method"] == "dense" else 8, label=label)
+                color=style["color"], markersize=12 if _series(c) == "dense" else 8, label=label)
         ax.annotate(f"{c['name']}\n{lat['ttft_ms']:.0f} ms ({lat['ttft_speedup']:.2f}x)",
                     (lat["flops_ratio"], lat["ttft_ratio"]), textcoords="offset points",
                     xytext=(8, -14 if i % 2 else 4), fontsize=7)  # alternate sides: neighbours do not overlap

@@ -174,10 +174,22 @@ def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | 
               help="Searched plan: its ladder for --budgets, and its ladder plot.")
 @click.option("--budgets", default=None, help="GSOP budgets from the plan's ladder, e.g. 0.9,0.7,0.5 (each in (0, 1]).")
 @click.option("--autoprune-tokens", default=None, help="AutoPrune budgets T, e.g. 192,128,64.")
+@click.option("--autoprune-positions", default=None,
+              help="Position modes each --autoprune-tokens budget is swept in: renumbered, original or "
+                   "renumbered,original [default: the plan's, else renumbered].")
 @click.option("--keep-schedule", "keep_schedules", multiple=True,
               help="A fixed schedule LAYER:TOKENS[,...] (FastV, PDrop); repeat for several.")
+@click.option("--quantize", "quantize_modes", default=None,
+              help="Also quantized builds of dense: int8, int8-weights or int8,int8-weights (answered through "
+                   "their graphs on ONNX Runtime, compared with fp32). Other configurations: --config CONFIG@int8.")
+@click.option("--calib", "calib_path", type=click.Path(path_type=Path), default=None,
+              help="Calibration JSONL of the int8 configurations (image/question rows; not the --data rows).")
+@click.option("--calib-rows", type=click.IntRange(min=1), default=defaults.QUANT_CALIB_ROWS, show_default=True,
+              help="Calibration rows of the int8 configurations (the first N).")
 @click.option("--config", "extra_configs", multiple=True,
-              help="Another configuration: gsop:BUDGET, autoprune:T or fixed:LAYER:TOKENS[,...]; repeatable.")
+              help="Another configuration: gsop:BUDGET, autoprune:T[:renumbered|original], "
+                   "fixed:LAYER:TOKENS[,...], combined gsop:BUDGET+autoprune:T or gsop:BUDGET+fixed:..., any "
+                   "of them @int8 or @int8-weights (a quantized build); repeatable.")
 @click.option("--latency", is_flag=True,
               help="Also build every configuration (REPORT_DIR/builds) and time its first token against dense.")
 @click.option("--rounds", type=click.IntRange(min=1), default=defaults.SWEEP_ROUNDS, show_default=True,
@@ -185,35 +197,52 @@ def _echo_eval(report: Any, policy: Any, as_json: bool, where: dict[str, str] | 
 @click.option("--warmup", type=click.IntRange(min=0), default=defaults.SWEEP_WARMUP, show_default=True,
               help="--latency: untimed rounds.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="--latency: ONNX Runtime threads.")
-@click.option("--skip-check", is_flag=True, help="--latency: build without the parity check against the executor.")
+@click.option("--skip-check", is_flag=True, help="--latency and quantized builds: build without the parity check against the executor.")
 @max_new_tokens_option(defaults.EVAL_NEW_TOKENS, "Largest number of answer tokens per row.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N rows.")
 @torch_options()
 @click.option("--overwrite", is_flag=True, help="Discard a report directory that holds a sweep of other inputs.")
 @json_option("Print the report as one JSON object.")
 def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path | None, budgets: str | None,
-              autoprune_tokens: str | None, keep_schedules: tuple[str, ...], extra_configs: tuple[str, ...],
+              autoprune_tokens: str | None, autoprune_positions: str | None, keep_schedules: tuple[str, ...],
+              quantize_modes: str | None, calib_path: Path | None, calib_rows: int, extra_configs: tuple[str, ...],
               latency: bool, rounds: int, warmup: int, threads: int | None, skip_check: bool, max_new_tokens: int,
               limit: int | None, device: str | None, torch_dtype: str | None, overwrite: bool, as_json: bool) -> None:
     """Accuracy, agreement with dense and FLOPs of every configuration (dense, GSOP budgets, AutoPrune budgets,
-    fixed schedules) on DATA, with --latency the measured time to first token of each build, written to
-    REPORT_DIR as report.json, report.md and PNG plots.
+    fixed schedules, combined plans, int8 builds) on DATA, with --latency the measured time to first token of
+    each build, written to REPORT_DIR as report.json, report.md and PNG plots.
+
+    Float configurations are answered by the PyTorch executor; quantized ones are built (REPORT_DIR/builds)
+    and answered by their graphs, and the report lists which answers int8 changed against fp32, with the
+    logit gaps at the tokens that flipped.
 
     Each configuration is evaluated as `eval` with the same options evaluates it. Finished configurations are
     kept in REPORT_DIR: run the same command again after an interruption and only the rest is done.
     """
     from prune_core.tokens import parse_keep_schedule
 
-    from ..workflows.sweep import SweepSettings, parse_config, parse_numbers, run_sweep, sweep_configs
+    from ..workflows.sweep import (
+        POSITIONS,
+        QUANTIZE_MODES,
+        SweepSettings,
+        parse_choices,
+        parse_config,
+        parse_numbers,
+        run_sweep,
+        sweep_configs,
+    )
 
     configs = sweep_configs(
         plan_path=plan_path, budgets=parse_numbers(budgets, "--budgets"),
         autoprune_tokens=parse_numbers(autoprune_tokens, "--autoprune-tokens"),
         keep_schedules=[parse_keep_schedule(text) for text in keep_schedules],
         extra=[parse_config(text) for text in extra_configs],
+        autoprune_positions=parse_choices(autoprune_positions, "--autoprune-positions", POSITIONS),
+        quantize=parse_choices(quantize_modes, "--quantize", QUANTIZE_MODES),
     )  # fmt: skip
     settings = SweepSettings(latency=latency, rounds=rounds, warmup=warmup, threads=threads, skip_check=skip_check,
-                             overwrite=overwrite, device=device or defaults.TORCH_DEVICE, provider=provider_for(device))  # fmt: skip
+                             overwrite=overwrite, device=device or defaults.TORCH_DEVICE, provider=provider_for(device),
+                             calib=calib_path, calib_rows=calib_rows)  # fmt: skip
     result = run_sweep(model_dir, data_path, out_dir, configs, plan_path=plan_path, max_new_tokens=max_new_tokens,
                        limit=limit, device=device or defaults.TORCH_DEVICE, dtype=torch_dtype or defaults.TORCH_DTYPE,
                        settings=settings,
@@ -233,6 +262,13 @@ def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path |
         if lat:
             line += f" {row['latency']['ttft_ms']:>8.1f} {row['latency']['ttft_speedup']:>7.2f}x"
         click.echo(line)
+    for row in result.report["configs"]:
+        twin = row.get("float_twin")
+        if twin:
+            gap = twin["float_gap"]["max"]
+            click.echo(f"{row['name']}: {twin['changed']} of {twin['rows']} answers changed against fp32"
+                       + ("" if gap is None else f" (largest float logit gap at a flip {gap:.3f}, "
+                          f"near ties {twin['near_ties']})"))
     click.echo(f"{len(result.computed)} configuration(s) evaluated, {len(result.kept)} kept from before"
                + (f", {len(result.built)} built" if latency else ""))
     click.echo(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}; plots: "

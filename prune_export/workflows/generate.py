@@ -105,7 +105,7 @@ def visual_tokens_per_layer(manifest: Manifest, kv_tokens: list[int], sys_tokens
 def eval_build(
     build_dir: Path, data_path: Path, *, max_new_tokens: int = defaults.EVAL_NEW_TOKENS, limit: int | None = None,
     provider: str = defaults.PROVIDER, threads: int | None = None, progress: Callable[[int], None] | None = None,
-    reference: Any = None,
+    reference: Any = None, observe: Callable[[Any, list[int], list[np.ndarray]], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Exact-match accuracy of the build's greedy answers on a JSONL file, with dense and graph FLOPs.
 
@@ -113,7 +113,9 @@ def eval_build(
     Pruned FLOPs are counted from the prefill graph(s) on each prompt (graph census, the LM head row left
     out as in the cost model); dense FLOPs come from the cost model for the same prompt. With a
     ``reference`` (:class:`calib.evaluate.ReferenceAnswers`, see :func:`.evaluate.load_reference`) each
-    answer is compared with the dense one: ``agreement`` and the first-token KL.
+    answer is compared with the dense one: ``agreement`` and the first-token KL. ``observe(row, token_ids,
+    step_logits)`` sees every row's answer tokens and the logits of each step (the sweep compares a quantized
+    build's with its float twin's).
     """
     rows = load_rows(data_path, require_answer=True, limit=limit)
     check_answer_length(reference, max_new_tokens)
@@ -121,7 +123,7 @@ def eval_build(
     runner.check_new_tokens(max_new_tokens)
     start = time.perf_counter()
     with runner, (reference if hasattr(reference, "__enter__") else contextlib.nullcontext()):
-        results = _answer_rows(runner, rows, max_new_tokens, reference, progress)
+        results = _answer_rows(runner, rows, max_new_tokens, reference, progress, observe)
         provider_name = runner.provider
     report = EvalReport.from_results(results, int(runner.manifest.model["num_layers"]), time.perf_counter() - start,
                                      None if reference is None else reference.name)  # fmt: skip
@@ -129,7 +131,8 @@ def eval_build(
 
 
 def _answer_rows(runner: Any, rows: list[Any], max_new_tokens: int, reference: Any,
-                 progress: Callable[[int], None] | None) -> list[SampleResult]:  # fmt: skip
+                 progress: Callable[[int], None] | None,
+                 observe: Callable[[Any, list[int], list[np.ndarray]], None] | None = None) -> list[SampleResult]:  # fmt: skip
     """Each row's result: the answer, its FLOPs and visual tokens, and its agreement with ``reference``."""
     manifest = runner.manifest
     spec = manifest_spec(manifest)
@@ -153,6 +156,8 @@ def _answer_rows(runner: Any, rows: list[Any], max_new_tokens: int, reference: A
         )  # fmt: skip
         if reference is not None:
             compare_answer(result, first_token_logprobs(logits[0]), reference.answer(row))
+        if observe is not None:
+            observe(row, ids, logits)
         results.append(result)
         if progress is not None:
             progress(1)

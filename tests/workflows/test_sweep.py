@@ -17,7 +17,8 @@ from prune_core.spec import GroupSizes, ModelSpec
 
 NEW_TOKENS = 3
 #: Sweep options and, per configuration name, the `eval` options that evaluate the same configuration.
-SWEEP = ["--budgets", "1,0.7", "--autoprune-tokens", "4", "--keep-schedule", "1:16", "--keep-schedule", "1:2"]
+SWEEP = ["--budgets", "1,0.7", "--autoprune-tokens", "4", "--keep-schedule", "1:16", "--keep-schedule", "1:2",
+         "--config", "autoprune:4:original", "--config", "gsop:0.7+fixed:1:8", "--config", "autoprune:4+gsop:0.7"]
 EVAL_OPTIONS = {
     "dense": [],
     "gsop-1": ["--plan", "PLAN", "--budget", "1"],
@@ -25,6 +26,9 @@ EVAL_OPTIONS = {
     "autoprune-4": ["--autoprune-tokens", "4"],
     "fixed-1x16": ["--keep-schedule", "1:16"],
     "fixed-1x2": ["--keep-schedule", "1:2"],
+    "autoprune-4-original": ["--autoprune-tokens", "4", "--autoprune-positions", "original"],
+    "gsop-0.7+fixed-1x8": ["--plan", "PLAN", "--budget", "0.7", "--keep-schedule", "1:8"],
+    "gsop-0.7+autoprune-4": ["--plan", "PLAN", "--budget", "0.7", "--autoprune-tokens", "4"],
 }
 
 
@@ -45,7 +49,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, demo_data:
     code, text = run("sweep", tiny_model, "--data", demo_data, "--out", out, "--plan", plan_file, *SWEEP,
                      "--max-new-tokens", NEW_TOKENS)  # fmt: skip
     assert code == 0, text
-    assert "6 configuration(s) evaluated, 0 kept" in text
+    assert "9 configuration(s) evaluated, 0 kept" in text
     return out
 
 
@@ -133,8 +137,11 @@ def test_report_files_and_plots(sweep: Path) -> None:
     for name in report["plots"]:
         assert f"]({name})" in md
     assert report["ladder"]["flops_ratio"][0] == 1.0 and len(report["ladder"]["flops_ratio"]) == 4
+    assert list(report["autoprune_curves"]) == ["autoprune-4", "autoprune-4-original", "gsop-0.7+autoprune-4"]
     curves = report["autoprune_curves"]["autoprune-4"]
     assert len(curves) == 4 and all(c["visual_tokens_per_layer"][0] == 16 for c in curves)
+    assert [c["series"] for c in report["configs"]] == [
+        "dense", "gsop", "gsop", "autoprune", "fixed", "fixed", "autoprune-original", "gsop+fixed", "gsop+autoprune"]
 
 
 def test_plan_show_plot_draws_the_ladder(plan_file: Path, tmp_path: Path) -> None:
@@ -174,15 +181,15 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_configurations(
     monkeypatch.setattr(calib.evaluate, "evaluate", lambda *a, **k: (calls.append("run"), real(*a, **k))[1])
     code, text = run(*args)
     assert code == 0, text
-    assert len(calls) == 3  # autoprune-4, fixed-1x16, fixed-1x2
-    assert "kept 3 finished configuration(s)" in text and "3 configuration(s) evaluated, 3 kept" in text
+    assert len(calls) == 6  # autoprune-4, fixed-1x16, fixed-1x2 and the three --config ones
+    assert "kept 3 finished configuration(s)" in text and "6 configuration(s) evaluated, 3 kept" in text
     resumed, whole = _report(out)["configs"], _report(sweep)["configs"]
     for a, b in zip(resumed, whole, strict=True):
         for key in ("name", "accuracy", "agreement", "flops_ratio", "mean_visual_tokens_per_layer"):
             assert a[key] == b[key], (a["name"], key)
     calls.clear()
     code, text = run(*args)
-    assert code == 0 and calls == [] and "0 configuration(s) evaluated, 6 kept" in text
+    assert code == 0 and calls == [] and "0 configuration(s) evaluated, 9 kept" in text
 
 
 def test_a_report_directory_of_other_inputs_is_refused(sweep: Path, tiny_model: Path, demo_data: Path,
@@ -195,6 +202,16 @@ def test_a_report_directory_of_other_inputs_is_refused(sweep: Path, tiny_model: 
 def test_bad_input_is_one_line(tiny_model: Path, demo_data: Path, plan_file: Path, tmp_path: Path) -> None:
     base = ["sweep", tiny_model, "--data", demo_data, "--out", tmp_path / "r"]
     assert_clean_error(*run(*base, "--config", "magic:3"), "unknown method 'magic'")
+    assert_clean_error(*run(*base, "--config", "autoprune:4+fixed:1:8"), "one plan and one token policy at most")
+    assert_clean_error(*run(*base, "--config", "dense+autoprune:4"), "dense combines with nothing")
+    assert_clean_error(*run(*base, "--config", "autoprune:4:shuffled"), "must be renumbered or original")
+    assert_clean_error(*run(*base, "--config", "gsop:0.5:original", "--plan", plan_file), "has one value")
+    assert_clean_error(*run(*base, "--config", "autoprune:4@int4"), "use @int8 or @int8-weights")
+    assert_clean_error(*run(*base, "--autoprune-tokens", "4", "--autoprune-positions", "kept"),
+                       "kept is not one of renumbered, original")
+    assert_clean_error(*run(*base, "--quantize", "int8"), "pass --calib CALIB.jsonl")
+    assert_clean_error(*run(*base, "--autoprune-tokens", "4", "--calib", demo_data), "drop --calib")
+    assert_clean_error(*run(*base, "--quantize", "int8-weights", "--dtype", "fp16"), "--dtype fp32")
     assert_clean_error(*run(*base, "--plan", plan_file, "--budgets", "0.5,1.5"), "(0, 1]")
     assert_clean_error(*run(*base, "--plan", plan_file, "--budgets", "0"), "(0, 1]")
     assert_clean_error(*run(*base, "--budgets", "0.5"), "need --plan")
