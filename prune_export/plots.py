@@ -6,6 +6,7 @@ nothing here runs a model. matplotlib is imported lazily so the rest of the tool
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,11 @@ def plot_fidelity(path: Path, configs: Sequence[dict[str, Any]]) -> None:
             reason = "dense accuracy is 0: retention is undefined" if key == "retention" else "no values"
             ax.text(0.5, 0.5, reason, ha="center", va="center", transform=ax.transAxes)
         if key != "mean_first_token_kl":
-            ax.set_ylim(-0.05, 1.05 if key != "retention" else None)
+            values = [p[1] for points in lines.values() for p in points]
+            values += [dense[key]] if dense is not None and dense.get(key) is not None else []
+            # Zoom on the data (a trained model's points crowd the top), never below 0 or above what is there.
+            low = max(-0.05, math.floor((min(values, default=0.0) - 0.05) * 10) / 10)
+            ax.set_ylim(low, max(1.05, max(values, default=1.0) + 0.05))
         ax.set_xlim(0, 1.05)
         ax.set_xlabel(FLOPS_AXIS)
         ax.set_ylabel(ylabel)
@@ -228,8 +233,12 @@ def plot_visual_tokens(path: Path, curves: dict[str, list[dict[str, Any]]], visu
     """AutoPrune's visual tokens entering each layer, a few samples per budget T: the adaptive curves."""
     plt = _pyplot()
     n = len(curves)
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.5), squeeze=False, sharey=True)
-    for ax, (name, samples) in zip(axes[0], curves.items(), strict=True):
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (name, samples) in zip(axes.flat, curves.items(), strict=False):
         for s in samples:
             layers = list(range(len(s["visual_tokens_per_layer"])))
             extra = f", I1 {s['i1']:.2f} bits, k {s['k']:.3f}" if s.get("k") is not None and s.get("i1") is not None else ""
@@ -240,7 +249,8 @@ def plot_visual_tokens(path: Path, curves: dict[str, list[dict[str, Any]]], visu
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("visual tokens entering the layer")
+    for row in axes:
+        row[0].set_ylabel("visual tokens entering the layer")
     fig.suptitle("AutoPrune: each prompt's own schedule (visual tokens per layer)")
     fig.tight_layout()
     _save(fig, path)
@@ -257,7 +267,8 @@ def sweep_plots(report: dict[str, Any], out: Path) -> list[str]:
         written.append("latency.png")
     ladder = report.get("ladder")
     if ladder:
-        marks = [(c["plan_steps"], f"budget {c['budget']:g}") for c in configs if c["method"] == "gsop"]
+        marks = list(dict.fromkeys((c["plan_steps"], f"budget {c['budget']:g}") for c in configs
+                                   if _series(c) == "gsop"))  # the plan alone, each budget once
         plot_ladder(out / "ladder.png", ladder["flops_ratio"], ladder["metrics"], metric=ladder.get("metric"),
                     baseline=ladder.get("baseline"), limit=ladder.get("limit"), marks=marks)
         written.append("ladder.png")

@@ -251,13 +251,14 @@ def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path |
         echo_json(result.report)
         return
     lat = result.report.get("latency")
-    click.echo(f"{'configuration':<24} {'accuracy':>8} {'retention':>9} {'agreement':>9} {'KL nats':>9} "
+    width = max(24, *(len(row["name"]) for row in result.report["configs"]))
+    click.echo(f"{'configuration':<{width}} {'accuracy':>8} {'retention':>9} {'agreement':>9} {'KL nats':>9} "
                f"{'FLOPs':>7}" + (f" {'TTFT ms':>8} {'speed-up':>8}" if lat else ""))
     for row in result.report["configs"]:
         def f(x: float | None, w: int, d: int = 4) -> str:
             return f"{'n/a':>{w}}" if x is None else f"{x:>{w}.{d}f}"
 
-        line = (f"{row['name']:<24} {f(row['accuracy'], 8)} {f(row['retention'], 9)} {f(row['agreement'], 9)} "
+        line = (f"{row['name']:<{width}} {f(row['accuracy'], 8)} {f(row['retention'], 9)} {f(row['agreement'], 9)} "
                 f"{f(row['mean_first_token_kl'], 9, 5)} {f(row['flops_ratio'], 7, 3)}")
         if lat:
             line += f" {row['latency']['ttft_ms']:>8.1f} {row['latency']['ttft_speedup']:>7.2f}x"
@@ -268,7 +269,9 @@ def sweep_cmd(model_dir: Path, data_path: Path, out_dir: Path, plan_path: Path |
             gap = twin["float_gap"]["max"]
             click.echo(f"{row['name']}: {twin['changed']} of {twin['rows']} answers changed against fp32"
                        + ("" if gap is None else f" (largest float logit gap at a flip {gap:.3f}, "
-                          f"near ties {twin['near_ties']})"))
+                          f"near ties {twin['near_ties']})")
+                       + (f"; {twin['schedules_changed']} row(s) pruned to other token counts"
+                          if twin.get("schedules_changed") else ""))
     click.echo(f"{len(result.computed)} configuration(s) evaluated, {len(result.kept)} kept from before"
                + (f", {len(result.built)} built" if latency else ""))
     click.echo(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}; plots: "

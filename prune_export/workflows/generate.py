@@ -105,7 +105,7 @@ def visual_tokens_per_layer(manifest: Manifest, kv_tokens: list[int], sys_tokens
 def eval_build(
     build_dir: Path, data_path: Path, *, max_new_tokens: int = defaults.EVAL_NEW_TOKENS, limit: int | None = None,
     provider: str = defaults.PROVIDER, threads: int | None = None, progress: Callable[[int], None] | None = None,
-    reference: Any = None, observe: Callable[[Any, list[int], list[np.ndarray]], None] | None = None,
+    reference: Any = None, observe: Callable[[Any, list[int], list[np.ndarray], SampleResult], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Exact-match accuracy of the build's greedy answers on a JSONL file, with dense and graph FLOPs.
 
@@ -114,8 +114,8 @@ def eval_build(
     out as in the cost model); dense FLOPs come from the cost model for the same prompt. With a
     ``reference`` (:class:`calib.evaluate.ReferenceAnswers`, see :func:`.evaluate.load_reference`) each
     answer is compared with the dense one: ``agreement`` and the first-token KL. ``observe(row, token_ids,
-    step_logits)`` sees every row's answer tokens and the logits of each step (the sweep compares a quantized
-    build's with its float twin's).
+    step_logits, result)`` sees every row's answer tokens, the logits of each step and the row's result (the
+    sweep compares a quantized build's with its float twin's).
     """
     rows = load_rows(data_path, require_answer=True, limit=limit)
     check_answer_length(reference, max_new_tokens)
@@ -132,7 +132,7 @@ def eval_build(
 
 def _answer_rows(runner: Any, rows: list[Any], max_new_tokens: int, reference: Any,
                  progress: Callable[[int], None] | None,
-                 observe: Callable[[Any, list[int], list[np.ndarray]], None] | None = None) -> list[SampleResult]:  # fmt: skip
+                 observe: Callable[[Any, list[int], list[np.ndarray], SampleResult], None] | None = None) -> list[SampleResult]:  # fmt: skip
     """Each row's result: the answer, its FLOPs and visual tokens, and its agreement with ``reference``."""
     manifest = runner.manifest
     spec = manifest_spec(manifest)
@@ -157,7 +157,7 @@ def _answer_rows(runner: Any, rows: list[Any], max_new_tokens: int, reference: A
         if reference is not None:
             compare_answer(result, first_token_logprobs(logits[0]), reference.answer(row))
         if observe is not None:
-            observe(row, ids, logits)
+            observe(row, ids, logits, result)
         results.append(result)
         if progress is not None:
             progress(1)

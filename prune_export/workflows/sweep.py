@@ -637,22 +637,25 @@ def _quantized_markdown(configs: Sequence[dict[str, Any]]) -> list[str]:
              "**float gap** is the twin's logit of its own token minus its logit of the quantized build's token: "
              "the margin the quantization error crossed. **logits error** is the largest |quantized - float| "
              "logit at the steps before any flip, where both saw the same tokens; a flip whose float gap is at "
-             "most twice its maximum is a **near tie** (the build check's rule).",
+             "most twice its maximum is a **near tie** (the build check's rule). **schedules changed**: rows whose "
+             "visual tokens per layer differ from the twin's (a token policy that decided otherwise through the "
+             "quantized graphs); a flip on such a row is the policy's decision, not rounding.",
              "",
              "| configuration | changed | float gap median | float gap max | near ties | logits error median | "
-             "logits error max |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "logits error max | schedules changed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for c in rows:
         t = c["float_twin"]
         err = t["agree_logits_error"]
         ties = "n/a" if t["near_ties"] is None else f"{t['near_ties']} of {t['changed']}"
         lines.append(f"| {c['name']} | {t['changed']} / {t['rows']} | {_fmt(t['float_gap']['median'], 3)} | "
-                     f"{_fmt(t['float_gap']['max'], 3)} | {ties} | {_fmt(err['median'], 3)} | {_fmt(err['max'], 3)} |")
+                     f"{_fmt(t['float_gap']['max'], 3)} | {ties} | {_fmt(err['median'], 3)} | {_fmt(err['max'], 3)} | "
+                     f"{t.get('schedules_changed', 'n/a')} |")
     lines += ["", "| configuration | data line | step | float answer | quantized answer | float gap | "
-              "quantized gap | logits error |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "quantized gap | logits error | same schedule |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in rows:
         for f in c["float_twin"]["flips"]:
             lines.append(f"| {c['name']} | {f['line']} | {f['step']} | `{f['float_answer']!r}` | "
                          f"`{f['quantized_answer']!r}` | {f['float_gap']:.3f} | {f['quantized_gap']:.3f} | "
-                         f"{f['logits_error']:.3f} |")
+                         f"{f['logits_error']:.3f} | {'yes' if f.get('same_schedule', True) else 'no'} |")
     return lines

@@ -113,7 +113,9 @@ class FloatTwin:
     float model's logit of its own token minus its logit of the quantized build's token (``float_gap``,
     >= 0), the build's own margin the other way (``quantized_gap``) and the largest logits error there. The
     logits errors of the steps before it, where both saw the same tokens, give the scale the gaps are
-    measured against.
+    measured against. A row whose visual tokens per layer differ between the two (a token policy that kept
+    other counts: AutoPrune's complexity read through int8 attention) is counted as a changed schedule; a
+    flip there is the policy's decision, not rounding of the same computation.
     """
 
     def __init__(self, adapter: Any, choice: Any, spec: Any, max_new_tokens: int) -> None:
@@ -129,13 +131,17 @@ class FloatTwin:
         self.rows = 0
         self.flips: list[dict[str, Any]] = []
         self.agree_errors: list[float] = []
+        self.schedules_changed: list[int] = []
 
-    def observe(self, row: Any, token_ids: list[int], step_logits: list[np.ndarray]) -> None:
+    def observe(self, row: Any, token_ids: list[int], step_logits: list[np.ndarray], result: Any = None) -> None:
         from exporter.sample import prepare_sample
 
         sample = prepare_sample(self.adapter, row.load_image(), row.question)
         ref = self.executor.generate(sample, self.ops, self.policy, max_new_tokens=self.max_new_tokens)
         self.rows += 1
+        same_schedule = result is None or list(result.visual_tokens_per_layer) == list(ref.prefill.visual_tokens_per_layer)
+        if not same_schedule:
+            self.schedules_changed.append(row.line)
         agree = 0
         for a, b in zip(token_ids, ref.token_ids, strict=False):
             if a != b:
@@ -157,7 +163,7 @@ class FloatTwin:
             "float_token": self.adapter.decode([float_token]), "quantized_token": self.adapter.decode([quantized_token]),
             "float_gap": float(theirs[float_token] - theirs[quantized_token]),
             "quantized_gap": float(mine[quantized_token] - mine[float_token]),
-            "logits_error": float(np.abs(mine - theirs).max()),
+            "logits_error": float(np.abs(mine - theirs).max()), "same_schedule": same_schedule,
         })  # fmt: skip
 
     def summary(self) -> dict[str, Any]:
@@ -175,6 +181,7 @@ class FloatTwin:
             "float_gap": {"median": statistics.median(gaps) if gaps else None, "max": max(gaps, default=None)},
             "near_tie_bound": bound,
             "near_ties": None if bound is None else sum(g <= bound for g in gaps),
+            "schedules_changed": len(self.schedules_changed), "schedule_changed_lines": self.schedules_changed,
             "flips": self.flips,
         }  # fmt: skip
 

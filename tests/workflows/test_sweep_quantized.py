@@ -91,6 +91,8 @@ def test_float_twin_measures_the_gap_at_the_first_flip_and_refuses_a_wide_one(ti
                                                                                tiny_adapter) -> None:
     """Quantized answers made by hand from HuggingFace's logits: one flips to the runner-up token after a step
     with a known logits error (a near tie), one to the least likely token (not a near tie)."""
+    from types import SimpleNamespace
+
     from calib.data import load_rows
     from prune_export.workflows.selection import choose_plan
     from prune_export.workflows.sweep_builds import FloatTwin
@@ -112,7 +114,10 @@ def test_float_twin_measures_the_gap_at_the_first_flip_and_refuses_a_wide_one(ti
         shaken[int(np.argsort(first)[0])] += err  # the error lands on the least likely token: argmax unchanged
         forced = second.copy()
         forced[other] = second.max() + 1.0  # the quantized build prefers `other` by 1
-        twin.observe(row, [ids[0], other], [shaken.astype(np.float32), forced.astype(np.float32)])
+        # the first row's build kept every visual token in every layer, as dense does; the second one fewer
+        kept = [spec.visual_tokens] * spec.num_layers if pick == "runner-up" else [spec.visual_tokens - 1] * spec.num_layers
+        twin.observe(row, [ids[0], other], [shaken.astype(np.float32), forced.astype(np.float32)],
+                     SimpleNamespace(visual_tokens_per_layer=kept))
     summary = twin.summary()
     assert summary["rows"] == 2 and summary["changed"] == 2
     for flip, gap in zip(summary["flips"], expected, strict=True):
@@ -122,3 +127,5 @@ def test_float_twin_measures_the_gap_at_the_first_flip_and_refuses_a_wide_one(ti
     assert expected[1] > 2 * 0.6 * expected[0]  # precondition: the wide gap lies beyond the bound
     assert summary["near_tie_bound"] == pytest.approx(1.2 * expected[0], abs=1e-4)
     assert summary["near_ties"] == 1  # the runner-up flip is a near tie; the flip to the last token is not
+    assert summary["schedules_changed"] == 1 and summary["schedule_changed_lines"] == [rows[1].line]
+    assert [f["same_schedule"] for f in summary["flips"]] == [True, False]
