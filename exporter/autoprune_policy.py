@@ -150,17 +150,33 @@ class AutoPrunePolicy:
             ScheduleTable.for_section(section, spec.num_layers, spec.visual_tokens) if mode == "table" else None
         )
         self._direct: AutoPruneRun | None = None
+        self._tables: dict[int, ScheduleTable] = {}  # table mode: images with fewer than 2.5 T visual tokens
 
     def steepness(self, i1: float) -> float:
         """``k = max(k0 - gamma * I1, 0)`` with this plan's ``k0`` and ``gamma``."""
         return steepness(i1, self.section.k0, self.section.gamma)
 
-    def schedule(self, k: float) -> ScheduleSolution:
-        """The schedule for steepness ``k``: solved exactly, or the table row nearest to ``k``."""
-        if self.table is not None:
-            return self.table.lookup(k)
+    def schedule(self, k: float, visual: int | None = None) -> ScheduleSolution | None:
+        """The schedule for steepness ``k``: solved exactly, or the table row nearest to ``k``.
+
+        ``visual``: this prompt's visual token count, when an any-resolution image gives fewer than the model's
+        most (LLaVA-NeXT). ``N0 = min(2.5 T, visual)``, so an image with at least ``2.5 T`` tokens gets the same
+        schedule as the largest; a smaller one gets its own, solved for its count (the reference code's
+        ``min(2.5 T, N)`` cap), and one with no more than ``T`` tokens is not pruned (None).
+        """
         s = self.section
-        return solve_scale(k, s.tokens, self.num_layers, self.visual_tokens, s.x0, s.amplitude)
+        v = self.visual_tokens if visual is None else min(visual, self.visual_tokens)
+        if min(self.n0, v) == self.n0:
+            if self.table is not None:
+                return self.table.lookup(k)
+            return solve_scale(k, s.tokens, self.num_layers, self.visual_tokens, s.x0, s.amplitude)
+        if s.tokens >= v:
+            return None
+        if self.table is not None:
+            if v not in self._tables:
+                self._tables[v] = ScheduleTable.for_section(s, self.num_layers, v)
+            return self._tables[v].lookup(k)
+        return solve_scale(k, s.tokens, self.num_layers, v, s.x0, s.amplitude)
 
     def begin(self) -> AutoPruneRun:
         """Fresh per-prompt state for one prefill (the executor calls this at the start of each prefill)."""
@@ -197,6 +213,7 @@ class AutoPruneRun:
         self.positions: PositionMode = policy.positions
         self.decision = AutoPruneDecision(mode=policy.mode, tokens=policy.section.tokens)
         self._last_layer = -1
+        self._visual = policy.visual_tokens  # this prompt's visual tokens, counted at layer 0
 
     def wants_selection(self, layer: int) -> bool:
         return self.policy.wants_selection(layer)
@@ -235,6 +252,7 @@ class AutoPruneRun:
             torch.float64
         )
         n0 = min(self.policy.n0, v)
+        self._visual = v
         self.decision.i0, self.decision.n0 = i0, n0
         self.decision.kept[0], self.decision.merged[0] = n0, 0
         if n0 >= v:
@@ -245,12 +263,14 @@ class AutoPruneRun:
         i1 = _complexity(ctx.text_attention, complexity_i1)
         k = self.policy.steepness(i1)
         self.decision.i1, self.decision.k = i1, k
-        self.decision.schedule = self.policy.schedule(k)
+        self.decision.schedule = self.policy.schedule(k, self._visual)
 
     def _prune(self, ctx: SelectionContext) -> Selection | None:
         schedule = self.decision.schedule
-        assert schedule is not None  # set at layer 1, which precedes every later layer
         v = int(ctx.visual_hidden.shape[0])
+        if schedule is None:  # an image with no more visual tokens than the budget: nothing to prune
+            self.decision.kept[ctx.layer], self.decision.merged[ctx.layer] = v, 0
+            return None
         keep_count = min(schedule.keep[ctx.layer - 1], v)
         dropped = v - keep_count
         scores = _text_scores(ctx.text_attention, torch.float32)

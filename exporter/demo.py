@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +64,13 @@ PRESETS: dict[str, DemoPreset] = {
     "llava-1.5-7b": DemoPreset(336, 14, 1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, 2000, lm_vocab=32064),
 }
 PRESETS["llava-7b"] = PRESETS["llava-1.5-7b"]  # the name the CLI offers
+#: LLaVA-1.6's tiling resolutions (height, width), in units of the vision tower's image size (336 px there).
+NEXT_GRID = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+#: LLaVA-NeXT presets: the LLaVA-1.5 preset they share sizes with. ``next-bench`` at a 672x672 image gives
+#: LLaVA-1.6-7B's 2,928 visual tokens; ``next-tiny`` (56 px tiles of 16 patches) at most 88.
+NEXT_PRESETS: dict[str, str] = {"next-tiny": "tiny", "next-bench": "bench"}
+for _name, _base in NEXT_PRESETS.items():
+    PRESETS[_name] = PRESETS[_base]
 #: The precision a preset is written in when none is asked for: the 7B shapes only ever in fp16.
 DEFAULT_DTYPES: dict[str, torch.dtype] = {"llava-1.5-7b": torch.float16, "llava-7b": torch.float16}
 
@@ -149,14 +157,17 @@ def random_llava(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+    common = dict(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                  vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")  # fmt: skip
+    next_pins = [[h * p.image_size, w * p.image_size] for h, w in NEXT_GRID] if preset in NEXT_PRESETS else None
+    if next_pins is not None:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        config = LlavaNextConfig(**common, image_grid_pinpoints=next_pins)
+        model_class: Any = LlavaNextForConditionalGeneration
+    else:
+        config = LlavaConfig(**common)
+        model_class = LlavaForConditionalGeneration
     config.vision_config._attn_implementation = "eager"
     config.text_config._attn_implementation = "sdpa"
     generator_state = torch.random.get_rng_state()
@@ -165,7 +176,7 @@ def random_llava(
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
+            model = model_class(config).eval()
     finally:
         torch.set_default_dtype(default_dtype)
         torch.random.set_rng_state(generator_state)
@@ -173,6 +184,15 @@ def random_llava(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if next_pins is not None:
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        next_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": p.image_size}, crop_size={"height": p.image_size, "width": p.image_size},
+            image_grid_pinpoints=next_pins,
+        )  # fmt: skip
+        return model, LlavaNextProcessor(image_processor=next_processor, tokenizer=tokenizer, patch_size=p.patch_size,
+                                         vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": p.image_size}, crop_size={"height": p.image_size, "width": p.image_size}
     )

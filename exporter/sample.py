@@ -69,7 +69,8 @@ def build_sample(
     n = int(input_ids.shape[0])
     groups = torch.full((n,), GROUP_INDEX[Group.TXT], dtype=torch.long)
     groups[:image_start] = GROUP_INDEX[Group.SYS]
-    key = key_token_mask(cls_attention.cpu(), adapter.spec.key_tokens(key_fraction))
+    # The key share of this image's visual tokens (an any-resolution image may give fewer than the most).
+    key = key_token_mask(cls_attention.cpu(), adapter.spec.key_tokens(key_fraction, image_end - image_start))
     groups[image_start:image_end] = torch.where(
         key, GROUP_INDEX[Group.IMG_KEY], GROUP_INDEX[Group.IMG_REST]
     )
@@ -81,7 +82,7 @@ def prepare_sample(
 ) -> Sample:
     """Tokenise, run the vision tower and build the decoder inputs of one image + question."""
     tokens = adapter.tokenize(image, question)
-    vision = adapter.vision(tokens.pixel_values)
+    vision = adapter.vision(tokens.pixel_values, tokens.image_sizes)
     return build_sample(
         adapter,
         tokens.input_ids,

@@ -37,6 +37,45 @@ class ModelSpec:
     patch_size: int
     vision_layers: int
     vision_hidden_size: int
+    #: Any-resolution models (LLaVA-NeXT): the (height, width) resolutions an image is tiled at. None: one
+    #: fixed-size image (LLaVA-1.5), ``visual_tokens`` per prompt. With it, ``visual_tokens`` is the largest
+    #: count an image can give (the plan's reference layout) and :meth:`visual_tokens_for` a given image's.
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_grid_pinpoints is not None:  # JSON gives lists; keep the spec hashable and comparable
+            pins = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
+            object.__setattr__(self, "image_grid_pinpoints", pins)
+
+    @property
+    def any_resolution(self) -> bool:
+        """Whether the visual token count depends on the image size (LLaVA-NeXT's tiling)."""
+        return self.image_grid_pinpoints is not None
+
+    @property
+    def tile_tokens(self) -> int:
+        """Visual tokens of one image tile (LLaVA-NeXT's base image, or LLaVA-1.5's whole image)."""
+        return (self.image_size // self.patch_size) ** 2 if self.any_resolution else self.visual_tokens
+
+    def visual_tokens_for(self, height: int, width: int) -> int:
+        """Visual tokens of an image of ``height`` x ``width`` pixels (LLaVA-1.5: always ``visual_tokens``).
+
+        LLaVA-NeXT: the base image's tile, plus the grid of the best-fitting pinpoint with its padding rows
+        or columns removed (``unpad``), plus one ``image_newline`` token per remaining row, as HuggingFace's
+        processor counts them.
+        """
+        if not self.any_resolution:
+            return self.visual_tokens
+        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
+        side = self.image_size // self.patch_size
+        rows, cols = side * (best_h // self.image_size), side * (best_w // self.image_size)
+        if width / height > cols / rows:
+            kept = int(round(height * (cols / width), 7))
+            rows -= 2 * ((rows - kept) // 2)
+        else:
+            kept = int(round(width * (rows / height), 7))
+            cols -= 2 * ((cols - kept) // 2)
+        return side * side + rows * cols + rows
 
     @property
     def q_dim(self) -> int:
@@ -48,17 +87,41 @@ class ModelSpec:
         """Width of each of the K and V projections: kv_heads x head_dim (smaller than q_dim under GQA)."""
         return self.num_kv_heads * self.head_dim
 
-    def key_tokens(self, fraction: float = DEFAULT_KEY_FRACTION) -> int:
-        """Number of ``img_key`` tokens: ``round(fraction * visual_tokens)``, at least 1."""
-        return max(1, min(self.visual_tokens, round(fraction * self.visual_tokens)))
+    def key_tokens(self, fraction: float = DEFAULT_KEY_FRACTION, visual: int | None = None) -> int:
+        """Number of ``img_key`` tokens among ``visual`` visual tokens (default: the model's
+        ``visual_tokens``): ``round(fraction * visual)``, at least 1."""
+        n = self.visual_tokens if visual is None else visual
+        return max(1, min(n, round(fraction * n)))
 
     def fingerprint(self) -> str:
         """A stable hash of the architecture; plans refuse to run on a model with another one."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        blob = json.dumps(self.to_json(), sort_keys=True).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        """The fields; optional ones (any-resolution) only when set, so LLaVA-1.5 specs, fingerprints and plans
+        read the same as before they existed."""
+        data = asdict(self)
+        if data["image_grid_pinpoints"] is None:
+            del data["image_grid_pinpoints"]
+        else:
+            data["image_grid_pinpoints"] = [list(p) for p in data["image_grid_pinpoints"]]
+        return data
+
+
+def best_resolution(height: int, width: int, pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The (height, width) pinpoint LLaVA-NeXT tiles an image at: the one that keeps the most of the image's
+    pixels when it is scaled to fit, then the one that wastes the fewest (HuggingFace's rule)."""
+    best, best_kept, best_waste = None, -1, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - kept
+        if kept > best_kept or (kept == best_kept and waste < best_waste):
+            best, best_kept, best_waste = (h, w), kept, waste
+    if best is None:
+        raise ValueError("image_grid_pinpoints is empty")
+    return best
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,15 @@ from prune_core.spec import ModelSpec
 
 from .base import LayerParts, PromptTokens, VisionOutput, VLMAdapter, read_config_json
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
 __all__ = [
     "ADAPTERS",
     "LayerParts",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "PromptTokens",
     "VLMAdapter",
     "VisionOutput",
@@ -41,7 +43,7 @@ def adapter_class(folder: str | Path) -> type[VLMAdapter]:
     known = sorted(t for cls in ADAPTERS for t in cls.model_types)
     raise ModelLoadError(
         f"{folder}: model_type {model_type!r} is not supported (known: {', '.join(known)}); "
-        "prune-export works on LLaVA-family folders"
+        "prune-export works on LLaVA-1.5 (llava) and LLaVA-NeXT (llava_next) folders"
     )
 
 

@@ -58,7 +58,8 @@ class PromptTokens:
     input_ids: torch.Tensor  # [n] int64, the image span filled with the image token id
     image_start: int
     image_end: int  # exclusive
-    pixel_values: torch.Tensor  # [1, 3, H, W]
+    pixel_values: torch.Tensor  # [1, 3, H, W]; any-resolution models: [1, tiles, 3, H, W]
+    image_sizes: torch.Tensor | None = None  # any-resolution models: [1, 2] (height, width) of the image
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:
@@ -120,8 +121,9 @@ class VLMAdapter(ABC):
         """Preprocess one PIL image and a question into :class:`PromptTokens`."""
 
     @abstractmethod
-    def vision(self, pixel_values: torch.Tensor) -> VisionOutput:
-        """Run the vision tower and projector on a batch of images."""
+    def vision(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionOutput:
+        """Run the vision tower and projector on a batch of images (``image_sizes``: any-resolution models'
+        original (height, width) per image, which decides their tiling)."""
 
     @abstractmethod
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,7 @@ class LlavaAdapter(VLMAdapter):
 
     # -- compute ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def vision(self, pixel_values: torch.Tensor) -> VisionOutput:
+    def vision(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionOutput:
         tower = self.model.model.vision_tower
         out = tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
         hidden = out.hidden_states[self._feature_layer]

@@ -21,7 +21,7 @@ from ..output import echo_json, tflops
 # -- demo-model / demo-data -------------------------------------------------------------------------------
 @click.command("demo-model")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", type=click.Choice(["trained", "tiny", "bench", "llava-7b"]), default="tiny", show_default=True,
+@click.option("--preset", type=click.Choice(["trained", "tiny", "bench", "llava-7b", "next-tiny", "next-bench"]), default="tiny", show_default=True,
               help="trained: trained on the demo VQA task (demo-data), 196 visual tokens, answers from the image; "
                    "tiny: random, seconds to build, for tests; bench: random, 576 visual tokens, hidden 1024, 8 "
                    "layers; llava-7b: random, LLaVA-1.5-7B's shapes (7.06 B parameters, 14 GB in fp16).")

@@ -157,6 +157,7 @@ def check_build_options(settings: BuildSettings) -> None:
 def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSettings, log: Log) -> Manifest:
     """Export, optimize, check and write one build directory; returns its manifest."""
     check_build_options(settings)
+    check_buildable(model_dir)
     settings = fit_in_memory(model_dir, settings, log)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not settings.overwrite:
@@ -171,6 +172,20 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
             f"{manifest.engines.reason}; fix the cause and run `prune-export engines {out_dir}`"
         )
     return manifest
+
+
+def check_buildable(model_dir: Path) -> None:
+    """Refuse, in one line and before any work, a model family the graphs cannot carry yet."""
+    from exporter.adapters import load_spec
+
+    spec = load_spec(model_dir)
+    if spec.any_resolution:
+        raise BuildError(
+            f"{model_dir} is a {spec.family} model (any-resolution images: {spec.tile_tokens} to {spec.visual_tokens} "
+            "visual tokens, by image size); its builds are not supported yet: the graphs take one fixed visual "
+            "token count. Evaluate, search and sweep it on the model folder (eval, search, sweep, "
+            "autoprune-schedule, info all take it), or build a LLaVA-1.5 model"
+        )
 
 
 def fit_in_memory(model_dir: Path, settings: BuildSettings, log: Log) -> BuildSettings:

@@ -1,0 +1,166 @@
+"""Adapter for HuggingFace ``LlavaNextForConditionalGeneration`` folders (LLaVA-NeXT / LLaVA-1.6).
+
+The decoder is LLaVA-1.5's (Llama/Vicuna or Mistral, MHA or GQA) and so is everything the executor calls on
+it; what differs is the image. LLaVA-NeXT tiles an image at the best-fitting resolution of
+``image_grid_pinpoints``: the vision tower runs on a base image (the whole picture at the tower's size) and
+on every tile; the tiles' features are joined into one grid, the rows or columns that only hold padding are
+removed (``unpad``, so the grid keeps the image's aspect ratio), and a learned ``image_newline`` token ends
+every row. The number of visual tokens therefore depends on the image size: 576 + 2,352 = 2,928 at most for
+LLaVA-1.6-7B (a 672x672 image), fewer for other shapes.
+
+Features are packed by HuggingFace's own ``pack_image_features``, so the order is the model's. GSOP's key
+tokens need one [CLS] attention score per visual token: each tile's patches get its own tile's [CLS]
+attention (the base image's for the base tokens), packed the same way; the newline tokens are not patches and
+get 0 (they are never key tokens). docs/methods.md, "LLaVA-NeXT", states every such choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune_core.errors import ModelLoadError
+from prune_core.spec import ModelSpec
+
+from .base import PromptTokens, VisionOutput
+from .llava import WEIGHT_FILES, LlavaAdapter, _quiet_transformers
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: CLIP vision tower on a base image and its tiles, MLP projector, ``image_newline``,
+    Llama/Vicuna or Mistral decoder."""
+
+    model_types = ("llava_next",)
+
+    # -- config only -----------------------------------------------------------------------------------
+    @classmethod
+    def _hf_config(cls, folder: Path) -> Any:
+        _quiet_transformers()
+        from transformers import LlavaNextConfig
+
+        try:
+            return LlavaNextConfig.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ModelLoadError(f"{folder}/config.json is not a loadable LLaVA-NeXT config: {exc}") from None
+
+    @classmethod
+    def spec_from_hf_config(cls, cfg: Any, folder: str = "the model") -> ModelSpec:
+        base = LlavaAdapter.spec_from_hf_config(cfg, folder)
+        pins = getattr(cfg, "image_grid_pinpoints", None)
+        if not pins:
+            raise ModelLoadError(
+                f"{folder}: config.json has no image_grid_pinpoints, which LLaVA-NeXT tiles every image by; add "
+                "the checkpoint's list (LLaVA-1.6: [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])"
+            )
+        if cfg.vision_feature_select_strategy != "default":
+            raise ModelLoadError(
+                f"{folder}: vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}; LLaVA-NeXT's tiles "
+                "are square grids of patches without [CLS] ('default'), which is what prune-export supports"
+            )
+        size = base.image_size
+        if any(int(h) % size or int(w) % size for h, w in pins):
+            raise ModelLoadError(f"{folder}: image_grid_pinpoints {pins} are not multiples of the vision tower's "
+                                 f"image size {size}; every tile must be one tower input")
+        side = size // base.patch_size
+        largest = max(side * side + (side * h // size) * (side * w // size) + side * h // size for h, w in pins)
+        return replace(base, family="llava_next", visual_tokens=largest,
+                       image_grid_pinpoints=tuple((int(h), int(w)) for h, w in pins))  # fmt: skip
+
+    # -- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlavaNextAdapter:
+        spec = cls.spec_from_config(folder, {})
+        if not any((folder / f).is_file() for f in WEIGHT_FILES):
+            raise ModelLoadError(
+                f"{folder} holds a config but no weights ({' / '.join(WEIGHT_FILES[::2])}); "
+                "commands that run the model need the full folder ('info' works from config.json alone)"
+            )
+        _quiet_transformers()
+        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+        try:
+            processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{folder}: could not load the tokenizer/image processor ({type(exc).__name__}: {exc}); "
+                "the folder needs tokenizer and processor files saved with save_pretrained"
+            ) from None
+        check_processor(processor, spec, folder)
+        try:
+            model = LlavaNextForConditionalGeneration.from_pretrained(
+                str(folder), local_files_only=True, dtype=dtype,
+                attn_implementation={"vision_config": "eager", "text_config": "sdpa", "": "sdpa"},
+            )  # fmt: skip
+        except Exception as exc:
+            raise ModelLoadError(f"{folder}: could not load the weights ({type(exc).__name__}: {exc})") from None
+        model = model.to(device).eval()
+        model.requires_grad_(False)
+        return cls(folder, model, processor, spec)
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, folder: Path | None = None) -> LlavaNextAdapter:
+        spec = cls.spec_from_hf_config(model.config)
+        check_processor(processor, spec, folder or "the processor")
+        model.eval().requires_grad_(False)
+        return cls(folder or Path("<in memory>"), model, processor, spec)
+
+    # -- prompt ----------------------------------------------------------------------------------------
+    def tokenize(self, image: Any, question: str) -> PromptTokens:
+        image = image.convert("RGB")
+        inputs = self.processor(images=image, text=self.prompt_text(question), return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        where = (ids == self.image_token_id).nonzero().flatten()
+        expected = self.spec.visual_tokens_for(image.height, image.width)
+        if len(where) != expected:
+            raise ModelLoadError(
+                f"the processor expanded <image> into {len(where)} tokens for a {image.width}x{image.height} image, "
+                f"but the model's tiling gives {expected}; check image_grid_pinpoints, patch_size and "
+                "vision_feature_select_strategy in the processor files against config.json"
+            )
+        start, end = int(where[0]), int(where[-1]) + 1
+        return PromptTokens(ids, start, end, inputs["pixel_values"].to(self.device, self.dtype),
+                            inputs["image_sizes"].to(self.device))  # fmt: skip
+
+    # -- compute ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def vision(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionOutput:
+        """Features ``[batch, visual, hidden]`` and [CLS] scores ``[batch, visual]`` of images of one size
+        (a batch of one image in the executor; the visual count is the image's)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT's vision needs image_sizes (the original height and width of each image)")
+        inner = self.model.model
+        tiles = [image_size_to_num_patches(image_size=size, grid_pinpoints=self.model.config.image_grid_pinpoints,
+                                           patch_size=self.spec.image_size) for size in image_sizes]  # fmt: skip
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, tiles, strict=True)], dim=0)
+        out = inner.vision_tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
+        hidden = out.hidden_states[self._feature_layer][:, 1:]  # "default": the patches, not [CLS]
+        cls_row = out.attentions[self._feature_layer][:, :, 0, 1:].float().mean(dim=1)  # [tiles, P]
+        features = inner.multi_modal_projector(hidden)
+        packed, _ = inner.pack_image_features(list(torch.split(features, tiles)), image_sizes, "default",
+                                              image_newline=inner.image_newline)  # fmt: skip
+        scores, _ = inner.pack_image_features([s[..., None] for s in torch.split(cls_row, tiles)], image_sizes,
+                                              "default", image_newline=torch.zeros(1, device=cls_row.device))  # fmt: skip
+        if len({p.shape[0] for p in packed}) != 1:
+            raise ValueError("a batch of LLaVA-NeXT images must share one visual token count (one image size)")
+        return VisionOutput(features=torch.stack(packed), cls_attention=torch.stack([s[:, 0] for s in scores]))
+
+
+def check_processor(processor: Any, spec: ModelSpec, folder: Any) -> None:
+    """The image processor must tile as the model does: its grid pinpoints are the config's."""
+    pins = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
+    if not pins:
+        raise ModelLoadError(
+            f"{folder}: the image processor has no image_grid_pinpoints, so it cannot tile images as LLaVA-NeXT "
+            "does; save the checkpoint's LlavaNextImageProcessor (preprocessor_config.json) into the folder"
+        )
+    if tuple((int(h), int(w)) for h, w in pins) != spec.image_grid_pinpoints:
+        raise ModelLoadError(
+            f"{folder}: the image processor tiles at {[list(p) for p in pins]} but config.json says "
+            f"{[list(p) for p in spec.image_grid_pinpoints or ()]}; make the two image_grid_pinpoints lists equal"
+        )

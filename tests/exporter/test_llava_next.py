@@ -1,0 +1,233 @@
+"""LLaVA-NeXT (any-resolution) through the adapter and the executor, against HuggingFace's
+`LlavaNextForConditionalGeneration` and its processor on the same folder: visual token counts per image size,
+the dense prefill's logits of every row and KV caches, greedy answers token for token, at a square, a wide
+and a tall image; and the one-line refusals of folders and plans that do not fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers.cli import assert_clean_error, run
+from PIL import Image
+
+from exporter.adapters import load_adapter, load_spec
+from exporter.demo import build_demo_model
+from exporter.executor import FixedKeepPolicy, PlanExecutor
+from exporter.sample import prepare_sample
+from prune_core.errors import ModelLoadError
+from prune_core.ops import Group, Module, Operation
+from prune_core.plan import Plan
+from prune_core.spec import GroupSizes
+
+QUESTION = "What color is the circle?"
+#: (width, height): a square image, a wide one and a tall one (each tiles at another pinpoint and unpads).
+SIZES = [(64, 64), (150, 60), (50, 140)]
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def next_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_model(tmp_path_factory.mktemp("next") / "next-tiny", "next-tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def adapter(next_tiny: Path):
+    return load_adapter(next_tiny)
+
+
+@pytest.fixture(scope="module")
+def reference64(next_tiny: Path):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration.from_pretrained(str(next_tiny), dtype=torch.float64).eval()
+
+
+def test_visual_token_counts_are_the_processors(adapter) -> None:
+    """The spec counts each image size's tokens from config.json alone; the processor expands <image> into as
+    many (an independent count: HuggingFace's tiling and unpadding)."""
+    spec = adapter.spec
+    assert spec.family == "llava_next" and spec.tile_tokens == 16
+    assert spec.visual_tokens == 16 + 8 * 8 + 8  # the largest: a square image at the 112x112 pinpoint
+    counts = set()
+    for width, height in [(64, 64), (150, 60), (50, 140), (300, 200), (56, 56), (20, 200), (200, 20), (112, 111),
+                          (57, 113), (1000, 333), (31, 29), (90, 70)]:  # fmt: skip
+        inputs = adapter.processor(images=_image(width, height), text=adapter.prompt_text(QUESTION), return_tensors="pt")
+        found = int((inputs["input_ids"][0] == adapter.image_token_id).sum())
+        assert spec.visual_tokens_for(height, width) == found, (width, height)
+        assert found <= spec.visual_tokens
+        counts.add(found)
+    assert len(counts) >= 5  # the count really varies with the image
+
+
+def test_the_7b_spec_reads_2928_visual_tokens_from_the_config(tmp_path: Path) -> None:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14)  # fmt: skip
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pins).save_pretrained(tmp_path)
+    spec = load_spec(tmp_path)
+    assert spec.visual_tokens == 576 + 48 * 48 + 48 == 2928  # 672x672: base + 2x2 tiles + one newline per row
+    assert spec.visual_tokens_for(672, 672) == 2928
+    assert spec.visual_tokens_for(336, 1008) == 576 + 24 * 72 + 24  # a 1:3 image fills the 336x1008 pinpoint
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_dense_prefill_matches_hf_forward(adapter, reference64, width: int, height: int) -> None:
+    image = _image(width, height)
+    tokens = adapter.tokenize(image, QUESTION)
+    sample = prepare_sample(adapter, image, QUESTION)
+    assert sample.image_end - sample.image_start == adapter.spec.visual_tokens_for(height, width)
+    n = sample.num_tokens
+    result = PlanExecutor(adapter).prefill(sample, logits_rows=n)
+    inputs = {"input_ids": tokens.input_ids[None], "pixel_values": tokens.pixel_values, "image_sizes": tokens.image_sizes}
+    with torch.no_grad():
+        out = adapter.model(**inputs, use_cache=True)
+        out64 = reference64(**{**inputs, "pixel_values": tokens.pixel_values.double()}, use_cache=True)
+    bound = max(1e-5, 2 * float((out.logits[0].double() - out64.logits[0]).abs().max()))
+    assert bound < 1e-3
+    torch.testing.assert_close(result.row_logits, out.logits[0], rtol=0, atol=bound)
+    assert out.logits[0].abs().max() > 1e-2
+    for layer, cache in enumerate(result.cache or []):
+        ref = out.past_key_values.layers[layer]
+        torch.testing.assert_close(cache.keys, ref.keys[0], rtol=0, atol=1e-5, msg=f"layer {layer} keys")
+        torch.testing.assert_close(cache.values, ref.values[0], rtol=0, atol=1e-5, msg=f"layer {layer} values")
+        assert cache.next_position == n
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_greedy_answers_equal_hf_generate(adapter, width: int, height: int) -> None:
+    image = _image(width, height, seed=1)
+    tokens = adapter.tokenize(image, QUESTION)
+    hf = adapter.model.generate(input_ids=tokens.input_ids[None], pixel_values=tokens.pixel_values,
+                                image_sizes=tokens.image_sizes, max_new_tokens=8, do_sample=False)[0]  # fmt: skip
+    hf_ids = hf[tokens.input_ids.shape[0]:].tolist()
+    ours = PlanExecutor(adapter).generate(prepare_sample(adapter, image, QUESTION), max_new_tokens=8).token_ids
+    assert ours == hf_ids[: len(ours)] and len(ours) in (len(hf_ids), len(hf_ids) - 1)
+
+
+def test_key_tokens_are_a_quarter_of_this_images_tokens_from_each_tiles_cls(adapter) -> None:
+    """GSOP's img_key: the top quarter of the image's own visual tokens by the [CLS] attention of the tile each
+    came from; the newline tokens (one per grid row) are never key tokens."""
+    from exporter.sample import GROUP_INDEX
+
+    for width, height in SIZES:
+        sample = prepare_sample(adapter, _image(width, height), QUESTION)
+        visual = sample.image_end - sample.image_start
+        key = int((sample.groups == GROUP_INDEX[Group.IMG_KEY]).sum())
+        assert key == round(0.25 * visual)
+        tokens = adapter.tokenize(_image(width, height), QUESTION)
+        with torch.no_grad():
+            tower = adapter.model.model.vision_tower(tokens.pixel_values[0], output_attentions=True)
+        # Tile 0 is the base image: its 16 patches are the first 16 visual tokens, in order.
+        base_cls = tower.attentions[-2][0, :, 0, 1:].mean(0)
+        torch.testing.assert_close(sample.cls_attention[:16], base_cls, rtol=0, atol=1e-6)
+        newline = adapter.model.model.image_newline
+        embeds = sample.embeds[sample.image_start + 16:sample.image_end]
+        is_newline = torch.isclose(embeds, newline[None].to(embeds.dtype), atol=1e-6).all(-1)
+        assert int(is_newline.sum()) > 0 and (sample.cls_attention[16:][is_newline] == 0).all()
+        assert not (sample.groups[sample.image_start + 16:sample.image_end][is_newline] == GROUP_INDEX[Group.IMG_KEY]).any()
+
+
+def test_pruning_runs_on_images_of_any_size(adapter) -> None:
+    """A fixed schedule keeps its count of this image's tokens (fewer when the image has fewer); keeping all of
+    them changes nothing."""
+    executor = PlanExecutor(adapter)
+    for width, height in SIZES:
+        sample = prepare_sample(adapter, _image(width, height), QUESTION)
+        visual = sample.image_end - sample.image_start
+        dense = executor.prefill(sample)
+        same = executor.prefill(sample, policy=FixedKeepPolicy.from_stages([(1, visual)]))
+        torch.testing.assert_close(same.logits, dense.logits, rtol=0, atol=1e-5)
+        cut = executor.prefill(sample, policy=FixedKeepPolicy.from_stages([(1, 8)]))
+        assert cut.visual_tokens_per_layer[2] == 8 and cut.flops < dense.flops
+
+
+def test_a_processor_without_grid_pinpoints_is_one_line(next_tiny: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """A NeXT folder holding LLaVA-1.5's processor (a CLIP image processor, which does not tile) is refused."""
+    folder = tmp_path / "clip-processor"
+    shutil.copytree(next_tiny, folder)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+        if (tiny_model / name).is_file():
+            shutil.copy(tiny_model / name, folder / name)
+    with pytest.raises(ModelLoadError, match="has no image_grid_pinpoints"):
+        load_adapter(folder)
+
+
+def test_a_processor_that_tiles_otherwise_is_one_line(next_tiny: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "other-pins"
+    shutil.copytree(next_tiny, folder)
+    path = next(p for p in (folder / "processor_config.json", folder / "preprocessor_config.json") if p.is_file())
+    data = json.loads(path.read_text())
+    holder = data.get("image_processor", data)
+    holder["image_grid_pinpoints"] = [[56, 56]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="make the two image_grid_pinpoints lists equal"):
+        load_adapter(folder)
+
+
+def test_plans_do_not_cross_families(next_tiny: Path, tiny_model: Path, demo_data: Path, tmp_path: Path) -> None:
+    for searched_on, used_on in ((tiny_model, next_tiny), (next_tiny, tiny_model)):
+        spec = load_spec(searched_on)
+        plan = tmp_path / f"{spec.family}.json"
+        Plan.new(spec, GroupSizes.default(spec), [[Operation(1, Group.IMG_REST, Module.MLP)]]).save(plan)
+        code, out = run("eval", used_on, "--data", demo_data, "--plan", plan, "--budget", "0.99", "--max-new-tokens", 2)
+        assert_clean_error(code, out, "search a plan for this model")
+
+
+def test_eval_and_info_on_next_tiny(next_tiny: Path, demo_data: Path) -> None:
+    code, out = run("info", next_tiny, "--json")
+    assert code == 0, out
+    info = json.loads(out)
+    assert info["family"] == "llava_next" and info["visual_tokens"] == 88
+    code, out = run("eval", next_tiny, "--data", demo_data, "--keep-schedule", "1:20", "--max-new-tokens", 3, "--json")
+    assert code == 0, out
+    ev = json.loads(out)
+    assert ev["samples"] == 4 and ev["flops_ratio"] < 1.0 and ev["agreement"] is not None
+
+
+def test_a_next_build_is_refused_in_one_line_before_any_work(next_tiny: Path, tmp_path: Path) -> None:
+    code, out = run("build", next_tiny, "--out", tmp_path / "b")
+    assert_clean_error(code, out, "builds are not supported yet")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("mode", ["exact", "table"])
+def test_autoprune_budget_holds_per_image(adapter, mode: str) -> None:
+    """AutoPrune on any-resolution images: N0 = min(2.5 T, this image's visual tokens), and the schedule
+    averages T over the layers whatever the image's count (solved for the image's own count when it has fewer
+    than 2.5 T); an image with no more tokens than T is not pruned."""
+    from exporter.autoprune_policy import AutoPrunePolicy
+    from prune_core.plan import AutoPruneSection
+
+    executor = PlanExecutor(adapter)
+    L = adapter.spec.num_layers
+    for tokens in (20, 30):
+        policy = AutoPrunePolicy(AutoPruneSection(tokens=tokens), adapter.spec, mode=mode)
+        for width, height in SIZES:
+            sample = prepare_sample(adapter, _image(width, height), QUESTION)
+            visual = sample.image_end - sample.image_start
+            result = executor.prefill(sample, policy=policy)
+            report = result.policy.report()
+            assert report["n0"] == min(int(2.5 * tokens), visual), (tokens, visual)
+            per_layer = report["tokens_per_layer"]
+            assert per_layer[0] == report["n0"] and len(per_layer) == L
+            assert abs(sum(per_layer) / L - tokens) < 0.5, (tokens, visual, per_layer)
+            entering = result.visual_tokens_per_layer
+            assert entering[0] == visual and entering[1] == report["n0"]
+    policy = AutoPrunePolicy(AutoPruneSection(tokens=70), adapter.spec, mode=mode)
+    sample = prepare_sample(adapter, _image(150, 60), QUESTION)  # 60 visual tokens, fewer than T = 70
+    result = executor.prefill(sample, policy=policy)
+    assert result.visual_tokens_per_layer == [60] * L and result.policy.report()["keep"] is None
+    torch.testing.assert_close(result.logits, executor.prefill(sample).logits, rtol=0, atol=1e-5)
