@@ -57,6 +57,13 @@ class ModelSpec:
         """Visual tokens of one image tile (LLaVA-NeXT's base image, or LLaVA-1.5's whole image)."""
         return (self.image_size // self.patch_size) ** 2 if self.any_resolution else self.visual_tokens
 
+    @property
+    def reference_image(self) -> tuple[int, int] | None:
+        """Any-resolution models: the (height, width) of an image that gives ``visual_tokens``, the most."""
+        if not self.any_resolution:
+            return None
+        return max(self.image_grid_pinpoints or (), key=lambda p: self.visual_tokens_for(*p))
+
     def visual_tokens_for(self, height: int, width: int) -> int:
         """Visual tokens of an image of ``height`` x ``width`` pixels (LLaVA-1.5: always ``visual_tokens``).
 
@@ -135,10 +142,14 @@ class GroupSizes:
 
     @classmethod
     def for_prompt(
-        cls, spec: ModelSpec, sys_tokens: int, txt_tokens: int, key_fraction: float = DEFAULT_KEY_FRACTION
+        cls, spec: ModelSpec, sys_tokens: int, txt_tokens: int, key_fraction: float = DEFAULT_KEY_FRACTION,
+        visual: int | None = None,
     ) -> GroupSizes:
-        key = spec.key_tokens(key_fraction)
-        return cls(sys=sys_tokens, img_key=key, img_rest=spec.visual_tokens - key, txt=txt_tokens)
+        """A prompt's groups; ``visual``: its visual tokens (default the model's ``visual_tokens``, which for
+        an any-resolution model is the largest image's)."""
+        n = spec.visual_tokens if visual is None else visual
+        key = spec.key_tokens(key_fraction, n)
+        return cls(sys=sys_tokens, img_key=key, img_rest=n - key, txt=txt_tokens)
 
     @classmethod
     def default(cls, spec: ModelSpec, txt_tokens: int = DEFAULT_TXT_TOKENS) -> GroupSizes:

@@ -24,7 +24,8 @@ from ..output import echo_json, tflops
 @click.option("--preset", type=click.Choice(["trained", "tiny", "bench", "llava-7b", "next-tiny", "next-bench"]), default="tiny", show_default=True,
               help="trained: trained on the demo VQA task (demo-data), 196 visual tokens, answers from the image; "
                    "tiny: random, seconds to build, for tests; bench: random, 576 visual tokens, hidden 1024, 8 "
-                   "layers; llava-7b: random, LLaVA-1.5-7B's shapes (7.06 B parameters, 14 GB in fp16).")
+                   "layers; llava-7b: random, LLaVA-1.5-7B's shapes (7.06 B parameters, 14 GB in fp16); next-tiny, "
+                   "next-bench: random LLaVA-NeXT (any-resolution tiles; next-bench: 2,928 visual tokens at 672x672).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--kv-heads", type=int, default=None, help="Override the number of KV heads (GQA).")
 @click.option("--layers", type=click.IntRange(min=2), default=None, help="Override the number of decoder layers.")
@@ -62,12 +63,23 @@ def demo_data(out_dir: Path, samples: int, seed: int) -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Text tokens after the image in the reference prompt [default: 100].")
+@click.option("--image-size", default=None, metavar="WIDTHxHEIGHT",
+              help="Any-resolution models (LLaVA-NeXT): the prompt of an image of this size [default: the image "
+                   "that gives the most visual tokens, e.g. 672x672 for LLaVA-1.6].")
 @json_option()
-def info(model_dir: Path, text_tokens: int | None, as_json: bool) -> None:
+def info(model_dir: Path, text_tokens: int | None, image_size: str | None, as_json: bool) -> None:
     """Architecture, token groups, operations and dense prefill FLOPs (needs only config.json)."""
     from ..workflows.model import model_info
 
-    d = model_info(model_dir, text_tokens)
+    size = None
+    if image_size is not None:
+        width, sep, height = image_size.lower().partition("x")
+        if not (sep and width.strip().isdigit() and height.strip().isdigit()):
+            from prune_core.errors import PruneExportError
+
+            raise PruneExportError(f"--image-size {image_size!r} is not WIDTHxHEIGHT in pixels (e.g. 672x672)")
+        size = (int(height), int(width))
+    d = model_info(model_dir, text_tokens, size)
     if as_json:
         echo_json(d)
         return
@@ -75,8 +87,16 @@ def info(model_dir: Path, text_tokens: int | None, as_json: bool) -> None:
     click.echo(f"{model_dir}  ({d['family']}, fingerprint {d['fingerprint']})")
     click.echo(f"  decoder      {d['layers']} layers, hidden {d['hidden_size']}, MLP {d['intermediate_size']}, "
                f"{d['heads']} heads / {d['kv_heads']} KV heads x {d['head_dim']}")
-    click.echo(f"  vision       {d['image_size']} px / patch {d['patch_size']} -> {d['visual_tokens']} visual tokens "
-               f"({d['spec']['vision_layers']} layers, hidden {d['spec']['vision_hidden_size']})")
+    if d["image"] is None:
+        click.echo(f"  vision       {d['image_size']} px / patch {d['patch_size']} -> {d['visual_tokens']} visual tokens "
+                   f"({d['spec']['vision_layers']} layers, hidden {d['spec']['vision_hidden_size']})")
+    else:
+        image = d["image"]
+        click.echo(f"  vision       any resolution: {d['image_size']} px tiles / patch {d['patch_size']} -> "
+                   f"{d['tile_tokens']} tokens per tile, tiled at {', '.join(f'{w}x{h}' for h, w in d['image_grid_pinpoints'])}"
+                   f" ({d['spec']['vision_layers']} layers, hidden {d['spec']['vision_hidden_size']})")
+        click.echo(f"  image        {image['width']}x{image['height']} -> {d['prompt_visual_tokens']} visual tokens "
+                   f"(base image + tiles, unpadded, one newline per row; at most {d['visual_tokens']})")
     groups = ", ".join(f"{k} {v}" for k, v in d["groups"].items())
     click.echo(f"  prompt       {d['prompt_tokens']} tokens: {groups} (sys from {d['sys_tokens_from']})")
     click.echo(f"  operations   {d['operations']} ({d['prunable_operations']} on image groups)")

@@ -53,12 +53,25 @@ def _sys_tokens(model_dir: Path) -> int | None:
     return adapter_class(model_dir).sys_tokens_from_folder(model_dir)
 
 
-def model_info(model_dir: Path, text_tokens: int | None = None) -> dict[str, Any]:
-    """Architecture, token groups of the reference prompt, operations and dense prefill FLOPs (``info``)."""
+def model_info(model_dir: Path, text_tokens: int | None = None,
+               image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Architecture, token groups of the reference prompt, operations and dense prefill FLOPs (``info``).
+
+    ``image_size`` (height, width): an any-resolution model's prompt for an image of that size (default: the
+    image that gives the most visual tokens, the plans' reference layout); refused for fixed-size models.
+    """
     spec = _spec(model_dir)
+    if image_size is not None and not spec.any_resolution:
+        raise PlanError(f"{model_dir} is a {spec.family} model: every image gives {spec.visual_tokens} visual "
+                        "tokens; --image-size applies to any-resolution models (LLaVA-NeXT)")
+    if image_size is not None and min(image_size) < 1:
+        raise PlanError(f"--image-size {image_size[1]}x{image_size[0]} must be positive (WIDTHxHEIGHT pixels)")
+    image = image_size or spec.reference_image
+    visual = spec.visual_tokens if image is None else spec.visual_tokens_for(*image)
     sys_tokens = _sys_tokens(model_dir)
     sys_source = "tokenizer" if sys_tokens is not None else "LLaVA-1.5 default"
-    sizes = GroupSizes.for_prompt(spec, sys_tokens or DEFAULT_SYS_TOKENS, text_tokens or DEFAULT_TXT_TOKENS)
+    sizes = GroupSizes.for_prompt(spec, sys_tokens or DEFAULT_SYS_TOKENS, text_tokens or DEFAULT_TXT_TOKENS,
+                                  visual=visual)  # fmt: skip
     dense = prefill_flops(spec, sizes)
     operations = spec.num_layers * len(GROUPS) * len(MODULES)
     return {
@@ -73,6 +86,10 @@ def model_info(model_dir: Path, text_tokens: int | None = None) -> dict[str, Any
         "head_dim": spec.head_dim,
         "vocab_size": spec.vocab_size,
         "visual_tokens": spec.visual_tokens,
+        "prompt_visual_tokens": visual,
+        "image": None if image is None else {"height": image[0], "width": image[1]},
+        "tile_tokens": spec.tile_tokens,
+        "image_grid_pinpoints": None if spec.image_grid_pinpoints is None else [list(p) for p in spec.image_grid_pinpoints],
         "image_size": spec.image_size,
         "patch_size": spec.patch_size,
         "groups": sizes.as_dict(),

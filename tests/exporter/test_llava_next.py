@@ -80,6 +80,16 @@ def test_the_7b_spec_reads_2928_visual_tokens_from_the_config(tmp_path: Path) ->
     assert spec.visual_tokens == 576 + 48 * 48 + 48 == 2928  # 672x672: base + 2x2 tiles + one newline per row
     assert spec.visual_tokens_for(672, 672) == 2928
     assert spec.visual_tokens_for(336, 1008) == 576 + 24 * 72 + 24  # a 1:3 image fills the 336x1008 pinpoint
+    assert spec.reference_image == (672, 672)
+    code, out = run("info", tmp_path, "--json")  # from config.json alone: no weights, no tokenizer
+    assert code == 0, out
+    info = json.loads(out)
+    assert info["image"] == {"height": 672, "width": 672} and info["prompt_visual_tokens"] == 2928
+    assert info["groups"] == {"sys": 35, "img_key": 732, "img_rest": 2196, "txt": 100}
+    code, out = run("info", tmp_path, "--image-size", "1008x336", "--json")
+    assert code == 0 and json.loads(out)["prompt_visual_tokens"] == 576 + 24 * 72 + 24
+    assert json.loads(out)["dense_prefill_flops"] < info["dense_prefill_flops"]
+    assert_clean_error(*run("info", tmp_path, "--image-size", "672"), "WIDTHxHEIGHT")
 
 
 @pytest.mark.parametrize(("width", "height"), SIZES)
@@ -175,6 +185,10 @@ def test_a_processor_that_tiles_otherwise_is_one_line(next_tiny: Path, tmp_path:
     path.write_text(json.dumps(data))
     with pytest.raises(ModelLoadError, match="make the two image_grid_pinpoints lists equal"):
         load_adapter(folder)
+
+
+def test_image_size_is_refused_for_a_fixed_size_model(tiny_model: Path) -> None:
+    assert_clean_error(*run("info", tiny_model, "--image-size", "64x64"), "applies to any-resolution models")
 
 
 def test_plans_do_not_cross_families(next_tiny: Path, tiny_model: Path, demo_data: Path, tmp_path: Path) -> None:
