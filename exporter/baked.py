@@ -73,6 +73,7 @@ from prune_core.autoprune import (
 from prune_core.errors import BuildError
 from prune_core.ops import MODULES, Group, Module, Operation, pruned_by_layer
 from prune_core.plan import AutoPruneSection
+from prune_core.spec import DEFAULT_KEY_FRACTION, key_count
 
 from .adapters.base import VLMAdapter
 from .autoprune_policy import LAYER0_TEXT_WEIGHT
@@ -134,8 +135,8 @@ def _kept_blocks(
 
 def plan_layout(
     num_layers: int,
-    visual_tokens: int,
-    key_tokens: int,
+    visual_tokens: int | None,
+    key_tokens: int | None,
     ops: Iterable[Operation],
     keep_stages: Mapping[int, int] | None,
     dynamic_stages: Iterable[int] = (),
@@ -143,7 +144,10 @@ def plan_layout(
     """The static layout of every layer: whether key tokens must be split off, and each layer's blocks.
 
     ``keep_stages`` are fixed selections ``{layer: count}``; ``dynamic_stages`` are layers after which a
-    run-time selection (AutoPrune) keeps a count known only at run time.
+    run-time selection (AutoPrune) keeps a count known only at run time. ``visual_tokens`` and
+    ``key_tokens`` are None when the prompt's visual count is only known at run time (any-resolution
+    models): then every fixed stage is a stage (it keeps ``min(count, visual)``) and key tokens are split off
+    wherever a layer before the first stage prunes one image group and not the other.
 
     Raises :class:`BuildError` for plans that cannot be baked with static shapes (ops on ``sys``/``txt``,
     layers out of range, a key/rest split needed after a selection stage).
@@ -168,19 +172,18 @@ def plan_layout(
     table = pruned_by_layer(ops, num_layers)
     # The first stage that drops tokens (one keeping at least every visual token is no stage).
     first_stage = min(
-        [*(layer for layer, keep in stages.items() if keep < visual_tokens), *dynamic], default=num_layers
+        [*(layer for layer, keep in stages.items() if visual_tokens is None or keep < visual_tokens), *dynamic],
+        default=num_layers,
     )
-    split = (
-        any(
-            len(table[layer][m] & _VISUAL) == 1
-            for layer in range(min(first_stage + 1, num_layers))
-            for m in MODULES
-        )
-        and 0 < key_tokens < visual_tokens
-    )
+    split = any(
+        len(table[layer][m] & _VISUAL) == 1 for layer in range(min(first_stage + 1, num_layers)) for m in MODULES
+    ) and (visual_tokens is None or (key_tokens is not None and 0 < key_tokens < visual_tokens))
     if split:
         blocks: tuple[Block, ...] = (SYS, KEY, REST, TXT)
-        sizes: dict[Block, int | None] = {KEY: key_tokens, REST: visual_tokens - key_tokens}
+        sizes: dict[Block, int | None] = (
+            {KEY: None, REST: None} if visual_tokens is None or key_tokens is None
+            else {KEY: key_tokens, REST: visual_tokens - key_tokens}
+        )  # fmt: skip
     else:
         blocks = (SYS, IMG, TXT)
         sizes = {IMG: visual_tokens}
@@ -324,6 +327,7 @@ class _State:  # never mutated; not frozen, which dynamo traces less well
     vis: object
     t: object
     cls: torch.Tensor | None  # [CLS] attention of the visual rows in layout order (layer 0 only)
+    key: object = None  # rows of the img_key block while key and rest are split (None: not split)
 
 
 class BakedPrefill(nn.Module):
@@ -365,10 +369,14 @@ class BakedPrefill(nn.Module):
         else:
             stages, dynamic = self.keep_stages, ()
         self.positions: PositionMode = positions
-        self.key_tokens = spec.key_tokens() if key_fraction is None else spec.key_tokens(key_fraction)
+        self.key_fraction = DEFAULT_KEY_FRACTION if key_fraction is None else key_fraction
+        self.key_tokens = spec.key_tokens(self.key_fraction)
+        #: Any-resolution models: the visual count is the prompt's (the image_embeds length), not a constant.
+        self.dynamic_visual = spec.any_resolution
         self.split_key, self.layouts = plan_layout(
-            spec.num_layers, spec.visual_tokens, self.key_tokens, self.ops, stages, dynamic
-        )
+            spec.num_layers, None if self.dynamic_visual else spec.visual_tokens,
+            None if self.dynamic_visual else self.key_tokens, self.ops, stages, dynamic,
+        )  # fmt: skip
         if autoprune is not None:
             table = autoprune.table
             self.register_buffer(
@@ -493,13 +501,15 @@ class BakedPrefill(nn.Module):
         spec = self.spec
         dtype = next(self.model.parameters()).dtype
         sys_e, img_e, txt_e = sys_embeds[0].to(dtype), image_embeds[0].to(dtype), text_embeds[0].to(dtype)
-        s, v_all, t = sys_e.shape[0], spec.visual_tokens, txt_e.shape[0]
+        s, t = sys_e.shape[0], txt_e.shape[0]
+        v_all = img_e.shape[0] if self.dynamic_visual else spec.visual_tokens
+        key = key_count(self.key_fraction, v_all) if self.dynamic_visual else self.key_tokens
         device = sys_e.device
         cls = cls_attention[0].float()
         if self.split_key:
             order = _rank(cls, v_all)
-            key_idx = _ascending(order[: self.key_tokens])
-            rest_idx = _ascending(order[self.key_tokens :])
+            key_idx = _ascending(order[:key])
+            rest_idx = _ascending(order[key:])
             vis_idx = torch.cat([key_idx, rest_idx])
             img_rows = img_e.index_select(0, vis_idx)
             img_pos = vis_idx + s
@@ -512,7 +522,7 @@ class BakedPrefill(nn.Module):
             [torch.arange(s, device=device), img_pos, torch.arange(t, device=device) + (s + v_all)]
         )
         cos, sin = self.adapter.rope(positions)
-        return _State(h, positions, cos, sin, s, v_all, t, cls)
+        return _State(h, positions, cos, sin, s, v_all, t, cls, key if self.split_key else None)
 
     def _tail_state(
         self,
@@ -565,7 +575,7 @@ class BakedPrefill(nn.Module):
         spec = self.spec
         parts = self.adapter.layers[layer]
         h, positions, cos, sin = st.h, st.positions, st.cos, st.sin
-        static = {IMG: st.vis, KEY: self.key_tokens, REST: spec.visual_tokens - self.key_tokens}
+        static = {IMG: st.vis, KEY: st.key, REST: None if st.key is None else st.vis - st.key}
         lengths = [st.s if b is SYS else st.t if b is TXT else static[b] for b in lay.blocks]
         ranges = {m: _ranges(lengths, lay.kept[m]) for m in MODULES}
 
@@ -601,7 +611,7 @@ class BakedPrefill(nn.Module):
         vis_attn = None
         if want_scores:
             vis_attn = self._visual_text_attention(lay, lengths, probs, st.t)
-        return _State(h, st.positions, st.cos, st.sin, st.s, st.vis, st.t, st.cls), vis_attn
+        return _State(h, st.positions, st.cos, st.sin, st.s, st.vis, st.t, st.cls, st.key), vis_attn
 
     def _visual_text_attention(
         self, lay: LayerLayout, lengths: list, probs: torch.Tensor, t: object
@@ -675,15 +685,18 @@ class BakedPrefill(nn.Module):
     def _select_fixed(self, lay: LayerLayout, st: _State, vis_attn: torch.Tensor) -> _State:
         """A fixed stage: keep the top ``lay.keep_after`` visual tokens by text attention."""
         scores = vis_attn.float().mean(dim=(0, 1))
-        return self._rebuild(st, self._keep(lay, st, scores, lay.keep_after))
+        keep = lay.keep_after if not self.dynamic_visual else torch.sym_min(lay.keep_after, st.vis)
+        return self._rebuild(st, self._keep(lay, st, scores, keep))
 
     def _select_layer0(self, lay: LayerLayout, st: _State, vis_attn: torch.Tensor) -> _State:
         """AutoPrune after layer 0: top ``N0`` by ``0.3 * I0 * txt_attn + cls_attn`` (no recycling)."""
         ap = self.autoprune
         assert ap is not None and st.cls is not None
         scores = self.layer0_scores(vis_attn, st.cls)
-        # Only called when N0 < V: plan_layout puts no stage after layer 0 otherwise.
-        return self._rebuild(st, self._keep(lay, st, scores, ap.n0))
+        # Only called when N0 < V (plan_layout puts no stage after layer 0 otherwise), or when the visual
+        # count is the prompt's: then N0 = min(2.5 T, V) as the executor keeps.
+        n0 = ap.n0 if not self.dynamic_visual else torch.sym_min(ap.n0, st.vis)
+        return self._rebuild(st, self._keep(lay, st, scores, n0))
 
     def _select_dynamic(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 from .ops import Group
 
@@ -97,8 +98,7 @@ class ModelSpec:
     def key_tokens(self, fraction: float = DEFAULT_KEY_FRACTION, visual: int | None = None) -> int:
         """Number of ``img_key`` tokens among ``visual`` visual tokens (default: the model's
         ``visual_tokens``): ``round(fraction * visual)``, at least 1."""
-        n = self.visual_tokens if visual is None else visual
-        return max(1, min(n, round(fraction * n)))
+        return key_count(fraction, self.visual_tokens if visual is None else visual)
 
     def fingerprint(self) -> str:
         """A stable hash of the architecture; plans refuse to run on a model with another one."""
@@ -114,6 +114,23 @@ class ModelSpec:
         else:
             data["image_grid_pinpoints"] = [list(p) for p in data["image_grid_pinpoints"]]
         return data
+
+
+def key_count(fraction: float, visual: object) -> object:
+    """``img_key`` tokens among ``visual`` visual tokens: ``fraction * visual`` rounded half up, in [1, visual].
+
+    Computed in integers from the fraction as a ratio ``p/q`` (``0.25`` is ``1/4``), so that a graph whose
+    visual count is only known at run time (LLaVA-NeXT) computes the same count with integer ops as the
+    executor does here; ``visual`` may be a symbolic size while tracing.
+    """
+    ratio = Fraction(fraction).limit_denominator(10**6)
+    p, q = ratio.numerator, ratio.denominator
+    n = (2 * p * visual + q) // (2 * q)
+    if isinstance(visual, int):
+        return max(1, min(visual, n))
+    import torch
+
+    return torch.sym_max(1, torch.sym_min(visual, n))
 
 
 def best_resolution(height: int, width: int, pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:

@@ -245,3 +245,58 @@ def test_autoprune_budget_holds_per_image(adapter, mode: str) -> None:
     result = executor.prefill(sample, policy=policy)
     assert result.visual_tokens_per_layer == [60] * L and result.policy.report()["keep"] is None
     torch.testing.assert_close(result.logits, executor.prefill(sample).logits, rtol=0, atol=1e-5)
+
+
+#: Plans baked into the prefill for images of any size: GSOP operations that prune one image group and not the
+#: other (key tokens split off: their count is a quarter of this image's), a fixed schedule (its count capped
+#: by this image's), the two combined, and AutoPrune.
+BAKED_PLANS = {
+    "empty": (frozenset(), None),
+    "gsop-split": (frozenset({Operation(1, Group.IMG_REST, Module.KV), Operation(1, Group.IMG_KEY, Module.MLP),
+                              Operation(2, Group.IMG_REST, Module.Q), Operation(3, Group.IMG_KEY, Module.KV)}), None),
+    "keep": (frozenset(), {1: 40, 2: 12}),
+    "keep-more-than-some-images-have": (frozenset(), {1: 70}),
+    "combined": (frozenset({Operation(0, Group.IMG_REST, Module.MLP), Operation(3, Group.IMG_KEY, Module.Q),
+                            Operation(3, Group.IMG_REST, Module.Q)}), {1: 30}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("plan", sorted(BAKED_PLANS))
+def test_baked_prefill_takes_each_images_own_visual_count(adapter, plan: str) -> None:
+    """One BakedPrefill (the module a build exports) serves images of different sizes, each with its own
+    visual token count, and computes what the executor computes for each."""
+    from exporter.baked import BakedPrefill
+
+    ops, keep = BAKED_PLANS[plan]
+    module = BakedPrefill(adapter, ops, keep).eval()
+    executor = PlanExecutor(adapter)
+    for width, height in SIZES:
+        sample = prepare_sample(adapter, _image(width, height), QUESTION)
+        ref = executor.prefill(sample, ops, FixedKeepPolicy(keep) if keep else None)
+        with torch.no_grad():
+            out = module(*module.inputs_from_sample(sample))
+        assert (out[0][0] - ref.logits).abs().max() <= 1e-5, (plan, width, height)
+        for layer, cache in enumerate(ref.cache or []):
+            keys, pos = out[1 + 3 * layer][0], out[3 + 3 * layer][0]
+            order = torch.argsort(pos)
+            assert keys.shape[1] == cache.keys.shape[1], (plan, width, height, layer)
+            torch.testing.assert_close(keys[:, order], cache.keys, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["renumbered", "original"])
+def test_baked_autoprune_takes_each_images_own_visual_count(adapter, positions: str) -> None:
+    from exporter.autoprune_policy import AutoPrunePolicy
+    from exporter.baked import AutoPruneBake, BakedPrefill
+    from prune_core.plan import AutoPruneSection
+
+    section = AutoPruneSection(tokens=20, positions=positions)  # N0 = 50: below every test image's count
+    spec = adapter.spec
+    module = BakedPrefill(adapter, autoprune=AutoPruneBake.for_model(section, spec.num_layers, spec.visual_tokens)).eval()
+    executor = PlanExecutor(adapter)
+    for width, height in SIZES:
+        sample = prepare_sample(adapter, _image(width, height), QUESTION)
+        ref = executor.prefill(sample, (), AutoPrunePolicy(section, spec, mode="table"))
+        with torch.no_grad():
+            out = dict(zip(module.output_names, module(*module.inputs_from_sample(sample)), strict=True))
+        assert (out["logits"][0] - ref.logits).abs().max() <= 1e-5, (width, height)
+        assert out["autoprune.keep"].tolist() == list(ref.policy.report()["keep"])
