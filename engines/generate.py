@@ -54,6 +54,19 @@ class GenerationError(PruneExportError):
     """Bad input to a generation (empty question, max_new_tokens < 1, an image the processor rejects)."""
 
 
+def pack_tiles(spec: Any, vision: dict[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """An any-resolution vision graph's per-tile outputs packed into one image's visual tokens, as the model
+    packs them (:meth:`~prune_core.spec.ModelSpec.pack_index`): ``image_features [1, V, d]`` with
+    ``image_newline`` after every grid row, and ``cls_attention [1, V]`` (0 for the newline tokens)."""
+    index = np.asarray(spec.pack_index(*image_size), dtype=np.int64)
+    features, cls = vision["image_features"], vision["cls_attention"]
+    flat = features.reshape(-1, features.shape[-1])
+    newline = vision["image_newline"].reshape(1, -1).astype(flat.dtype)
+    rows = np.concatenate([flat, newline])[np.where(index < 0, flat.shape[0], index)]
+    scores = np.concatenate([cls.reshape(-1), np.zeros(1, cls.dtype)])[np.where(index < 0, cls.size, index)]
+    return {"image_features": rows[None], "cls_attention": scores[None]}
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One tokenised prompt with one image, ready for the graphs."""
@@ -61,7 +74,8 @@ class Prompt:
     input_ids: np.ndarray  # [n] int64, the image span holds the image token id
     image_start: int
     image_end: int  # exclusive
-    pixel_values: np.ndarray  # [1, 3, H, W]
+    pixel_values: np.ndarray  # [1, 3, H, W]; any-resolution builds: the tower inputs [tiles, 3, H, W]
+    image_size: tuple[int, int] | None = None  # any-resolution builds: the image's (height, width)
 
     @property
     def num_tokens(self) -> int:
@@ -120,6 +134,7 @@ class GenerationRunner(BuildRunner):
             )
         self.info = info
         self.num_layers = int(self.manifest.model["num_layers"])
+        self.spec = self.manifest.model_spec()
         self.eos = frozenset(int(i) for i in info["eos_token_ids"])
         self._sessions: dict[str, Any] | None = None
 
@@ -195,18 +210,28 @@ class GenerationRunner(BuildRunner):
             raise GenerationError(f"the image processor rejected the input ({type(exc).__name__}: {exc})") from None
         ids = np.asarray(inputs["input_ids"][0], dtype=np.int64)
         ranges = self.manifest.shape_ranges
+        spec = self.spec
+        size = None
+        pixels = np.asarray(inputs["pixel_values"])
+        visual = spec.visual_tokens
+        if spec.any_resolution:  # LLaVA-NeXT: this image's own tiles and visual count
+            size = (int(inputs["image_sizes"][0][0]), int(inputs["image_sizes"][0][1]))
+            visual = spec.visual_tokens_for(*size)
+            pixels = pixels[0][: spec.tiles_for(*size)]
         try:
-            start, end = image_span(ids, int(self.info["image_token_id"]), int(self.manifest.model["visual_tokens"]),
+            start, end = image_span(ids, int(self.info["image_token_id"]), visual,
                                     int(ranges["sys_len"][2]), int(ranges["text_len"][2]))  # fmt: skip
         except PromptError as err:
             raise GenerationError(f"{self.build_dir}: {err}") from None
-        return Prompt(ids, start, end, np.asarray(inputs["pixel_values"]))
+        return Prompt(ids, start, end, pixels, size)
 
     def prefill_feeds(self, prompt: Prompt) -> dict[str, np.ndarray]:
         """The prefill's inputs: vision features and [CLS] attention, embeddings of the text around them."""
         vision = self._part("vision")
         pixel_dtype = vision.input_metadata()["pixel_values"][0]
         vis = vision.infer({"pixel_values": prompt.pixel_values.astype(pixel_dtype)})
+        if prompt.image_size is not None:
+            vis = pack_tiles(self.spec, vis, prompt.image_size)
         embeds = self._part("embed").infer({"input_ids": prompt.input_ids[None]})["inputs_embeds"]
         prefill = self._part("prefill")
         meta = prefill.input_metadata()

@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import numpy as np
@@ -73,7 +74,7 @@ from prune_core.autoprune import (
 from prune_core.errors import BuildError
 from prune_core.ops import MODULES, Group, Module, Operation, pruned_by_layer
 from prune_core.plan import AutoPruneSection
-from prune_core.spec import DEFAULT_KEY_FRACTION, key_count
+from prune_core.spec import DEFAULT_KEY_FRACTION
 
 from .adapters.base import VLMAdapter
 from .autoprune_policy import LAYER0_TEXT_WEIGHT
@@ -226,6 +227,27 @@ def _take(t: torch.Tensor, ranges: list[tuple[object, object, bool]]) -> torch.T
         return t
     parts = [t[a:b] for a, b, flag in ranges if flag]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+class _RowIndex:
+    """The kept ranges of a layout as one row index, for a visual count known only at run time.
+
+    Slicing a tensor at run-time offsets makes the exporter reason about every slice's clamped size
+    (``min``/``max`` of symbolic sums), which grows with each layer until it stalls; gathering and
+    scattering by an index of the kept rows keeps every size a plain sum.
+    """
+
+    def __init__(self, ranges: list[tuple[object, object, bool]], device: torch.device) -> None:
+        self.ranges = ranges
+        self.all = len(ranges) == 1 and ranges[0][2]
+        pieces = [torch.arange(a, b, device=device) for a, b, flag in ranges if flag]
+        self.index = None if self.all or not pieces else pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.all else t.index_select(0, self.index)
+
+    def add(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return h + delta if self.all else h.index_add(0, self.index, delta.to(h.dtype))
 
 
 def _add_rows(
@@ -503,7 +525,7 @@ class BakedPrefill(nn.Module):
         sys_e, img_e, txt_e = sys_embeds[0].to(dtype), image_embeds[0].to(dtype), text_embeds[0].to(dtype)
         s, t = sys_e.shape[0], txt_e.shape[0]
         v_all = img_e.shape[0] if self.dynamic_visual else spec.visual_tokens
-        key = key_count(self.key_fraction, v_all) if self.dynamic_visual else self.key_tokens
+        key = self._run_time_key_count(cls_attention[0]) if self.dynamic_visual else self.key_tokens
         device = sys_e.device
         cls = cls_attention[0].float()
         if self.split_key:
@@ -523,6 +545,20 @@ class BakedPrefill(nn.Module):
         )
         cos, sin = self.adapter.rope(positions)
         return _State(h, positions, cos, sin, s, v_all, t, cls, key if self.split_key else None)
+
+    def _run_time_key_count(self, cls: torch.Tensor) -> object:
+        """``key_count(fraction, V)`` of a visual count known at run time, computed with tensor ops and read
+        back as one opaque count: symbolic shape arithmetic on min/max/floor-division of ``V`` grows with every
+        slice of every layer and stalls the exporter's reasoning."""
+        ratio = Fraction(self.key_fraction).limit_denominator(10**6)
+        p, q = ratio.numerator, ratio.denominator
+        v = torch.ones_like(cls, dtype=torch.int64).sum()
+        n = torch.div(2 * p * v + q, 2 * q, rounding_mode="floor")
+        n = torch.minimum(torch.maximum(n, torch.ones_like(n)), v)
+        count = n.item()
+        torch._check(count >= 1)
+        torch._check(count <= cls.shape[0])
+        return count
 
     def _tail_state(
         self,
@@ -579,18 +615,27 @@ class BakedPrefill(nn.Module):
         lengths = [st.s if b is SYS else st.t if b is TXT else static[b] for b in lay.blocks]
         ranges = {m: _ranges(lengths, lay.kept[m]) for m in MODULES}
 
+        # Run-time block sizes (any-resolution images split into key and rest): gather and scatter by row
+        # index instead of slicing (see _RowIndex). Otherwise static slices, as the graph always had.
+        if st.key is not None and self.dynamic_visual:
+            index = {m: _RowIndex(r, h.device) for m, r in ranges.items()}
+            take: Callable[[torch.Tensor, Module], torch.Tensor] = lambda t, m: index[m].take(t)  # noqa: E731
+            add: Callable[[torch.Tensor, torch.Tensor, Module], torch.Tensor] = lambda x, d, m: index[m].add(x, d)  # noqa: E731
+        else:
+            take = lambda t, m: _take(t, ranges[m])  # noqa: E731
+            add = lambda x, d, m: _add_rows(x, d, ranges[m])  # noqa: E731
         # K/V of the tokens that give them (post-RoPE, as cached). The norm is per row: normalise only
         # the rows some projection reads.
-        r_kv, r_q = ranges[Module.KV], ranges[Module.Q]
-        xk = parts.attn_norm(_take(h, r_kv))
-        pos_kv = _take(positions, r_kv)
-        k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), _take(cos, r_kv), _take(sin, r_kv))
+        KV, Q = Module.KV, Module.Q
+        xk = parts.attn_norm(take(h, KV))
+        pos_kv = take(positions, KV)
+        k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), take(cos, KV), take(sin, KV))
         v = self._heads(parts.v_proj(xk), spec.num_kv_heads)
         outputs += [k.unsqueeze(0), v.unsqueeze(0), pos_kv.unsqueeze(0)]
 
-        xq = xk if lay.kept[Module.Q] == lay.kept[Module.KV] else parts.attn_norm(_take(h, r_q))
-        pos_q = _take(positions, r_q)
-        q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), _take(cos, r_q), _take(sin, r_q))
+        xq = xk if lay.kept[Module.Q] == lay.kept[Module.KV] else parts.attn_norm(take(h, Q))
+        pos_q = take(positions, Q)
+        q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), take(cos, Q), take(sin, Q))
         n_q = q.shape[1]
         rep = spec.num_heads // spec.num_kv_heads
         # [kv_heads, rep, n_q, hd] x [kv_heads, 1, hd, n_kv]: grouped heads without copying K/V.
@@ -601,12 +646,11 @@ class BakedPrefill(nn.Module):
         probs = torch.softmax(scores, dim=-1)
         attn = torch.matmul(probs.to(v.dtype), v.unsqueeze(1))  # [kv_heads, rep, n_q, hd]
         attn = attn.reshape(spec.num_heads, n_q, spec.head_dim).transpose(0, 1).reshape(n_q, spec.q_dim)
-        h = _add_rows(h, parts.o_proj(attn), r_q)
+        h = add(h, parts.o_proj(attn), Q)
 
-        r_mlp = ranges[Module.MLP]
-        y = parts.mlp_norm(_take(h, r_mlp))
+        y = parts.mlp_norm(take(h, Module.MLP))
         y = parts.down_proj(parts.act(parts.gate_proj(y)) * parts.up_proj(y))
-        h = _add_rows(h, y, r_mlp)
+        h = add(h, y, Module.MLP)
 
         vis_attn = None
         if want_scores:

@@ -263,7 +263,8 @@ class OnnxFromPlan:
     """Export the prefill of ``adapter`` under a plan (ops + fixed keep stages or AutoPrune) to ONNX.
 
     The graph's dynamic dimensions are the system-prefix length ``sys_len`` and the text length
-    ``text_len``; the image length is the model's constant ``visual_tokens``. ``part`` picks the whole
+    ``text_len``; the image length is the model's constant ``visual_tokens``, or for an any-resolution model
+    (LLaVA-NeXT) a third dynamic dimension ``image_len`` up to it. ``part`` picks the whole
     prefill or, for AutoPrune, its head or tail (see :mod:`exporter.baked`).
     """
 
@@ -314,6 +315,8 @@ class OnnxFromPlan:
         spec, dtype = self.adapter.spec, self.adapter.dtype
         gen = torch.Generator().manual_seed(0)
         d, v = spec.hidden_size, spec.visual_tokens
+        if spec.any_resolution:  # a count no other dimension has, so that the export keeps it symbolic
+            v = max(3, v - 3)
         return (
             torch.randn(1, sys_tokens, d, generator=gen).to(dtype),
             torch.randn(1, v, d, generator=gen).to(dtype),
@@ -338,9 +341,18 @@ class OnnxFromPlan:
         module = self.module()
         sys_len = torch.export.Dim("sys_len", min=1, max=self.max_sys_tokens)
         text_len = torch.export.Dim("text_len", min=1, max=self.max_text_tokens)
+        spec = self.adapter.spec
         if self.part == "tail":
+            if spec.any_resolution:
+                raise BuildError("a split (head/tail) prefill of an any-resolution model is not supported yet; "
+                                 "build LLaVA-NeXT for --target onnxruntime")
             dynamic: tuple[object, ...] = ({1: sys_len}, None, {1: text_len}, None, None, None, None)
             args = self.example_tail_inputs()
+        elif spec.any_resolution:
+            # LLaVA-NeXT: the image span's length is the image's own visual count, up to the largest.
+            image_len = torch.export.Dim("image_len", min=2, max=spec.visual_tokens)
+            dynamic = ({1: sys_len}, {1: image_len}, {1: text_len}, {1: image_len})
+            args = self.example_inputs()
         else:
             dynamic = ({1: sys_len}, None, {1: text_len}, None)
             args = self.example_inputs()
@@ -382,9 +394,18 @@ class VisionGraph(nn.Module):
         self.adapter = adapter
         self.model = adapter.model
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.adapter.spec.any_resolution:
+            # LLaVA-NeXT: one row per tower input (base images and tiles), not yet packed; the runtime packs
+            # them by the image's size (ModelSpec.pack_index) and puts image_newline after every grid row.
+            out = self.adapter.vision_tiles(pixel_values)  # type: ignore[attr-defined]
+            return out.features, out.cls_attention, self.adapter.image_newline.reshape(1, -1)  # type: ignore[attr-defined]
         out = self.adapter.vision(pixel_values)
         return out.features, out.cls_attention
+
+    @staticmethod
+    def output_names(any_resolution: bool) -> list[str]:
+        return ["image_features", "cls_attention", *(["image_newline"] if any_resolution else [])]
 
 
 class VisionOnnxFromAdapter:
@@ -407,13 +428,14 @@ class VisionOnnxFromAdapter:
         spec = self.adapter.spec
         gen = torch.Generator().manual_seed(0)
         pixels = torch.randn(2, 3, spec.image_size, spec.image_size, generator=gen).to(self.adapter.dtype)
-        batch = torch.export.Dim("batch", min=1, max=self.max_batch)
+        # Any-resolution models: the batch is of tower inputs, up to max_batch images of the most tiles.
+        batch = torch.export.Dim("batch", min=1, max=self.max_batch * spec.max_tiles)
         return _export(
             VisionGraph(self.adapter).eval(),
             (pixels,),
             Path(path),
             ["pixel_values"],
-            ["image_features", "cls_attention"],
+            VisionGraph.output_names(spec.any_resolution),
             ({0: batch},),
             self.opset,
             self.inline_limit,

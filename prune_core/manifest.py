@@ -190,6 +190,12 @@ class Manifest(_Strict):
             _check_relative(name)
         return files
 
+    def model_spec(self) -> Any:
+        """The :class:`~prune_core.spec.ModelSpec` the build was made from, as ``model`` records it."""
+        from .spec import ModelSpec
+
+        return ModelSpec(**{k: v for k, v in self.model.items() if k not in ("path", "fingerprint")})
+
     def graph_path(self, build_dir: str | Path, name: str) -> Path:
         try:
             return Path(build_dir) / self.graphs[name].file

@@ -59,6 +59,50 @@ class ModelSpec:
         return (self.image_size // self.patch_size) ** 2 if self.any_resolution else self.visual_tokens
 
     @property
+    def max_tiles(self) -> int:
+        """Tower inputs of the largest image: the base image plus the tiles of the largest pinpoint (1 for
+        fixed-size models)."""
+        if not self.any_resolution:
+            return 1
+        return 1 + max((h // self.image_size) * (w // self.image_size) for h, w in self.image_grid_pinpoints or ())
+
+    def tiles_for(self, height: int, width: int) -> int:
+        """Tower inputs (base image + tiles) of an image of ``height`` x ``width`` pixels."""
+        if not self.any_resolution:
+            return 1
+        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
+        return 1 + (best_h // self.image_size) * (best_w // self.image_size)
+
+    def pack_index(self, height: int, width: int) -> list[int]:
+        """Where each visual token of an image of ``height`` x ``width`` comes from, as LLaVA-NeXT packs them:
+        an index into the tower's per-tile patches flattened to ``[tiles * patches]`` (tile 0 is the base
+        image), or -1 for an ``image_newline`` token. The base image's patches first, then the tile grid row by
+        row with its padding rows or columns removed, a newline after each row; its length is
+        :meth:`visual_tokens_for`.
+        """
+        side = self.image_size // self.patch_size
+        patches = side * side
+        if not self.any_resolution:
+            return list(range(self.visual_tokens))
+        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
+        grid_cols = best_w // self.image_size
+        rows, cols = side * (best_h // self.image_size), side * grid_cols
+        row0, row1, col0, col1 = 0, rows, 0, cols
+        if width / height > cols / rows:
+            pad = (rows - int(round(height * (cols / width), 7))) // 2
+            row0, row1 = pad, rows - pad
+        else:
+            pad = (cols - int(round(width * (rows / height), 7))) // 2
+            col0, col1 = pad, cols - pad
+        index = list(range(patches))
+        for r in range(row0, row1):
+            for c in range(col0, col1):
+                tile = 1 + (r // side) * grid_cols + c // side
+                index.append(tile * patches + (r % side) * side + c % side)
+            index.append(-1)
+        return index
+
+    @property
     def reference_image(self) -> tuple[int, int] | None:
         """Any-resolution models: the (height, width) of an image that gives ``visual_tokens``, the most."""
         if not self.any_resolution:

@@ -125,6 +125,11 @@ class VLMAdapter(ABC):
         """Run the vision tower and projector on a batch of images (``image_sizes``: any-resolution models'
         original (height, width) per image, which decides their tiling)."""
 
+    def vision_tiles(self, pixel_values: torch.Tensor) -> VisionOutput:
+        """Any-resolution families: features and [CLS] attention per tower input (base image or tile), before
+        they are packed into one image's visual tokens."""
+        raise NotImplementedError(f"{type(self).__name__} takes fixed-size images; use vision()")
+
     @abstractmethod
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings ``[n, hidden]`` of ``[n]`` ids."""

@@ -126,6 +126,21 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # -- compute ---------------------------------------------------------------------------------------
     @torch.no_grad()
+    def vision_tiles(self, pixel_values: torch.Tensor) -> VisionOutput:
+        """Per tower input (base images and tiles, ``[N, 3, H, W]``): projected patch features ``[N, P, d]``
+        and each input's own [CLS] attention ``[N, P]``, not yet packed (what the vision graph computes)."""
+        inner = self.model.model
+        out = inner.vision_tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
+        hidden = out.hidden_states[self._feature_layer][:, 1:]  # "default": the patches, not [CLS]
+        cls_row = out.attentions[self._feature_layer][:, :, 0, 1:].float().mean(dim=1)
+        return VisionOutput(features=inner.multi_modal_projector(hidden), cls_attention=cls_row)
+
+    @property
+    def image_newline(self) -> torch.Tensor:
+        """The learned token that ends every row of the tile grid ``[d]``."""
+        return self.model.model.image_newline
+
+    @torch.no_grad()
     def vision(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionOutput:
         """Features ``[batch, visual, hidden]`` and [CLS] scores ``[batch, visual]`` of images of one size
         (a batch of one image in the executor; the visual count is the image's)."""
@@ -138,10 +153,8 @@ class LlavaNextAdapter(LlavaAdapter):
                                            patch_size=self.spec.image_size) for size in image_sizes]  # fmt: skip
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, tiles, strict=True)], dim=0)
-        out = inner.vision_tower(pixel_values, output_hidden_states=True, output_attentions=True, return_dict=True)
-        hidden = out.hidden_states[self._feature_layer][:, 1:]  # "default": the patches, not [CLS]
-        cls_row = out.attentions[self._feature_layer][:, :, 0, 1:].float().mean(dim=1)  # [tiles, P]
-        features = inner.multi_modal_projector(hidden)
+        per_tile = self.vision_tiles(pixel_values)
+        features, cls_row = per_tile.features, per_tile.cls_attention
         packed, _ = inner.pack_image_features(list(torch.split(features, tiles)), image_sizes, "default",
                                               image_newline=inner.image_newline)  # fmt: skip
         scores, _ = inner.pack_image_features([s[..., None] for s in torch.split(cls_row, tiles)], image_sizes,

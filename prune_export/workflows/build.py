@@ -157,7 +157,7 @@ def check_build_options(settings: BuildSettings) -> None:
 def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSettings, log: Log) -> Manifest:
     """Export, optimize, check and write one build directory; returns its manifest."""
     check_build_options(settings)
-    check_buildable(model_dir)
+    check_buildable(model_dir, settings.target)
     settings = fit_in_memory(model_dir, settings, log)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not settings.overwrite:
@@ -174,17 +174,16 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
     return manifest
 
 
-def check_buildable(model_dir: Path) -> None:
-    """Refuse, in one line and before any work, a model family the graphs cannot carry yet."""
+def check_buildable(model_dir: Path, target: str) -> None:
+    """Refuse, in one line and before any work, a model family the graphs cannot carry yet on ``target``."""
     from exporter.adapters import load_spec
 
     spec = load_spec(model_dir)
-    if spec.any_resolution:
+    if spec.any_resolution and target != "onnxruntime":
         raise BuildError(
-            f"{model_dir} is a {spec.family} model (any-resolution images: {spec.tile_tokens} to {spec.visual_tokens} "
-            "visual tokens, by image size); its builds are not supported yet: the graphs take one fixed visual "
-            "token count. Evaluate, search and sweep it on the model folder (eval, search, sweep, "
-            "autoprune-schedule, info all take it), or build a LLaVA-1.5 model"
+            f"{model_dir} is a {spec.family} model (any-resolution images: up to {spec.visual_tokens} visual "
+            f"tokens, by image size); its builds are for --target onnxruntime so far ({target} needs its "
+            "engines' profiles over the image's token count, not done yet)"
         )
 
 
@@ -262,12 +261,14 @@ def _export_graphs(adapter: Any, work: Path, choice: PlanChoice, settings: Build
     DecodeOnnxFromAdapter(adapter, opset=settings.opset, max_kv_tokens=max_kv)(work / "decode.onnx")
     log(f"  exported in {time.perf_counter() - t0:.1f} s")
     bounds: dict[str, Any] = {
-        "batch": (1, 1, settings.max_batch),
+        "batch": (1, spec.max_tiles if spec.any_resolution else 1, settings.max_batch * spec.max_tiles),
         "sys_len": (1, min(35, settings.max_sys_tokens), settings.max_sys_tokens),
         "text_len": (1, min(settings.opt_text_tokens, settings.max_text_tokens), settings.max_text_tokens),
         "tokens": (1, opt_prompt, max_prompt),
         **{f"past_len_{layer}": (1, opt_prompt, max_kv) for layer in range(spec.num_layers)},
     }
+    if spec.any_resolution:  # the image span's length is the image's own count, at most the largest image's
+        bounds["image_len"] = (2, spec.visual_tokens, spec.visual_tokens)
     shape_values: dict[str, list[list[int]]] = {}
     if split:
         assert bake is not None

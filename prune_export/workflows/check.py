@@ -94,8 +94,12 @@ def prepare_check_inputs(adapter: Any, work: Path, prompts: Sequence[tuple[int, 
     samples, pixels = [], []
     for seed, question in prompts:
         tokens = adapter.tokenize(synthetic_image(seed), question)
-        vision = adapter.vision(tokens.pixel_values)
-        pixels.append(tokens.pixel_values)
+        vision = adapter.vision(tokens.pixel_values, tokens.image_sizes)
+        if adapter.spec.any_resolution:  # the vision graph's input: this image's tower inputs (base + tiles)
+            h, w = (int(x) for x in tokens.image_sizes[0])
+            pixels.append(tokens.pixel_values[0][: adapter.spec.tiles_for(h, w)])
+        else:
+            pixels.append(tokens.pixel_values)
         samples.append(build_sample(adapter, tokens.input_ids, tokens.image_start, tokens.image_end,
                                     vision.features[0], vision.cls_attention[0]))  # fmt: skip
     feeds = [BakedPrefill.feeds_from_sample(s) for s in samples]
@@ -308,12 +312,16 @@ def failure_message(check: CheckReport, *, dtype: str, quantize: str | None, kep
 def _check_vision(adapter: Any, work: Path, pixels: list[Any], provider: str, found: _Differences) -> None:
     """The vision graph against the adapter's vision tower, all check images in one batch."""
     batch = torch.cat(pixels)
-    ref = adapter.vision(batch)
+    tiles = adapter.spec.any_resolution  # LLaVA-NeXT: the graph returns every tower input's rows unpacked
+    ref = adapter.vision_tiles(batch) if tiles else adapter.vision(batch)
     with OrtRunner(SessionFromOnnx(work / "vision.onnx", provider=provider)) as vision:
         pixel_dtype = vision.input_metadata()["pixel_values"][0]
         got = vision.infer({"pixel_values": batch.float().cpu().numpy().astype(pixel_dtype)})
     found.compare("vision.image_features", got["image_features"], ref.features.double().cpu().numpy())
     found.compare("vision.cls_attention", got["cls_attention"], ref.cls_attention.double().cpu().numpy())
+    if tiles:
+        found.compare("vision.image_newline", got["image_newline"][0],
+                      adapter.image_newline.double().cpu().numpy())  # fmt: skip
 
 
 def _check_prefill(

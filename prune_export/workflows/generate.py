@@ -86,17 +86,19 @@ def _kv_pruned_layers(manifest: Manifest) -> set[int]:
     return {op.layer for op in ops if op.module is Module.KV and op.group in PRUNABLE_GROUPS}
 
 
-def visual_tokens_per_layer(manifest: Manifest, kv_tokens: list[int], sys_tokens: int, text_tokens: int) -> list[int]:
+def visual_tokens_per_layer(manifest: Manifest, kv_tokens: list[int], sys_tokens: int, text_tokens: int,
+                            visual: int | None = None) -> list[int]:
     """Visual tokens entering each layer, read from the KV lengths the graph returned.
 
     System and text tokens always give K/V, so a layer's visual count is its KV length minus theirs; a
-    layer whose visual K/V a static operation removes reports the count of the layer before it.
+    layer whose visual K/V a static operation removes reports the count of the layer before it (layer 0:
+    the prompt's ``visual`` tokens, by default the model's).
     """
     pruned = _kv_pruned_layers(manifest)
     out: list[int] = []
     for layer, n in enumerate(kv_tokens):
         if layer in pruned:
-            out.append(out[-1] if out else int(manifest.model["visual_tokens"]))
+            out.append(out[-1] if out else int(manifest.model["visual_tokens"] if visual is None else visual))
         else:
             out.append(max(0, n - sys_tokens - text_tokens))
     return out
@@ -146,12 +148,15 @@ def _answer_rows(runner: Any, rows: list[Any], max_new_tokens: int, reference: A
         ids = list(runner.token_ids(feeds, max_new_tokens, stats, logits))
         text = tokenizer.decode(ids, skip_special_tokens=True)
         sys_n, txt_n = prompt.image_start, prompt.num_tokens - prompt.image_end
+        vis_n = prompt.image_end - prompt.image_start  # this image's (any-resolution models: by its size)
         graph = prefill_graph_flops(runner, feeds)
         result = SampleResult(
             line=row.line, question=row.question, answer=row.answer, prediction=text,
             correct=None if row.answer is None else exact_match(text, row.answer),
-            dense_flops=prefill_flops(spec, GroupSizes.for_prompt(spec, sys_n, txt_n)), pruned_flops=graph,
-            visual_tokens_per_layer=visual_tokens_per_layer(manifest, stats.kv_tokens_per_layer, sys_n, txt_n),
+            dense_flops=prefill_flops(spec, GroupSizes.for_prompt(spec, sys_n, txt_n, visual=vis_n)),
+            pruned_flops=graph,
+            visual_tokens_per_layer=visual_tokens_per_layer(manifest, stats.kv_tokens_per_layer, sys_n, txt_n,
+                                                            vis_n),
             token_decision=_autoprune_decision(manifest, stats.autoprune),
         )  # fmt: skip
         if reference is not None:

@@ -43,11 +43,14 @@ def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
 
 
 def synthetic_image(seed: int) -> Any:
-    """The random 120x90 image of the build check's prompt ``seed`` (and of ``bench --generate``'s default)."""
+    """The random image of the build check's prompt ``seed`` (and of ``bench --generate``'s default): 120x90
+    (wide) for even seeds, 90x150 (tall) for odd ones, so that an any-resolution build is checked on two
+    tilings and two visual token counts."""
     from PIL import Image
 
     rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(90, 120, 3) * 255).astype("uint8"))
+    width, height = (120, 90) if seed % 2 == 0 else (90, 150)
+    return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
 
 
 def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int | None = None) -> Any:
@@ -63,7 +66,7 @@ def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int |
 
 def manifest_spec(manifest: Manifest) -> ModelSpec:
     """The architecture a build was made from, as its manifest records it."""
-    return ModelSpec(**{k: v for k, v in manifest.model.items() if k not in ("path", "fingerprint")})
+    return manifest.model_spec()
 
 
 def load_check_inputs(build_dir: Path) -> dict[str, np.ndarray]:

@@ -211,10 +211,88 @@ def test_eval_and_info_on_next_tiny(next_tiny: Path, demo_data: Path) -> None:
     assert ev["samples"] == 4 and ev["flops_ratio"] < 1.0 and ev["agreement"] is not None
 
 
-def test_a_next_build_is_refused_in_one_line_before_any_work(next_tiny: Path, tmp_path: Path) -> None:
-    code, out = run("build", next_tiny, "--out", tmp_path / "b")
-    assert_clean_error(code, out, "builds are not supported yet")
+def test_a_tensorrt_next_build_is_refused_in_one_line_before_any_work(next_tiny: Path, tmp_path: Path) -> None:
+    code, out = run("build", next_tiny, "--out", tmp_path / "b", "--target", "tensorrt")
+    assert_clean_error(code, out, "builds are for --target onnxruntime so far")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Rows whose images have three sizes (three visual token counts), answers made up."""
+    folder = tmp_path_factory.mktemp("mixed")
+    rows = []
+    for i, (width, height) in enumerate(SIZES * 2):
+        _image(width, height, seed=10 + i).save(folder / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": QUESTION if i % 2 else "How many shapes are there?",
+                     "answer": "red"})  # fmt: skip
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def next_builds(next_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Builds of every plan kind; each passed its own check (greedy answers through the runtime at a wide and a
+    tall check image, logits and caches against the executor)."""
+    spec = load_spec(next_tiny)
+    plan = tmp_path_factory.mktemp("next-plan") / "plan.json"
+    steps = [[Operation(layer, Group.IMG_REST, m) for m in Module] for layer in (1, 2, 3)]
+    Plan.new(spec, GroupSizes.default(spec), steps).save(plan)
+    kinds = {"dense": [], "gsop": ["--plan", plan, "--budget", "0.8"], "keep": ["--keep-schedule", "1:30"],
+             "autoprune": ["--autoprune-tokens", "20"]}  # fmt: skip
+    out = {}
+    root = tmp_path_factory.mktemp("next-builds")
+    for name, options in kinds.items():
+        code, text = run("build", next_tiny, "--out", root / name, *options)
+        assert code == 0 and "check passed" in text, text
+        out[name] = root / name
+    out["plan"] = plan
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "gsop", "keep", "autoprune"])
+def test_builds_answer_images_of_any_size_as_the_executor(next_builds: dict[str, Path], next_tiny: Path,
+                                                          mixed_data: Path, kind: str) -> None:
+    """`eval BUILD_DIR` on images of three sizes gives the executor's answers and FLOPs, row by row."""
+    code, out = run("eval", next_builds[kind], "--data", mixed_data, "--max-new-tokens", 4, "--json")
+    assert code == 0, out
+    built = json.loads(out)
+    options = {"dense": [], "gsop": ["--plan", next_builds["plan"], "--budget", "0.8"],
+               "keep": ["--keep-schedule", "1:30"], "autoprune": ["--autoprune-tokens", "20", "--autoprune-mode", "table"]}
+    code, out = run("eval", next_tiny, "--data", mixed_data, "--max-new-tokens", 4, "--json", *options[kind])
+    assert code == 0, out
+    ref = json.loads(out)
+    assert built["agreement"] == ref["agreement"]
+    assert built["flops_ratio"] == pytest.approx(ref["flops_ratio"], rel=1e-3)
+    assert built["mean_visual_tokens_per_layer"] == pytest.approx(ref["mean_visual_tokens_per_layer"])
+
+
+def test_run_answers_a_wide_image_as_huggingface(next_builds: dict[str, Path], adapter, tmp_path: Path) -> None:
+    image = _image(200, 80, seed=3)
+    image.save(tmp_path / "wide.png")
+    code, out = run("run", next_builds["dense"], "--image", tmp_path / "wide.png", "--question", QUESTION,
+                    "--max-new-tokens", 6, "--json")  # fmt: skip
+    assert code == 0, out
+    tokens = adapter.tokenize(image, QUESTION)
+    hf = adapter.model.generate(input_ids=tokens.input_ids[None], pixel_values=tokens.pixel_values,
+                                image_sizes=tokens.image_sizes, max_new_tokens=6, do_sample=False)[0]  # fmt: skip
+    assert json.loads(out)["answer"] == adapter.decode(
+        [i for i in hf[tokens.input_ids.shape[0]:].tolist() if i not in adapter.eos_token_ids])
+
+
+def test_pack_index_is_huggingfaces_packing(adapter) -> None:
+    """The runtime packs the vision graph's tiles by ModelSpec.pack_index: over a grid of image sizes it puts
+    every patch (and newline) where HuggingFace's pack_image_features does."""
+    spec, inner = adapter.spec, adapter.model.model
+    patches = spec.tile_tokens
+    for width in range(20, 400, 47):
+        for height in range(20, 400, 53):
+            tiles = spec.tiles_for(height, width)
+            ids = torch.arange(tiles * patches, dtype=torch.float64).reshape(tiles, patches, 1)
+            packed, _ = inner.pack_image_features([ids], torch.tensor([[height, width]]), "default",
+                                                  image_newline=torch.tensor([-1.0], dtype=torch.float64))  # fmt: skip
+            assert packed[0][:, 0].long().tolist() == spec.pack_index(height, width), (width, height)
 
 
 @pytest.mark.parametrize("mode", ["exact", "table"])
