@@ -378,3 +378,9 @@ def test_baked_autoprune_takes_each_images_own_visual_count(adapter, positions: 
             out = dict(zip(module.output_names, module(*module.inputs_from_sample(sample)), strict=True))
         assert (out["logits"][0] - ref.logits).abs().max() <= 1e-5, (width, height)
         assert out["autoprune.keep"].tolist() == list(ref.policy.report()["keep"])
+
+
+def test_deploying_a_next_build_is_refused_in_one_line(next_builds: dict[str, Path], tmp_path: Path) -> None:
+    code, out = run("deploy", next_builds["dense"], "--repo", tmp_path / "repo")
+    assert_clean_error(code, out, "Triton deployment is not supported yet")
+    assert not (tmp_path / "repo").exists()
