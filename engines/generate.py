@@ -218,6 +218,15 @@ class GenerationRunner(BuildRunner):
             size = (int(inputs["image_sizes"][0][0]), int(inputs["image_sizes"][0][1]))
             visual = spec.visual_tokens_for(*size)
             pixels = pixels[0][: spec.tiles_for(*size)]
+            n0 = (self.manifest.autoprune or {}).get("n0")
+            if n0 is not None and visual < int(n0):
+                # The graph holds the schedule table of images with at least N0 = 2.5 T visual tokens; a
+                # smaller image needs its own (the executor solves it), which the graph does not have.
+                raise GenerationError(
+                    f"{self.build_dir}: this {size[1]}x{size[0]} image gives {visual} visual tokens, fewer than the "
+                    f"AutoPrune build's N0 = {n0} (2.5 x T); the build's schedule table is for images of at least "
+                    f"{n0} tokens. Use a larger or less elongated image, or a build with a smaller T"
+                )
         try:
             start, end = image_span(ids, int(self.info["image_token_id"]), visual,
                                     int(ranges["sys_len"][2]), int(ranges["text_len"][2]))  # fmt: skip

@@ -384,3 +384,14 @@ def test_deploying_a_next_build_is_refused_in_one_line(next_builds: dict[str, Pa
     code, out = run("deploy", next_builds["dense"], "--repo", tmp_path / "repo")
     assert_clean_error(code, out, "Triton deployment is not supported yet")
     assert not (tmp_path / "repo").exists()
+
+
+def test_an_autoprune_build_refuses_an_image_with_fewer_tokens_than_its_n0(next_builds: dict[str, Path],
+                                                                           adapter, tmp_path: Path) -> None:
+    """The graph holds the schedule of images with at least N0 = 2.5 T tokens (50 for T=20); a thin image
+    (16 tokens here) would need another schedule, so the build refuses it rather than answer differently from
+    the executor."""
+    assert adapter.spec.visual_tokens_for(10, 1000) < 50
+    _image(1000, 10).save(tmp_path / "thin.png")
+    code, out = run("run", next_builds["autoprune"], "--image", tmp_path / "thin.png", "--question", QUESTION)
+    assert_clean_error(code, out, "fewer than the AutoPrune build's N0 = 50")
