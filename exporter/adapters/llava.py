@@ -40,6 +40,8 @@ class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5: CLIP vision tower, MLP projector, Llama/Vicuna decoder."""
 
     model_types = ("llava",)
+    #: The transformers class of the folder's model.
+    hf_model_class = "LlavaForConditionalGeneration"
 
     def __init__(self, folder: Path, model: Any, processor: Any, spec: ModelSpec) -> None:
         self.folder = folder
@@ -152,7 +154,8 @@ class LlavaAdapter(VLMAdapter):
                 "commands that run the model need the full folder ('info' works from config.json alone)"
             )
         _quiet_transformers()
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        import transformers
+        from transformers import AutoProcessor
 
         try:
             processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
@@ -161,8 +164,9 @@ class LlavaAdapter(VLMAdapter):
                 f"{folder}: could not load the tokenizer/image processor ({type(exc).__name__}: {exc}); "
                 "the folder needs tokenizer and processor files saved with save_pretrained"
             ) from None
+        cls.check_processor(processor, spec, folder)
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(
+            model = getattr(transformers, cls.hf_model_class).from_pretrained(
                 str(folder),
                 local_files_only=True,
                 dtype=dtype,
@@ -180,8 +184,13 @@ class LlavaAdapter(VLMAdapter):
         """Wrap a ``LlavaForConditionalGeneration`` already in memory (its vision tower must use eager
         attention, which returns the [CLS] attention), e.g. a random model built on a GPU for benchmarks."""
         spec = cls.spec_from_hf_config(model.config)
+        cls.check_processor(processor, spec, folder or "the processor")
         model.eval().requires_grad_(False)
         return cls(folder or Path("<in memory>"), model, processor, spec)
+
+    @classmethod
+    def check_processor(cls, processor: Any, spec: ModelSpec, folder: Any) -> None:
+        """Refuse a processor that does not prepare images as the model expects (nothing to check here)."""
 
     # -- prompt ----------------------------------------------------------------------------------------
     def prompt_text(self, question: str) -> str:

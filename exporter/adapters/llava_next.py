@@ -26,7 +26,7 @@ from prune_core.errors import ModelLoadError
 from prune_core.spec import ModelSpec
 
 from .base import PromptTokens, VisionOutput
-from .llava import WEIGHT_FILES, LlavaAdapter, _quiet_transformers
+from .llava import LlavaAdapter, _quiet_transformers
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -69,43 +69,23 @@ class LlavaNextAdapter(LlavaAdapter):
         return replace(base, family="llava_next", visual_tokens=largest,
                        image_grid_pinpoints=tuple((int(h), int(w)) for h, w in pins))  # fmt: skip
 
-    # -- loading ---------------------------------------------------------------------------------------
+    # -- loading (LlavaAdapter.load and from_model, with this class and processor check) -----------------
+    hf_model_class = "LlavaNextForConditionalGeneration"
+
     @classmethod
-    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlavaNextAdapter:
-        spec = cls.spec_from_config(folder, {})
-        if not any((folder / f).is_file() for f in WEIGHT_FILES):
+    def check_processor(cls, processor: Any, spec: ModelSpec, folder: Any) -> None:
+        """The image processor must tile as the model does: its grid pinpoints are the config's."""
+        pins = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
+        if not pins:
             raise ModelLoadError(
-                f"{folder} holds a config but no weights ({' / '.join(WEIGHT_FILES[::2])}); "
-                "commands that run the model need the full folder ('info' works from config.json alone)"
+                f"{folder}: the image processor has no image_grid_pinpoints, so it cannot tile images as LLaVA-NeXT "
+                "does; save the checkpoint's LlavaNextImageProcessor (preprocessor_config.json) into the folder"
             )
-        _quiet_transformers()
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-        try:
-            processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-        except Exception as exc:
+        if tuple((int(h), int(w)) for h, w in pins) != spec.image_grid_pinpoints:
             raise ModelLoadError(
-                f"{folder}: could not load the tokenizer/image processor ({type(exc).__name__}: {exc}); "
-                "the folder needs tokenizer and processor files saved with save_pretrained"
-            ) from None
-        check_processor(processor, spec, folder)
-        try:
-            model = LlavaNextForConditionalGeneration.from_pretrained(
-                str(folder), local_files_only=True, dtype=dtype,
-                attn_implementation={"vision_config": "eager", "text_config": "sdpa", "": "sdpa"},
-            )  # fmt: skip
-        except Exception as exc:
-            raise ModelLoadError(f"{folder}: could not load the weights ({type(exc).__name__}: {exc})") from None
-        model = model.to(device).eval()
-        model.requires_grad_(False)
-        return cls(folder, model, processor, spec)
-
-    @classmethod
-    def from_model(cls, model: Any, processor: Any, folder: Path | None = None) -> LlavaNextAdapter:
-        spec = cls.spec_from_hf_config(model.config)
-        check_processor(processor, spec, folder or "the processor")
-        model.eval().requires_grad_(False)
-        return cls(folder or Path("<in memory>"), model, processor, spec)
+                f"{folder}: the image processor tiles at {[list(p) for p in pins]} but config.json says "
+                f"{[list(p) for p in spec.image_grid_pinpoints or ()]}; make the two image_grid_pinpoints lists equal"
+            )
 
     # -- prompt ----------------------------------------------------------------------------------------
     def tokenize(self, image: Any, question: str) -> PromptTokens:
@@ -163,17 +143,3 @@ class LlavaNextAdapter(LlavaAdapter):
             raise ValueError("a batch of LLaVA-NeXT images must share one visual token count (one image size)")
         return VisionOutput(features=torch.stack(packed), cls_attention=torch.stack([s[:, 0] for s in scores]))
 
-
-def check_processor(processor: Any, spec: ModelSpec, folder: Any) -> None:
-    """The image processor must tile as the model does: its grid pinpoints are the config's."""
-    pins = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
-    if not pins:
-        raise ModelLoadError(
-            f"{folder}: the image processor has no image_grid_pinpoints, so it cannot tile images as LLaVA-NeXT "
-            "does; save the checkpoint's LlavaNextImageProcessor (preprocessor_config.json) into the folder"
-        )
-    if tuple((int(h), int(w)) for h, w in pins) != spec.image_grid_pinpoints:
-        raise ModelLoadError(
-            f"{folder}: the image processor tiles at {[list(p) for p in pins]} but config.json says "
-            f"{[list(p) for p in spec.image_grid_pinpoints or ()]}; make the two image_grid_pinpoints lists equal"
-        )
