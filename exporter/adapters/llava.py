@@ -40,8 +40,10 @@ class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5: CLIP vision tower, MLP projector, Llama/Vicuna decoder."""
 
     model_types = ("llava",)
-    #: The transformers class of the folder's model.
+    #: The transformers classes of the folder's config and model, and the family's name in messages.
+    hf_config_class = "LlavaConfig"
     hf_model_class = "LlavaForConditionalGeneration"
+    family_name = "LLaVA"
 
     def __init__(self, folder: Path, model: Any, processor: Any, spec: ModelSpec) -> None:
         self.folder = folder
@@ -84,12 +86,12 @@ class LlavaAdapter(VLMAdapter):
     @classmethod
     def _hf_config(cls, folder: Path) -> Any:
         _quiet_transformers()
-        from transformers import LlavaConfig
+        import transformers
 
         try:
-            return LlavaConfig.from_pretrained(str(folder), local_files_only=True)
+            return getattr(transformers, cls.hf_config_class).from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise ModelLoadError(f"{folder}/config.json is not a loadable LLaVA config: {exc}") from None
+            raise ModelLoadError(f"{folder}/config.json is not a loadable {cls.family_name} config: {exc}") from None
 
     @classmethod
     def spec_from_config(cls, folder: Path, config: dict[str, Any]) -> ModelSpec:

@@ -17,7 +17,6 @@ get 0 (they are never key tokens). docs/methods.md, "LLaVA-NeXT", states every s
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from prune_core.errors import ModelLoadError
 from prune_core.spec import ModelSpec
 
 from .base import PromptTokens, VisionOutput
-from .llava import LlavaAdapter, _quiet_transformers
+from .llava import LlavaAdapter
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -35,17 +34,10 @@ class LlavaNextAdapter(LlavaAdapter):
 
     model_types = ("llava_next",)
 
+    hf_config_class = "LlavaNextConfig"
+    family_name = "LLaVA-NeXT"
+
     # -- config only -----------------------------------------------------------------------------------
-    @classmethod
-    def _hf_config(cls, folder: Path) -> Any:
-        _quiet_transformers()
-        from transformers import LlavaNextConfig
-
-        try:
-            return LlavaNextConfig.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise ModelLoadError(f"{folder}/config.json is not a loadable LLaVA-NeXT config: {exc}") from None
-
     @classmethod
     def spec_from_hf_config(cls, cfg: Any, folder: str = "the model") -> ModelSpec:
         base = LlavaAdapter.spec_from_hf_config(cfg, folder)
