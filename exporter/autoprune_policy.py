@@ -166,17 +166,15 @@ class AutoPrunePolicy:
         """
         s = self.section
         v = self.visual_tokens if visual is None else min(visual, self.visual_tokens)
-        if min(self.n0, v) == self.n0:
-            if self.table is not None:
-                return self.table.lookup(k)
-            return solve_scale(k, s.tokens, self.num_layers, self.visual_tokens, s.x0, s.amplitude)
-        if s.tokens >= v:
+        if v < self.n0 and s.tokens >= v:
             return None
-        if self.table is not None:
-            if v not in self._tables:
-                self._tables[v] = ScheduleTable.for_section(s, self.num_layers, v)
-            return self._tables[v].lookup(k)
-        return solve_scale(k, s.tokens, self.num_layers, v, s.x0, s.amplitude)
+        if self.table is None:  # for v >= N0 the same solve as for the largest image: N0 and the caps agree
+            return solve_scale(k, s.tokens, self.num_layers, v, s.x0, s.amplitude)
+        if v >= self.n0:
+            return self.table.lookup(k)
+        if v not in self._tables:
+            self._tables[v] = ScheduleTable.for_section(s, self.num_layers, v)
+        return self._tables[v].lookup(k)
 
     def begin(self) -> AutoPruneRun:
         """Fresh per-prompt state for one prefill (the executor calls this at the start of each prefill)."""

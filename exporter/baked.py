@@ -53,7 +53,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Literal
 
 import numpy as np
@@ -74,7 +73,7 @@ from prune_core.autoprune import (
 from prune_core.errors import BuildError
 from prune_core.ops import MODULES, Group, Module, Operation, pruned_by_layer
 from prune_core.plan import AutoPruneSection
-from prune_core.spec import DEFAULT_KEY_FRACTION
+from prune_core.spec import DEFAULT_KEY_FRACTION, key_ratio
 
 from .adapters.base import VLMAdapter
 from .autoprune_policy import LAYER0_TEXT_WEIGHT
@@ -229,25 +228,26 @@ def _take(t: torch.Tensor, ranges: list[tuple[object, object, bool]]) -> torch.T
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
-class _RowIndex:
-    """The kept ranges of a layout as one row index, for a visual count known only at run time.
-
-    Slicing a tensor at run-time offsets makes the exporter reason about every slice's clamped size
-    (``min``/``max`` of symbolic sums), which grows with each layer until it stalls; gathering and
-    scattering by an index of the kept rows keeps every size a plain sum.
+class _Rows:
+    """The rows of one module's kept ranges: taken and added back by static slices, or, where block sizes
+    are only known at run time (``by_index``: an any-resolution image split into key and rest), by one index
+    of the kept rows. Slicing at run-time offsets makes the exporter reason about every slice's clamped
+    size (``min``/``max`` of symbolic sums), which grows with each layer until it stalls; gathering and
+    scattering by index keeps every size a plain sum.
     """
 
-    def __init__(self, ranges: list[tuple[object, object, bool]], device: torch.device) -> None:
+    def __init__(self, ranges: list[tuple[object, object, bool]], device: torch.device, by_index: bool) -> None:
         self.ranges = ranges
-        self.all = len(ranges) == 1 and ranges[0][2]
-        pieces = [torch.arange(a, b, device=device) for a, b, flag in ranges if flag]
-        self.index = None if self.all or not pieces else pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        self.index = None
+        if by_index and not (len(ranges) == 1 and ranges[0][2]):
+            pieces = [torch.arange(a, b, device=device) for a, b, flag in ranges if flag]
+            self.index = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.all else t.index_select(0, self.index)
+        return _take(t, self.ranges) if self.index is None else t.index_select(0, self.index)
 
     def add(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return h + delta if self.all else h.index_add(0, self.index, delta.to(h.dtype))
+        return _add_rows(h, delta, self.ranges) if self.index is None else h.index_add(0, self.index, delta.to(h.dtype))
 
 
 def _add_rows(
@@ -525,10 +525,11 @@ class BakedPrefill(nn.Module):
         sys_e, img_e, txt_e = sys_embeds[0].to(dtype), image_embeds[0].to(dtype), text_embeds[0].to(dtype)
         s, t = sys_e.shape[0], txt_e.shape[0]
         v_all = img_e.shape[0] if self.dynamic_visual else spec.visual_tokens
-        key = self._run_time_key_count(cls_attention[0]) if self.dynamic_visual else self.key_tokens
         device = sys_e.device
         cls = cls_attention[0].float()
+        key = None
         if self.split_key:
+            key = self._run_time_key_count(cls_attention[0]) if self.dynamic_visual else self.key_tokens
             order = _rank(cls, v_all)
             key_idx = _ascending(order[:key])
             rest_idx = _ascending(order[key:])
@@ -544,14 +545,13 @@ class BakedPrefill(nn.Module):
             [torch.arange(s, device=device), img_pos, torch.arange(t, device=device) + (s + v_all)]
         )
         cos, sin = self.adapter.rope(positions)
-        return _State(h, positions, cos, sin, s, v_all, t, cls, key if self.split_key else None)
+        return _State(h, positions, cos, sin, s, v_all, t, cls, key)
 
     def _run_time_key_count(self, cls: torch.Tensor) -> object:
-        """``key_count(fraction, V)`` of a visual count known at run time, computed with tensor ops and read
+        """:func:`~prune_core.spec.key_count` of a visual count known at run time, computed with tensor ops and read
         back as one opaque count: symbolic shape arithmetic on min/max/floor-division of ``V`` grows with every
         slice of every layer and stalls the exporter's reasoning."""
-        ratio = Fraction(self.key_fraction).limit_denominator(10**6)
-        p, q = ratio.numerator, ratio.denominator
+        p, q = key_ratio(self.key_fraction)
         v = torch.ones_like(cls, dtype=torch.int64).sum()
         n = torch.div(2 * p * v + q, 2 * q, rounding_mode="floor")
         n = torch.minimum(torch.maximum(n, torch.ones_like(n)), v)
@@ -613,29 +613,22 @@ class BakedPrefill(nn.Module):
         h, positions, cos, sin = st.h, st.positions, st.cos, st.sin
         static = {IMG: st.vis, KEY: st.key, REST: None if st.key is None else st.vis - st.key}
         lengths = [st.s if b is SYS else st.t if b is TXT else static[b] for b in lay.blocks]
-        ranges = {m: _ranges(lengths, lay.kept[m]) for m in MODULES}
+        # Run-time block sizes (any-resolution images split into key and rest) go by row index (see _Rows).
+        by_index = st.key is not None and self.dynamic_visual
+        rows = {m: _Rows(_ranges(lengths, lay.kept[m]), h.device, by_index) for m in MODULES}
+        r_kv, r_q, r_mlp = rows[Module.KV], rows[Module.Q], rows[Module.MLP]
 
-        # Run-time block sizes (any-resolution images split into key and rest): gather and scatter by row
-        # index instead of slicing (see _RowIndex). Otherwise static slices, as the graph always had.
-        if st.key is not None and self.dynamic_visual:
-            index = {m: _RowIndex(r, h.device) for m, r in ranges.items()}
-            take: Callable[[torch.Tensor, Module], torch.Tensor] = lambda t, m: index[m].take(t)  # noqa: E731
-            add: Callable[[torch.Tensor, torch.Tensor, Module], torch.Tensor] = lambda x, d, m: index[m].add(x, d)  # noqa: E731
-        else:
-            take = lambda t, m: _take(t, ranges[m])  # noqa: E731
-            add = lambda x, d, m: _add_rows(x, d, ranges[m])  # noqa: E731
         # K/V of the tokens that give them (post-RoPE, as cached). The norm is per row: normalise only
         # the rows some projection reads.
-        KV, Q = Module.KV, Module.Q
-        xk = parts.attn_norm(take(h, KV))
-        pos_kv = take(positions, KV)
-        k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), take(cos, KV), take(sin, KV))
+        xk = parts.attn_norm(r_kv.take(h))
+        pos_kv = r_kv.take(positions)
+        k = apply_rope(self._heads(parts.k_proj(xk), spec.num_kv_heads), r_kv.take(cos), r_kv.take(sin))
         v = self._heads(parts.v_proj(xk), spec.num_kv_heads)
         outputs += [k.unsqueeze(0), v.unsqueeze(0), pos_kv.unsqueeze(0)]
 
-        xq = xk if lay.kept[Module.Q] == lay.kept[Module.KV] else parts.attn_norm(take(h, Q))
-        pos_q = take(positions, Q)
-        q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), take(cos, Q), take(sin, Q))
+        xq = xk if lay.kept[Module.Q] == lay.kept[Module.KV] else parts.attn_norm(r_q.take(h))
+        pos_q = r_q.take(positions)
+        q = apply_rope(self._heads(parts.q_proj(xq), spec.num_heads), r_q.take(cos), r_q.take(sin))
         n_q = q.shape[1]
         rep = spec.num_heads // spec.num_kv_heads
         # [kv_heads, rep, n_q, hd] x [kv_heads, 1, hd, n_kv]: grouped heads without copying K/V.
@@ -646,11 +639,11 @@ class BakedPrefill(nn.Module):
         probs = torch.softmax(scores, dim=-1)
         attn = torch.matmul(probs.to(v.dtype), v.unsqueeze(1))  # [kv_heads, rep, n_q, hd]
         attn = attn.reshape(spec.num_heads, n_q, spec.head_dim).transpose(0, 1).reshape(n_q, spec.q_dim)
-        h = add(h, parts.o_proj(attn), Q)
+        h = r_q.add(h, parts.o_proj(attn))
 
-        y = parts.mlp_norm(take(h, Module.MLP))
+        y = parts.mlp_norm(r_mlp.take(h))
         y = parts.down_proj(parts.act(parts.gate_proj(y)) * parts.up_proj(y))
-        h = add(h, y, Module.MLP)
+        h = r_mlp.add(h, y)
 
         vis_attn = None
         if want_scores:

@@ -73,6 +73,19 @@ class ModelSpec:
         best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
         return 1 + (best_h // self.image_size) * (best_w // self.image_size)
 
+    def _unpadded_grid(self, height: int, width: int) -> tuple[int, int, int, int, int]:
+        """LLaVA-NeXT's patch grid of an image: ``(grid_cols, row0, row1, col0, col1)``, the tiles per grid row
+        and the rows and columns left once the padding is removed, as HuggingFace's ``unpad_image`` keeps them."""
+        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
+        side = self.image_size // self.patch_size
+        grid_cols = best_w // self.image_size
+        rows, cols = side * (best_h // self.image_size), side * grid_cols
+        if width / height > cols / rows:
+            pad = (rows - int(round(height * (cols / width), 7))) // 2
+            return grid_cols, pad, rows - pad, 0, cols
+        pad = (cols - int(round(width * (rows / height), 7))) // 2
+        return grid_cols, 0, rows, pad, cols - pad
+
     def pack_index(self, height: int, width: int) -> list[int]:
         """Where each visual token of an image of ``height`` x ``width`` comes from, as LLaVA-NeXT packs them:
         an index into the tower's per-tile patches flattened to ``[tiles * patches]`` (tile 0 is the base
@@ -80,20 +93,11 @@ class ModelSpec:
         row with its padding rows or columns removed, a newline after each row; its length is
         :meth:`visual_tokens_for`.
         """
-        side = self.image_size // self.patch_size
-        patches = side * side
         if not self.any_resolution:
             return list(range(self.visual_tokens))
-        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
-        grid_cols = best_w // self.image_size
-        rows, cols = side * (best_h // self.image_size), side * grid_cols
-        row0, row1, col0, col1 = 0, rows, 0, cols
-        if width / height > cols / rows:
-            pad = (rows - int(round(height * (cols / width), 7))) // 2
-            row0, row1 = pad, rows - pad
-        else:
-            pad = (cols - int(round(width * (rows / height), 7))) // 2
-            col0, col1 = pad, cols - pad
+        side = self.image_size // self.patch_size
+        patches = side * side
+        grid_cols, row0, row1, col0, col1 = self._unpadded_grid(height, width)
         index = list(range(patches))
         for r in range(row0, row1):
             for c in range(col0, col1):
@@ -118,16 +122,9 @@ class ModelSpec:
         """
         if not self.any_resolution:
             return self.visual_tokens
-        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
-        side = self.image_size // self.patch_size
-        rows, cols = side * (best_h // self.image_size), side * (best_w // self.image_size)
-        if width / height > cols / rows:
-            kept = int(round(height * (cols / width), 7))
-            rows -= 2 * ((rows - kept) // 2)
-        else:
-            kept = int(round(width * (rows / height), 7))
-            cols -= 2 * ((cols - kept) // 2)
-        return side * side + rows * cols + rows
+        _, row0, row1, col0, col1 = self._unpadded_grid(height, width)
+        rows, cols = row1 - row0, col1 - col0
+        return self.tile_tokens + rows * cols + rows
 
     @property
     def q_dim(self) -> int:
@@ -141,7 +138,7 @@ class ModelSpec:
 
     def key_tokens(self, fraction: float = DEFAULT_KEY_FRACTION, visual: int | None = None) -> int:
         """Number of ``img_key`` tokens among ``visual`` visual tokens (default: the model's
-        ``visual_tokens``): ``round(fraction * visual)``, at least 1."""
+        ``visual_tokens``): :func:`key_count`."""
         return key_count(fraction, self.visual_tokens if visual is None else visual)
 
     def fingerprint(self) -> str:
@@ -160,21 +157,20 @@ class ModelSpec:
         return data
 
 
-def key_count(fraction: float, visual: object) -> object:
+def key_ratio(fraction: float) -> tuple[int, int]:
+    """The key fraction as a ratio ``(p, q)`` of integers (``0.25`` is ``(1, 4)``)."""
+    ratio = Fraction(fraction).limit_denominator(10**6)
+    return ratio.numerator, ratio.denominator
+
+
+def key_count(fraction: float, visual: int) -> int:
     """``img_key`` tokens among ``visual`` visual tokens: ``fraction * visual`` rounded half up, in [1, visual].
 
-    Computed in integers from the fraction as a ratio ``p/q`` (``0.25`` is ``1/4``), so that a graph whose
-    visual count is only known at run time (LLaVA-NeXT) computes the same count with integer ops as the
-    executor does here; ``visual`` may be a symbolic size while tracing.
+    Computed in integers from :func:`key_ratio`, ``(2 p V + q) // 2 q``, so that a graph whose visual count is
+    only known at run time (LLaVA-NeXT) computes the same count with integer ops as the executor does here.
     """
-    ratio = Fraction(fraction).limit_denominator(10**6)
-    p, q = ratio.numerator, ratio.denominator
-    n = (2 * p * visual + q) // (2 * q)
-    if isinstance(visual, int):
-        return max(1, min(visual, n))
-    import torch
-
-    return torch.sym_max(1, torch.sym_min(visual, n))
+    p, q = key_ratio(fraction)
+    return max(1, min(visual, (2 * p * visual + q) // (2 * q)))
 
 
 def best_resolution(height: int, width: int, pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:

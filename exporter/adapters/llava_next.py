@@ -56,10 +56,9 @@ class LlavaNextAdapter(LlavaAdapter):
         if any(int(h) % size or int(w) % size for h, w in pins):
             raise ModelLoadError(f"{folder}: image_grid_pinpoints {pins} are not multiples of the vision tower's "
                                  f"image size {size}; every tile must be one tower input")
-        side = size // base.patch_size
-        largest = max(side * side + (side * h // size) * (side * w // size) + side * h // size for h, w in pins)
-        return replace(base, family="llava_next", visual_tokens=largest,
-                       image_grid_pinpoints=tuple((int(h), int(w)) for h, w in pins))  # fmt: skip
+        tiled = replace(base, family="llava_next", image_grid_pinpoints=tuple((int(h), int(w)) for h, w in pins))
+        # An image of a pinpoint's own shape fills its grid (nothing to unpad): the most tokens at that grid.
+        return replace(tiled, visual_tokens=max(tiled.visual_tokens_for(h, w) for h, w in tiled.image_grid_pinpoints))
 
     # -- loading (LlavaAdapter.load and from_model, with this class and processor check) -----------------
     hf_model_class = "LlavaNextForConditionalGeneration"
@@ -116,13 +115,10 @@ class LlavaNextAdapter(LlavaAdapter):
     def vision(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionOutput:
         """Features ``[batch, visual, hidden]`` and [CLS] scores ``[batch, visual]`` of images of one size
         (a batch of one image in the executor; the visual count is the image's)."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT's vision needs image_sizes (the original height and width of each image)")
         inner = self.model.model
-        tiles = [image_size_to_num_patches(image_size=size, grid_pinpoints=self.model.config.image_grid_pinpoints,
-                                           patch_size=self.spec.image_size) for size in image_sizes]  # fmt: skip
+        tiles = [self.spec.tiles_for(int(h), int(w)) for h, w in image_sizes]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, tiles, strict=True)], dim=0)
         per_tile = self.vision_tiles(pixel_values)

@@ -35,7 +35,7 @@ from prune_core.ops import PRUNABLE_GROUPS, Module, Operation
 from prune_core.prompt import MAX_IMAGE_PIXELS, PromptError, check_question
 from prune_core.spec import GroupSizes
 
-from .open_build import load_runner, manifest_spec, open_image, prefill_graph_flops
+from .open_build import load_runner, open_image, prefill_graph_flops
 
 
 def run_build(
@@ -137,7 +137,7 @@ def _answer_rows(runner: Any, rows: list[Any], max_new_tokens: int, reference: A
                  observe: Callable[[Any, list[int], list[np.ndarray], SampleResult], None] | None = None) -> list[SampleResult]:  # fmt: skip
     """Each row's result: the answer, its FLOPs and visual tokens, and its agreement with ``reference``."""
     manifest = runner.manifest
-    spec = manifest_spec(manifest)
+    spec = manifest.model_spec()
     tokenizer = runner.tokenizer
     results = []
     for row in rows:

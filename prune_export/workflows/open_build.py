@@ -21,7 +21,6 @@ from prune_core.cost import lm_head_flops
 from prune_core.errors import BuildError, DataError
 from prune_core.manifest import CHECK_INPUTS, Manifest
 from prune_core.prompt import MAX_IMAGE_PIXELS, PromptError, decode_image
-from prune_core.spec import ModelSpec
 
 
 def require_file(path: str | Path, what: str = "image") -> Path:
@@ -62,11 +61,6 @@ def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int |
     memory.check_fits(f"running {build_dir}", memory.estimate(memory.graphs_bytes(build_dir, list(manifest.graphs))),
                       "run it on a machine with more memory")  # fmt: skip
     return GenerationRunner(build_dir, provider=provider, threads=threads, manifest=manifest)  # type: ignore[arg-type]
-
-
-def manifest_spec(manifest: Manifest) -> ModelSpec:
-    """The architecture a build was made from, as its manifest records it."""
-    return manifest.model_spec()
 
 
 def load_check_inputs(build_dir: Path) -> dict[str, np.ndarray]:
@@ -114,7 +108,7 @@ def graph_flops(prefill: Any, feed: Mapping[str, np.ndarray]) -> int:
 def prefill_graph_flops(runner: Any, feeds: dict[str, np.ndarray]) -> int:
     """Matmul FLOPs a generation runner's prefill graph(s) execute on ``feeds``, counted from the graph,
     without the one logits row of the LM head (the cost model leaves it out, so the two compare)."""
-    return graph_flops(runner.prefill_runner, feeds) - lm_head_flops(manifest_spec(runner.manifest))
+    return graph_flops(runner.prefill_runner, feeds) - lm_head_flops(runner.manifest.model_spec())
 
 
 def check_same_model(pruned_dir: Path, pruned_m: Manifest, dense_dir: Path, dense_m: Manifest) -> None:

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +109,6 @@ class SweepConfig:
         if self.quantize:
             return self.quantize
         return self.method + ("-original" if self.positions == "original" else "")
-
-    @property
-    def float_twin(self) -> SweepConfig:
-        """The same configuration without quantization (what a quantized build's answers are compared with)."""
-        return replace(self, quantize=None)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "series": self.series, "label": self.label,
