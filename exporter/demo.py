@@ -209,7 +209,9 @@ def random_llava(
 #: The trained demo model shipped with the package (scripts/train_demo_model.py wrote it).
 TRAINED_DIR = Path(__file__).resolve().parent / "demo_models" / "trained"
 #: Files of the shipped folder that make up the model (the training log goes along as its record).
-_TRAINED_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+#: The weights are two shards of under 4 MB (save_pretrained's max_shard_size="4MB"), byte for byte the trained tensors.
+_TRAINED_FILES = ("config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+                  "model-00002-of-00002.safetensors", "model.safetensors.index.json", "processor_config.json",
                   "tokenizer.json", "tokenizer_config.json", "training_log.json")  # fmt: skip
 
 

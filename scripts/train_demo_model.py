@@ -276,7 +276,7 @@ def main() -> None:
     model.eval().requires_grad_(False)
     model.config.vision_config._attn_implementation = "eager"  # as the adapter loads it: [CLS] attention
     args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(args.out))
+    model.save_pretrained(str(args.out), max_shard_size="4MB")  # shards of under 4 MB, as the package ships them
     processor.save_pretrained(str(args.out))
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     plot(log, args.plot)
