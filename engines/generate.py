@@ -43,9 +43,17 @@ from engines.onnxruntime import CUDA_PROVIDER
 from engines.prefill import BuildRunner, PrefillRunner
 from engines.runner import Runner
 from prune_core import defaults
+from prune_core.anyres import pack
 from prune_core.errors import BuildError, PruneExportError
 from prune_core.manifest import check_new_tokens
-from prune_core.prompt import PromptError, TextPieces, check_question, image_span, prompt_text
+from prune_core.prompt import (
+    PromptError,
+    TextPieces,
+    check_autoprune_image,
+    check_question,
+    image_span,
+    prompt_text,
+)
 
 KV_KINDS = ("key", "value", "position")
 
@@ -56,15 +64,12 @@ class GenerationError(PruneExportError):
 
 def pack_tiles(spec: Any, vision: dict[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """An any-resolution vision graph's per-tile outputs packed into one image's visual tokens, as the model
-    packs them (:meth:`~prune_core.spec.ModelSpec.pack_index`): ``image_features [1, V, d]`` with
-    ``image_newline`` after every grid row, and ``cls_attention [1, V]`` (0 for the newline tokens)."""
-    index = np.asarray(spec.pack_index(*image_size), dtype=np.int64)
-    features, cls = vision["image_features"], vision["cls_attention"]
-    flat = features.reshape(-1, features.shape[-1])
-    newline = vision["image_newline"].reshape(1, -1).astype(flat.dtype)
-    rows = np.concatenate([flat, newline])[np.where(index < 0, flat.shape[0], index)]
-    scores = np.concatenate([cls.reshape(-1), np.zeros(1, cls.dtype)])[np.where(index < 0, cls.size, index)]
-    return {"image_features": rows[None], "cls_attention": scores[None]}
+    packs them (:func:`prune_core.anyres.pack` by :meth:`~prune_core.spec.ModelSpec.pack_index`):
+    ``image_features [1, V, d]`` with ``image_newline`` after every grid row, and ``cls_attention [1, V]``
+    (0 for the newline tokens)."""
+    features, cls = pack(spec.pack_index(*image_size), vision["image_features"], vision["cls_attention"],
+                         vision["image_newline"])  # fmt: skip
+    return {"image_features": features, "cls_attention": cls}
 
 
 @dataclass(frozen=True)
@@ -218,15 +223,10 @@ class GenerationRunner(BuildRunner):
             size = (int(inputs["image_sizes"][0][0]), int(inputs["image_sizes"][0][1]))
             visual = spec.visual_tokens_for(*size)
             pixels = pixels[0][: spec.tiles_for(*size)]
-            n0 = (self.manifest.autoprune or {}).get("n0")
-            if n0 is not None and visual < int(n0):
-                # The graph holds the schedule table of images with at least N0 = 2.5 T visual tokens; a
-                # smaller image needs its own (the executor solves it), which the graph does not have.
-                raise GenerationError(
-                    f"{self.build_dir}: this {size[1]}x{size[0]} image gives {visual} visual tokens, fewer than the "
-                    f"AutoPrune build's N0 = {n0} (2.5 x T); the build's schedule table is for images of at least "
-                    f"{n0} tokens. Use a larger or less elongated image, or a build with a smaller T"
-                )
+            try:
+                check_autoprune_image(size[1], size[0], visual, (self.manifest.autoprune or {}).get("n0"))
+            except PromptError as err:
+                raise GenerationError(f"{self.build_dir}: {err}") from None
         try:
             start, end = image_span(ids, int(self.info["image_token_id"]), visual,
                                     int(ranges["sys_len"][2]), int(ranges["text_len"][2]))  # fmt: skip

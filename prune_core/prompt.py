@@ -92,6 +92,18 @@ def image_span(ids: Any, image_token_id: int, visual_tokens: int, max_sys_tokens
     return start, end
 
 
+def check_autoprune_image(width: int, height: int, visual: int, n0: int | None) -> None:
+    """A :class:`PromptError` when an any-resolution image gives fewer visual tokens than an AutoPrune build's
+    ``n0``: the graph holds the schedule table of images with at least N0 = 2.5 T visual tokens; a smaller
+    image needs its own table (the executor solves it), which the graph does not have."""
+    if n0 is not None and visual < int(n0):
+        raise PromptError(
+            f"this {width}x{height} image gives {visual} visual tokens, fewer than the AutoPrune build's N0 = {n0} "
+            f"(2.5 x T); the build's schedule table is for images of at least {n0} tokens. Use a larger or less "
+            "elongated image, or a build with a smaller T"
+        )
+
+
 def prompt_text(processor_or_tokenizer: Any, question: str) -> str:
     """The full prompt for one image and ``question``, ending where the answer starts."""
     template = getattr(processor_or_tokenizer, "chat_template", None)

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
+from .anyres import Tiling
 from .ops import Group
 
 #: LLaVA-1.5 (vicuna_v1 template): tokens before the image, and a typical question + answer prompt.
@@ -54,57 +55,32 @@ class ModelSpec:
         return self.image_grid_pinpoints is not None
 
     @property
+    def tiling(self) -> Tiling | None:
+        """Any-resolution models: their tiling geometry (:class:`prune_core.anyres.Tiling`); else None."""
+        if self.image_grid_pinpoints is None:
+            return None
+        return Tiling(self.image_size, self.patch_size, self.image_grid_pinpoints)
+
+    @property
     def tile_tokens(self) -> int:
         """Visual tokens of one image tile (LLaVA-NeXT's base image, or LLaVA-1.5's whole image)."""
-        return (self.image_size // self.patch_size) ** 2 if self.any_resolution else self.visual_tokens
+        return self.tiling.tile_tokens if self.tiling else self.visual_tokens
 
     @property
     def max_tiles(self) -> int:
         """Tower inputs of the largest image: the base image plus the tiles of the largest pinpoint (1 for
         fixed-size models)."""
-        if not self.any_resolution:
-            return 1
-        return 1 + max((h // self.image_size) * (w // self.image_size) for h, w in self.image_grid_pinpoints or ())
+        return self.tiling.max_tiles if self.tiling else 1
 
     def tiles_for(self, height: int, width: int) -> int:
         """Tower inputs (base image + tiles) of an image of ``height`` x ``width`` pixels."""
-        if not self.any_resolution:
-            return 1
-        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
-        return 1 + (best_h // self.image_size) * (best_w // self.image_size)
-
-    def _unpadded_grid(self, height: int, width: int) -> tuple[int, int, int, int, int]:
-        """LLaVA-NeXT's patch grid of an image: ``(grid_cols, row0, row1, col0, col1)``, the tiles per grid row
-        and the rows and columns left once the padding is removed, as HuggingFace's ``unpad_image`` keeps them."""
-        best_h, best_w = best_resolution(height, width, self.image_grid_pinpoints or ())
-        side = self.image_size // self.patch_size
-        grid_cols = best_w // self.image_size
-        rows, cols = side * (best_h // self.image_size), side * grid_cols
-        if width / height > cols / rows:
-            pad = (rows - int(round(height * (cols / width), 7))) // 2
-            return grid_cols, pad, rows - pad, 0, cols
-        pad = (cols - int(round(width * (rows / height), 7))) // 2
-        return grid_cols, 0, rows, pad, cols - pad
+        return self.tiling.tiles_for(height, width) if self.tiling else 1
 
     def pack_index(self, height: int, width: int) -> list[int]:
-        """Where each visual token of an image of ``height`` x ``width`` comes from, as LLaVA-NeXT packs them:
-        an index into the tower's per-tile patches flattened to ``[tiles * patches]`` (tile 0 is the base
-        image), or -1 for an ``image_newline`` token. The base image's patches first, then the tile grid row by
-        row with its padding rows or columns removed, a newline after each row; its length is
-        :meth:`visual_tokens_for`.
-        """
-        if not self.any_resolution:
-            return list(range(self.visual_tokens))
-        side = self.image_size // self.patch_size
-        patches = side * side
-        grid_cols, row0, row1, col0, col1 = self._unpadded_grid(height, width)
-        index = list(range(patches))
-        for r in range(row0, row1):
-            for c in range(col0, col1):
-                tile = 1 + (r // side) * grid_cols + c // side
-                index.append(tile * patches + (r % side) * side + c % side)
-            index.append(-1)
-        return index
+        """Where each visual token of an image of ``height`` x ``width`` comes from, as LLaVA-NeXT packs them
+        (:meth:`prune_core.anyres.Tiling.pack_index`: an index into the tower's per-tile patches, -1 for an
+        ``image_newline`` token); fixed-size models: every patch in order."""
+        return self.tiling.pack_index(height, width) if self.tiling else list(range(self.visual_tokens))
 
     @property
     def reference_image(self) -> tuple[int, int] | None:
@@ -120,11 +96,7 @@ class ModelSpec:
         or columns removed (``unpad``), plus one ``image_newline`` token per remaining row, as HuggingFace's
         processor counts them.
         """
-        if not self.any_resolution:
-            return self.visual_tokens
-        _, row0, row1, col0, col1 = self._unpadded_grid(height, width)
-        rows, cols = row1 - row0, col1 - col0
-        return self.tile_tokens + rows * cols + rows
+        return self.tiling.visual_tokens_for(height, width) if self.tiling else self.visual_tokens
 
     @property
     def q_dim(self) -> int:
@@ -171,21 +143,6 @@ def key_count(fraction: float, visual: int) -> int:
     """
     p, q = key_ratio(fraction)
     return max(1, min(visual, (2 * p * visual + q) // (2 * q)))
-
-
-def best_resolution(height: int, width: int, pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:
-    """The (height, width) pinpoint LLaVA-NeXT tiles an image at: the one that keeps the most of the image's
-    pixels when it is scaled to fit, then the one that wastes the fewest (HuggingFace's rule)."""
-    best, best_kept, best_waste = None, -1, float("inf")
-    for h, w in pinpoints:
-        scale = min(w / width, h / height)
-        kept = min(int(width * scale) * int(height * scale), width * height)
-        waste = w * h - kept
-        if kept > best_kept or (kept == best_kept and waste < best_waste):
-            best, best_kept, best_waste = (h, w), kept, waste
-    if best is None:
-        raise ValueError("image_grid_pinpoints is empty")
-    return best
 
 
 @dataclass(frozen=True)

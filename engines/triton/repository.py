@@ -8,6 +8,7 @@
       NAME/1/generation.json        graph model names, input dtypes, token ids, bounds, schedule table
       NAME/1/processor/...          the build's tokenizer and image processor
       NAME/1/prune_export_prompt.py the prompt and detokenisation rules of ``prune-export run``
+      NAME/1/prune_export_anyres.py any-resolution (LLaVA-NeXT) builds: the tiling rules that pack each image's tiles
       NAME_vision/config.pbtxt      NAME_vision/1/model.onnx (+ its external data file, same name as in the build)
       NAME_prefill/...              (or NAME_prefill_head/, NAME_prefill_tail/ for a split AutoPrune build)
       NAME_embed/...                NAME_decode/...
@@ -34,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import prune_core.anyres as anyres_rules
 import prune_core.prompt as prompt_rules
 from prune_core import defaults
 from prune_core.autoprune import INDEX_SLACK
@@ -220,6 +222,11 @@ class RepositoryFromBuild:
             "input_dtypes": dtypes,
             "processor": "processor",
         }
+        tiling = m.model_spec().tiling
+        if tiling is not None:
+            spec["any_resolution"] = {"image_size": tiling.image_size, "patch_size": tiling.patch_size,
+                                      "image_grid_pinpoints": [list(p) for p in tiling.pinpoints]}  # fmt: skip
+            spec["autoprune_n0"] = (m.autoprune or {}).get("n0")
         if m.prefill_layout != "single":
             table = load_schedule_table(self.build_dir, m)
             spec["head_outputs"] = [o.name for o in graphs["prefill_head"].outputs]
@@ -240,6 +247,8 @@ class RepositoryFromBuild:
         (model_dir / "config.pbtxt").write_text(text)
         shutil.copyfile(MODELS_DIR / "orchestrator.py", version / "model.py")
         shutil.copyfile(Path(prompt_rules.__file__), version / "prune_export_prompt.py")
+        if self.manifest.model_spec().any_resolution:
+            shutil.copyfile(Path(anyres_rules.__file__), version / "prune_export_anyres.py")
         (version / GENERATION_FILE).write_text(json.dumps(self.generation_spec(), indent=2) + "\n")
         source = self.build_dir / str((self.manifest.generation or {})["processor"])
         if not source.is_dir():

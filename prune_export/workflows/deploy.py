@@ -30,14 +30,6 @@ def deploy(
 
     started = time.perf_counter()
     manifest = Manifest.load(build_dir, verify="full")
-    if manifest.model_spec().any_resolution:
-        from prune_core.errors import BuildError
-
-        raise BuildError(
-            f"{build_dir} is a {manifest.model['family']} build (any-resolution images); its Triton deployment is not "
-            "supported yet (the served vision step does not pack tiles yet). Answer with `prune-export run` or "
-            "`eval` on the build, or deploy a LLaVA-1.5 build"
-        )
     writer = RepositoryFromBuild(build_dir, repo_dir, name=name, instances=instances, kind=device,  # type: ignore[arg-type]
                                  max_new_tokens=max_new_tokens, max_image_pixels=max_image_pixels, stream=stream,
                                  overwrite=overwrite,

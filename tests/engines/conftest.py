@@ -30,3 +30,20 @@ def triton_builds(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
         manifest = build(tiny_model, out[name], choice, BuildSettings(target=target), lambda message: None)
         assert manifest.check.status == "passed"
     return out
+
+
+@pytest.fixture(scope="session")
+def next_triton_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA-NeXT AutoPrune build (T = 20, so N0 = 50): any-resolution images, each packed from its own
+    tiles, and the build's refusal of images that give fewer than N0 visual tokens."""
+    from exporter.demo import build_demo_model
+    from prune_core.plan import AutoPruneSection
+    from prune_export.workflows.build import BuildSettings, build
+    from prune_export.workflows.selection import PlanChoice
+
+    model = build_demo_model(tmp_path_factory.mktemp("models") / "next-tiny", "next-tiny", seed=0)
+    out = tmp_path_factory.mktemp("triton-builds") / "next"
+    choice = PlanChoice(tokens=AutoPruneSection(tokens=20))
+    manifest = build(model, out, choice, BuildSettings(), lambda message: None)
+    assert manifest.check.status == "passed"
+    return out

@@ -1,7 +1,8 @@
 """Live: deploy tiny builds, ``prune-export serve`` them on loopback, ask over HTTP and gRPC.
 
-One server for the module serves three repositories: a dense build (``dense``), an AutoPrune build
-(``ap``) and a split AutoPrune build deployed with ``--stream`` (``apsplit``, decoupled). The reference
+One server for the module serves four repositories: a dense build (``dense``), an AutoPrune build
+(``ap``), a split AutoPrune build deployed with ``--stream`` (``apsplit``, decoupled) and a LLaVA-NeXT
+AutoPrune build (``next``: any-resolution images, each packed from its own tiles by the served model). The reference
 answers come from ``prune-export run``'s workflow on the same build directories, in this process; the
 served ones from the orchestrator model inside Triton's Python backend. Loops are bounded, the server is
 stopped by PID (SIGTERM) at the end, and no server or model process may outlive it.
@@ -70,12 +71,14 @@ def expected(triton_builds: dict[str, Path], prompts) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def server(server_env, triton_builds: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+def server(server_env, triton_builds: dict[str, Path], next_triton_build: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("triton-live")
     repos = []
-    for model, build, extra in (("dense", "dense", []), ("ap", "autoprune", []), ("apsplit", "split", ["--stream"])):
+    builds = {**triton_builds, "next": next_triton_build}
+    for model, build, extra in (("dense", "dense", []), ("ap", "autoprune", []), ("apsplit", "split", ["--stream"]),
+                                ("next", "next", [])):  # fmt: skip
         repo = root / f"repo-{model}"
-        result = CliRunner().invoke(main, ["deploy", str(triton_builds[build]), "--repo", str(repo), "--name", model, *extra])
+        result = CliRunner().invoke(main, ["deploy", str(builds[build]), "--repo", str(repo), "--name", model, *extra])
         assert result.exit_code == 0, result.output
         repos.append(str(repo))
     http, grpc, metrics = _free_ports(3)
@@ -115,6 +118,26 @@ def test_served_answers_equal_run_over_http_and_grpc(server, prompts, expected) 
         for (image, question), want in zip(prompts, expected[model], strict=True):
             assert _ask(server["http"], model, image, question) == want, (model, question)
             assert _ask(server["grpc"], model, image, question) == want, (model, question)
+
+
+def test_a_next_build_packs_each_images_own_tiles(server, next_triton_build: Path, tmp_path: Path) -> None:
+    """LLaVA-NeXT: a square, a wide and a tall image (three pinpoints, three visual counts) answered as
+    ``prune-export run`` answers them; an image with fewer visual tokens than the AutoPrune build's N0 is a
+    bad request, as ``run`` refuses it."""
+    rng = np.random.RandomState(5)
+    answers, counts = [], set()
+    for width, height in ((64, 64), (150, 60), (50, 140)):
+        path = tmp_path / f"{width}x{height}.png"
+        Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8")).save(path)
+        for question in QUESTIONS[:2]:
+            want = run_build(next_triton_build, path, question, max_new_tokens=NEW_TOKENS, provider="cpu")
+            counts.add(want["prompt_tokens"])
+            assert _ask(server["http"], "next", path, question) == want["answer"], (width, height, question)
+            answers.append(want["answer"])
+    assert len(counts) >= 3 and len(set(answers)) > 1  # the images gave other token counts; the answers differ
+    Image.fromarray((rng.rand(10, 1000, 3) * 255).astype("uint8")).save(tmp_path / "thin.png")
+    with pytest.raises(ServeError, match="fewer than the AutoPrune build's N0 = 50"):
+        _ask(server["http"], "next", tmp_path / "thin.png", QUESTIONS[0])
 
 
 def test_a_decoupled_model_streams_the_answer(server, prompts, expected) -> None:
@@ -215,7 +238,7 @@ def test_sigterm_stops_the_server_and_every_model_process(server) -> None:
     """Last in the module: stop the server by PID and look for anything left behind."""
     process = server["process"]
     children = _descendants(process.pid)
-    assert len(children) >= 1 + 15  # tritonserver and one stub per model instance (3 repositories x 5 models)
+    assert len(children) >= 1 + 20  # tritonserver and one stub per model instance (4 repositories x 5 models)
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
     time.sleep(1.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -380,10 +381,37 @@ def test_baked_autoprune_takes_each_images_own_visual_count(adapter, positions: 
         assert out["autoprune.keep"].tolist() == list(ref.policy.report()["keep"])
 
 
-def test_deploying_a_next_build_is_refused_in_one_line(next_builds: dict[str, Path], tmp_path: Path) -> None:
-    code, out = run("deploy", next_builds["dense"], "--repo", tmp_path / "repo")
-    assert_clean_error(code, out, "Triton deployment is not supported yet")
-    assert not (tmp_path / "repo").exists()
+def test_a_next_deployment_carries_the_tiling_rules(next_builds: dict[str, Path], next_tiny: Path, adapter,
+                                                    tmp_path: Path) -> None:
+    """The served model packs tiles with its own copy of the tiling rules (Triton's Python backend has no
+    prune-export): that copy, read from the repository alone, gives HuggingFace's expansion for every image
+    size here, and generation.json carries the geometry of config.json. Served answers: the live Triton test."""
+    import importlib.util
+
+    from transformers import AutoProcessor
+
+    code, out = run("deploy", next_builds["autoprune"], "--repo", tmp_path / "repo", "--name", "nx")
+    assert code == 0, out
+    version = tmp_path / "repo" / "nx" / "1"
+    generation = json.loads((version / "generation.json").read_text())
+    config = json.loads((next_tiny / "config.json").read_text())
+    geometry = generation["any_resolution"]
+    assert geometry["image_grid_pinpoints"] == config["image_grid_pinpoints"]
+    assert geometry["image_size"] == config["vision_config"]["image_size"] and generation["autoprune_n0"] == 50
+    loaded = importlib.util.spec_from_file_location("served_anyres", version / "prune_export_anyres.py")
+    served = importlib.util.module_from_spec(loaded)
+    sys.modules["served_anyres"] = served  # as the orchestrator imports it (dataclasses look the module up)
+    try:
+        loaded.loader.exec_module(served)
+    finally:
+        del sys.modules["served_anyres"]
+    tiling = served.Tiling(geometry["image_size"], geometry["patch_size"],
+                           tuple(tuple(p) for p in geometry["image_grid_pinpoints"]))  # fmt: skip
+    processor = AutoProcessor.from_pretrained(str(version / "processor"))  # the deployed processor
+    for width, height in [*SIZES, (300, 20), (20, 300), (97, 101)]:
+        ids = processor(images=_image(width, height), text=adapter.prompt_text(QUESTION), return_tensors="np")["input_ids"]
+        assert len(tiling.pack_index(height, width)) == int((ids == adapter.image_token_id).sum()), (width, height)
+        assert tiling.pack_index(height, width) == adapter.spec.pack_index(height, width)
 
 
 def test_an_autoprune_build_refuses_an_image_with_fewer_tokens_than_its_n0(next_builds: dict[str, Path],

@@ -8,7 +8,9 @@
   AutoPrune prefill the schedule table the host looks the per-layer counts up in;
 - ``processor/``: the build's tokenizer and image processor (loaded with transformers' ``AutoProcessor``);
 - ``prune_export_prompt.py``: prune-export's prompt and detokenisation rules, so a served answer is the
-  answer ``prune-export run`` gives.
+  answer ``prune-export run`` gives; for an any-resolution (LLaVA-NeXT) build also ``prune_export_anyres.py``,
+  the tiling rules that pack the vision model's per-tile outputs into the image's visual tokens (the image's
+  own count: the base image, the unpadded tile grid and a newline token per grid row).
 
 One request is: preprocess (chat template, image -> pixels) -> ``vision`` -> ``embed`` -> prefill (single,
 or head -> schedule row -> tail) -> greedy ``decode`` steps, each step sending every layer's cache (its own
@@ -97,6 +99,14 @@ class TritonPythonModel:
         self.eos = {int(i) for i in self.spec["eos_token_ids"]}
         self.kv_inputs = [f"past.{layer}.{kind}" for layer in range(self.layers) for kind in KV_KINDS]
         self.kv_outputs = [f"present.{layer}.{kind}" for layer in range(self.layers) for kind in KV_KINDS]
+        self.anyres = None
+        tiling = self.spec.get("any_resolution")
+        if tiling is not None:  # LLaVA-NeXT: the image's tiles are packed here, as the build's runtime packs them
+            import prune_export_anyres
+
+            self.anyres = prune_export_anyres
+            self.tiling = prune_export_anyres.Tiling(int(tiling["image_size"]), int(tiling["patch_size"]),
+                                                     tuple((int(h), int(w)) for h, w in tiling["image_grid_pinpoints"]))  # fmt: skip
 
     # -- one BLS call ----------------------------------------------------------------------------------
     def _infer(self, model: str, feeds: dict, outputs: list) -> dict:
@@ -156,15 +166,25 @@ class TritonPythonModel:
         except Exception as exc:
             raise RequestError(f"the image processor rejected the input ({type(exc).__name__}: {exc})") from None
         ids = np.asarray(inputs["input_ids"][0], dtype=np.int64)
+        pixels, visual, index = np.asarray(inputs["pixel_values"]), int(self.spec["visual_tokens"]), None
         try:  # the runtime's checks, before any graph runs
-            start, end = self.rules.image_span(ids, int(self.spec["image_token_id"]), int(self.spec["visual_tokens"]),
+            if self.anyres is not None:  # this image's own tiles and visual tokens
+                height, width = (int(v) for v in np.asarray(inputs["image_sizes"]).reshape(-1)[:2])
+                index = self.tiling.pack_index(height, width)
+                visual = len(index)
+                pixels = pixels[0][: self.tiling.tiles_for(height, width)]
+                self.rules.check_autoprune_image(width, height, visual, self.spec.get("autoprune_n0"))
+            start, end = self.rules.image_span(ids, int(self.spec["image_token_id"]), visual,
                                                int(self.spec.get("max_sys_tokens", len(ids))),
                                                int(self.spec.get("max_text_tokens", len(ids))))  # fmt: skip
         except self.rules.PromptError as exc:
             raise RequestError(str(exc)) from None
         m = self.models
-        vision = self._infer(m["vision"], {"pixel_values": np.asarray(inputs["pixel_values"]).astype(self.dtypes["pixel_values"])},
-                             ["image_features", "cls_attention"])  # fmt: skip
+        names = ["image_features", "cls_attention"] + (["image_newline"] if index is not None else [])
+        vision = self._infer(m["vision"], {"pixel_values": pixels.astype(self.dtypes["pixel_values"])}, names)
+        if index is not None:
+            vision["image_features"], vision["cls_attention"] = self.anyres.pack(
+                index, vision["image_features"], vision["cls_attention"], vision["image_newline"])  # fmt: skip
         embeds = self._infer(m["embed"], {"input_ids": ids[None]}, ["inputs_embeds"])["inputs_embeds"]
         feeds = {"sys_embeds": embeds[:, :start], "image_embeds": vision["image_features"],
                  "text_embeds": embeds[:, end:], "cls_attention": vision["cls_attention"]}  # fmt: skip
