@@ -4,6 +4,8 @@
 * :func:`json_option`: ``--json``.
 * :func:`device_option` / :func:`dtype_option` (and :func:`torch_options`, both for PyTorch): where a model
   runs and in which precision.
+* :func:`image_size_option`: ``--image-size WIDTHxHEIGHT`` of an any-resolution (LLaVA-NeXT) prompt, handed
+  to the command as ``(height, width)``.
 * :func:`max_new_tokens_option`: the answer length, a positive integer (the workflow holds it to a build's
   bound).
 * :func:`plan_options`: ``--plan``, ``--budget``, ``--keep-schedule``, the ``--autoprune-*`` settings and
@@ -112,3 +114,23 @@ def plan_options(*, mode: bool = False) -> Decorator:
         return _compose(*options)(command)
 
     return decorate
+
+
+class ImageSize(click.ParamType):
+    """``WIDTHxHEIGHT`` in pixels (as image tools write sizes) -> ``(height, width)`` (as the model's code takes them)."""
+
+    name = "WIDTHxHEIGHT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        width, sep, height = str(value).lower().partition("x")
+        if not (sep and width.strip().isdigit() and height.strip().isdigit() and int(width) > 0 and int(height) > 0):
+            from prune_core.errors import PruneExportError  # one line, as every other wrong value
+
+            raise PruneExportError(f"--image-size {value!r} is not WIDTHxHEIGHT in pixels (e.g. 672x672)")
+        return int(height), int(width)
+
+
+def image_size_option(help: str) -> Decorator:
+    return click.option("--image-size", type=ImageSize(), default=None, help=help)

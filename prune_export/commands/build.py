@@ -18,6 +18,7 @@ from ..options import (
     PROVIDER_CHOICE,
     device_option,
     dtype_option,
+    image_size_option,
     json_option,
     max_new_tokens_option,
     plan_options,
@@ -146,12 +147,15 @@ def engines_cmd(build_dir: Path, workspace_gb: float | None, verbose: bool) -> N
 @click.option("--no-run", is_flag=True,
               help="Count by shape inference (ONNX's, then ONNX Runtime's symbolic) without running the graph (no weights loaded: builds too "
                    "large to run here, e.g. 7B fp16 on a CPU). Static plans only; KV lengths are not reported.")
+@image_size_option("Any-resolution (LLaVA-NeXT) builds: count for the check image scaled to this size, e.g. 672x672 "
+                   "[default: the check image].")
 @json_option()
-def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json: bool) -> None:
+def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, image_size: tuple[int, int] | None,
+                as_json: bool) -> None:
     """Node counts by op type and matmul FLOPs of the prefill graph, computed from the graph itself."""
     from ..workflows.measure import inspect_build
 
-    doc = inspect_build(build_dir, text_tokens, run=not no_run)
+    doc = inspect_build(build_dir, text_tokens, run=not no_run, image_size=image_size)
     if as_json:
         echo_json(doc)
         return
@@ -180,6 +184,8 @@ def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Text tokens of the measured prompt [default: the pruned build's check prompt].")
+@image_size_option("Any-resolution (LLaVA-NeXT) builds: measure the check image scaled to this size, e.g. 672x672 "
+                   "[default: the check image].")
 @click.option("--generate", "generate", type=click.IntRange(min=2), default=None,
               help="Time answers end to end instead: time to first token and decode ms/token over N new tokens.")
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
@@ -187,8 +193,8 @@ def inspect_cmd(build_dir: Path, text_tokens: int | None, no_run: bool, as_json:
 @click.option("--question", default=None, help="With --generate: the question [default: a one-sentence question].")
 @json_option()
 def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provider: str, threads: int | None,
-              text_tokens: int | None, generate: int | None, image_path: Path | None, question: str | None,
-              as_json: bool) -> None:
+              text_tokens: int | None, image_size: tuple[int, int] | None, generate: int | None,
+              image_path: Path | None, question: str | None, as_json: bool) -> None:
     """Latency of a pruned build against a dense one on ONNX Runtime, interleaved, with FLOPs ratios.
 
     By default the prefill alone, on the pruned build's check prompt; with --generate N, whole answers: image
@@ -199,8 +205,9 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
     if generate is None and (image_path is not None or question is not None):
         raise PruneExportError("--image and --question apply to --generate N; add --generate")
     if generate is not None:
-        if text_tokens is not None:
-            raise PruneExportError("--text-tokens applies to the prefill benchmark; with --generate use --question")
+        if text_tokens is not None or image_size is not None:
+            raise PruneExportError("--text-tokens and --image-size apply to the prefill benchmark; with --generate "
+                                   "use --question and --image")
         from ..workflows.measure import bench_generate
 
         with tqdm(total=runs, desc="bench", unit="round", file=sys.stderr, disable=None) as bar:
@@ -216,7 +223,8 @@ def bench_cmd(pruned_dir: Path, dense_dir: Path, runs: int, warmup: int, provide
 
     with tqdm(total=runs, desc="bench", unit="run", file=sys.stderr, disable=None) as bar:
         report = bench_builds(pruned_dir, dense_dir, runs=runs, warmup=warmup, provider=provider, threads=threads,
-                              text_tokens=text_tokens, progress=lambda done, total: bar.update(1))
+                              text_tokens=text_tokens, image_size=image_size,
+                              progress=lambda done, total: bar.update(1))
     if as_json:
         echo_json(report.to_dict())
         return

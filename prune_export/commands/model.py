@@ -13,6 +13,7 @@ from prune_core.ops import Operation
 
 from ..options import (
     dtype_option,
+    image_size_option,
     json_option,
 )
 from ..output import echo_json, tflops
@@ -63,23 +64,14 @@ def demo_data(out_dir: Path, samples: int, seed: int) -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--text-tokens", type=click.IntRange(min=1), default=None,
               help="Text tokens after the image in the reference prompt [default: 100].")
-@click.option("--image-size", default=None, metavar="WIDTHxHEIGHT",
-              help="Any-resolution models (LLaVA-NeXT): the prompt of an image of this size [default: the image "
+@image_size_option("Any-resolution models (LLaVA-NeXT): the prompt of an image of this size [default: the image "
                    "that gives the most visual tokens, e.g. 672x672 for LLaVA-1.6].")
 @json_option()
-def info(model_dir: Path, text_tokens: int | None, image_size: str | None, as_json: bool) -> None:
+def info(model_dir: Path, text_tokens: int | None, image_size: tuple[int, int] | None, as_json: bool) -> None:
     """Architecture, token groups, operations and dense prefill FLOPs (needs only config.json)."""
     from ..workflows.model import model_info
 
-    size = None
-    if image_size is not None:
-        width, sep, height = image_size.lower().partition("x")
-        if not (sep and width.strip().isdigit() and height.strip().isdigit()):
-            from prune_core.errors import PruneExportError
-
-            raise PruneExportError(f"--image-size {image_size!r} is not WIDTHxHEIGHT in pixels (e.g. 672x672)")
-        size = (int(height), int(width))
-    d = model_info(model_dir, text_tokens, size)
+    d = model_info(model_dir, text_tokens, image_size)
     if as_json:
         echo_json(d)
         return

@@ -46,16 +46,18 @@ BENCH_QUESTION = "How many dogs are there in this picture, and where are they st
 
 
 # -- inspect -----------------------------------------------------------------------------------------------
-def inspect_build(build_dir: Path, text_tokens: int | None = None, *, run: bool = True) -> dict[str, Any]:
+def inspect_build(build_dir: Path, text_tokens: int | None = None, *, run: bool = True,
+                  image_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """Op counts and matmul FLOPs of the prefill graph(s) for one prompt, computed from the graphs.
 
     With ``run=False`` the graphs are never run: the FLOPs come from shape inference alone (ONNX's, then
     ONNX Runtime's symbolic one: census method ``static``; no weights are loaded, for builds too large to
     run on this machine, a 7B fp16 graph on a CPU), and the per-layer KV lengths (read from a run) are None.
     Shapes that depend on the prompt's values (AutoPrune) cannot be inferred: such a build is refused.
+    ``image_size`` (height, width): any-resolution builds, the check image at that size (:func:`prompt_feeds`).
     """
     manifest = Manifest.load(build_dir, verify="full")
-    feed = prompt_feeds(build_dir, text_tokens)
+    feed = prompt_feeds(build_dir, text_tokens, image_size=image_size, run=run)
     names = ["prefill"] if manifest.prefill_layout == "single" else ["prefill_head", "prefill_tail"]
     out: dict[str, np.ndarray] = {}
     if run:
@@ -73,8 +75,12 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None, *, run: bool 
     else:
         try:
             flops = census(manifest.graph_path(build_dir, "prefill"), input_values=feed, method="static").matmul_flops
-        except BuildError as err:
-            raise BuildError(f"inspect --no-run cannot count {build_dir}: {err}; inspect it without --no-run") from None
+        except BuildError:
+            why = ("an any-resolution GSOP build splits each image's key and other visual tokens by a count computed "
+                   "from the image's visual count at run time" if manifest.model_spec().any_resolution and
+                   manifest.plan.get("ops") else "a matmul's shape depends on the inputs' values")  # fmt: skip
+            raise BuildError(f"inspect --no-run cannot count {build_dir}: {why}, which shape inference cannot "
+                             "know without running the graph; inspect it without --no-run") from None
     op_counts: dict[str, dict[str, int]] = {}
     counts_total: dict[str, int] = {}
     weight_mm = quantized_mm = 0
@@ -118,16 +124,17 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None, *, run: bool 
 def bench_builds(
     pruned_dir: Path, dense_dir: Path, *, runs: int = defaults.BENCH_RUNS, warmup: int = defaults.BENCH_WARMUP,
     provider: str = defaults.PROVIDER, threads: int | None = None, text_tokens: int | None = None,
-    progress: Callable[[int, int], None] | None = None, feed: Mapping[str, np.ndarray] | None = None,
+    image_size: tuple[int, int] | None = None, progress: Callable[[int, int], None] | None = None,
+    feed: Mapping[str, np.ndarray] | None = None,
 ) -> SpeedupReport:  # fmt: skip
     """Interleaved prefill latency of two builds on the same inputs, next to their graph FLOPs.
 
     The inputs are ``feed`` when given, else the pruned build's check prompt (``text_tokens``: with that many
-    text rows instead).
+    text rows instead; ``image_size``: an any-resolution build's check image at that size).
     """
     pruned_m, dense_m = Manifest.load(pruned_dir, verify="full"), Manifest.load(dense_dir, verify="full")
     check_same_model(pruned_dir, pruned_m, dense_dir, dense_m)
-    feed = dict(feed) if feed is not None else prompt_feeds(pruned_dir, text_tokens)
+    feed = dict(feed) if feed is not None else prompt_feeds(pruned_dir, text_tokens, image_size=image_size)
     with (PrefillRunner(pruned_dir, provider=provider, threads=threads, manifest=pruned_m) as pruned,  # type: ignore[arg-type]
           PrefillRunner(dense_dir, provider=provider, threads=threads, manifest=dense_m) as dense):  # type: ignore[arg-type]  # fmt: skip
         if pruned.provider != dense.provider:

@@ -73,10 +73,19 @@ def load_check_inputs(build_dir: Path) -> dict[str, np.ndarray]:
         raise BuildError(f"cannot read {path}: {exc}; rebuild the directory with `prune-export build`") from None
 
 
-def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Prefill inputs: the build's check prompt, or with ``text_tokens`` text rows drawn like its embeddings."""
+def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0,
+                 image_size: tuple[int, int] | None = None, *, run: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+    """Prefill inputs: the build's check prompt, or with ``text_tokens`` text rows drawn like its embeddings.
+
+    ``image_size`` (height, width), any-resolution builds only: the check prompt with the check image scaled
+    to that size, so with that image's visual token count. Its visual rows come from the build's own vision
+    graph, packed as the runtime packs them; with ``run=False`` (shape inference, nothing may run) they are
+    the check image's rows repeated to that count, which gives the same shapes.
+    """
     base = load_check_inputs(build_dir)
     feed = {k: base[k] for k in BakedPrefill.PROMPT_INPUTS}
+    if image_size is not None:
+        feed.update(_image_rows(Path(build_dir), image_size, run))
     if text_tokens is not None:
         if text_tokens < 1:
             raise BuildError(f"--text-tokens must be >= 1, got {text_tokens}")
@@ -85,6 +94,30 @@ def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0)
         std = float(txt.std()) or 1.0
         feed["text_embeds"] = (rng.standard_normal((1, text_tokens, txt.shape[2])) * std).astype(txt.dtype)
     return feed
+
+
+def _image_rows(build_dir: Path, image_size: tuple[int, int], run: bool) -> dict[str, np.ndarray]:
+    """``image_embeds`` and ``cls_attention`` of an image of ``image_size`` (height, width): see :func:`prompt_feeds`."""
+    manifest = Manifest.load(build_dir)
+    spec = manifest.model_spec()
+    height, width = image_size
+    if not spec.any_resolution:
+        raise BuildError(
+            f"--image-size applies to any-resolution (LLaVA-NeXT) builds; {build_dir} is a {manifest.model['family']} "
+            f"build, whose every image gives {spec.visual_tokens} visual tokens: leave --image-size out"
+        )
+    if height < 1 or width < 1:
+        raise BuildError(f"--image-size must be positive, got {width}x{height}")
+    if not run:
+        base = load_check_inputs(build_dir)
+        visual = spec.visual_tokens_for(height, width)
+        rows = base["image_embeds"][0]
+        repeat = np.resize(np.arange(rows.shape[0]), visual)
+        return {"image_embeds": rows[repeat][None], "cls_attention": base["cls_attention"][0][repeat][None]}
+    image = synthetic_image(seed=0).resize((width, height))
+    with load_runner(build_dir, provider="cpu") as runner:
+        feeds = runner.prefill_feeds(runner.prompt(image, "Describe the image."))
+    return {"image_embeds": feeds["image_embeds"], "cls_attention": feeds["cls_attention"]}
 
 
 def cast_feeds(prefill: Any, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

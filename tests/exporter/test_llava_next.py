@@ -269,6 +269,50 @@ def test_builds_answer_images_of_any_size_as_the_executor(next_builds: dict[str,
     assert built["mean_visual_tokens_per_layer"] == pytest.approx(ref["mean_visual_tokens_per_layer"])
 
 
+@pytest.mark.parametrize("width,height", [(112, 112), (150, 60)])
+def test_inspect_counts_an_images_flops_as_info_and_the_cost_model(next_builds: dict[str, Path], next_tiny: Path,
+                                                                   width: int, height: int) -> None:
+    """`inspect --image-size` counts the FLOPs of that image's prompt from the graphs, by shape inference
+    (--no-run, dense) and by running them; they equal `info --image-size` (dense) and the cost model (GSOP) on
+    the same prompt, plus the LM head's one logits row the cost model leaves out."""
+    from prune_core.cost import lm_head_flops, prefill_flops
+
+    spec = load_spec(next_tiny)
+    size = f"{width}x{height}"
+    visual = spec.visual_tokens_for(height, width)
+    for kind in ("dense", "gsop"):
+        counted = []
+        for mode in (["--no-run"], []) if kind == "dense" else ([],):
+            code, out = run("inspect", next_builds[kind], "--image-size", size, "--text-tokens", 11, "--json", *mode)
+            assert code == 0, out
+            doc = json.loads(out)
+            assert doc["prompt"] == {"sys_tokens": 4, "visual_tokens": visual, "text_tokens": 11}
+            counted.append(doc["matmul_flops"])
+        assert len(set(counted)) == 1, kind
+        if kind == "dense":
+            code, out = run("info", next_tiny, "--image-size", size, "--text-tokens", 11, "--json")
+            expected = json.loads(out)["dense_prefill_flops"]
+        else:
+            ops = [Operation.from_str(o) for o in doc["plan"]["ops"]]
+            expected = prefill_flops(spec, GroupSizes.for_prompt(spec, 4, 11, visual=visual), ops)
+        assert counted[0] == expected + lm_head_flops(spec), kind
+    code, out = run("inspect", next_builds["autoprune"], "--image-size", size, "--json")
+    assert code == 0 and json.loads(out)["prompt"]["visual_tokens"] == visual
+    assert_clean_error(*run("inspect", next_builds["autoprune"], "--image-size", size, "--no-run"), "depends on the prompt")
+    # This plan prunes img_rest only, so the graph counts the image's key tokens at run time: --no-run says so.
+    assert_clean_error(*run("inspect", next_builds["gsop"], "--image-size", size, "--no-run"),
+                       "by a count computed from the image's visual count at run time")
+
+
+def test_image_size_is_refused_for_a_fixed_size_build(tiny_model: Path, tmp_path: Path) -> None:
+    code, out = run("build", tiny_model, "--out", tmp_path / "b", "--skip-check")
+    assert code == 0, out
+    for command in (["inspect", tmp_path / "b"], ["inspect", tmp_path / "b", "--no-run"],
+                    ["bench", tmp_path / "b", "--baseline", tmp_path / "b"]):  # fmt: skip
+        assert_clean_error(*run(*command, "--image-size", "64x64"), "applies to any-resolution (LLaVA-NeXT) builds")
+    assert_clean_error(*run("inspect", tmp_path / "b", "--image-size", "64x0"), "is not WIDTHxHEIGHT")
+
+
 def test_run_answers_a_wide_image_as_huggingface(next_builds: dict[str, Path], adapter, tmp_path: Path) -> None:
     image = _image(200, 80, seed=3)
     image.save(tmp_path / "wide.png")
