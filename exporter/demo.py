@@ -67,12 +67,14 @@ PRESETS["llava-7b"] = PRESETS["llava-1.5-7b"]  # the name the CLI offers
 #: LLaVA-1.6's tiling resolutions (height, width), in units of the vision tower's image size (336 px there).
 NEXT_GRID = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 #: LLaVA-NeXT presets: the LLaVA-1.5 preset they share sizes with. ``next-bench`` at a 672x672 image gives
-#: LLaVA-1.6-7B's 2,928 visual tokens; ``next-tiny`` (56 px tiles of 16 patches) at most 88.
-NEXT_PRESETS: dict[str, str] = {"next-tiny": "tiny", "next-bench": "bench"}
+#: LLaVA-1.6-7B's 2,928 visual tokens; ``next-tiny`` (56 px tiles of 16 patches) at most 88; ``next-7b`` is
+#: llava-v1.6-vicuna-7b's shapes (LLaVA-1.5-7B's plus the ``image_newline`` vector), made in fp16.
+NEXT_PRESETS: dict[str, str] = {"next-tiny": "tiny", "next-bench": "bench", "next-7b": "llava-1.5-7b"}
 for _name, _base in NEXT_PRESETS.items():
     PRESETS[_name] = PRESETS[_base]
 #: The precision a preset is written in when none is asked for: the 7B shapes only ever in fp16.
-DEFAULT_DTYPES: dict[str, torch.dtype] = {"llava-1.5-7b": torch.float16, "llava-7b": torch.float16}
+DEFAULT_DTYPES: dict[str, torch.dtype] = {"llava-1.5-7b": torch.float16, "llava-7b": torch.float16,
+                                          "next-7b": torch.float16}
 
 
 def _train_tokenizer(vocab_size: int, corpus: str = _CORPUS):

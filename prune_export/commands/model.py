@@ -22,15 +22,17 @@ from ..output import echo_json, tflops
 # -- demo-model / demo-data -------------------------------------------------------------------------------
 @click.command("demo-model")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", type=click.Choice(["trained", "tiny", "bench", "llava-7b", "next-tiny", "next-bench"]), default="tiny", show_default=True,
+@click.option("--preset", type=click.Choice(["trained", "tiny", "bench", "llava-7b", "next-tiny", "next-bench", "next-7b"]), default="tiny", show_default=True,
               help="trained: trained on the demo VQA task (demo-data), 196 visual tokens, answers from the image; "
                    "tiny: random, seconds to build, for tests; bench: random, 576 visual tokens, hidden 1024, 8 "
                    "layers; llava-7b: random, LLaVA-1.5-7B's shapes (7.06 B parameters, 14 GB in fp16); next-tiny, "
-                   "next-bench: random LLaVA-NeXT (any-resolution tiles; next-bench: 2,928 visual tokens at 672x672).")
+                   "next-bench: random LLaVA-NeXT (any-resolution tiles; next-bench: 2,928 visual tokens at 672x672); "
+                   "next-7b: random, LLaVA-1.6-vicuna-7B's shapes (fp16).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--kv-heads", type=int, default=None, help="Override the number of KV heads (GQA).")
 @click.option("--layers", type=click.IntRange(min=2), default=None, help="Override the number of decoder layers.")
-@dtype_option("Precision the weights are made and written in [default: fp32; llava-7b: fp16, never an fp32 copy].",
+@dtype_option("Precision the weights are made and written in [default: fp32; llava-7b, next-7b: fp16, never an "
+              "fp32 copy].",
               name="dtype")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def demo_model(out_dir: Path, preset: str, seed: int, kv_heads: int | None, layers: int | None, dtype: str | None,

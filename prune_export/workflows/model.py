@@ -20,7 +20,7 @@ def demo_model(out_dir: Path, preset: str, seed: int = 0, kv_heads: int | None =
                overwrite: bool = False, dtype: str | None = None, layers: int | None = None) -> Path:
     """Write a random LLaVA-1.5-architecture model of ``preset`` to ``out_dir``; return its path.
 
-    ``dtype`` (fp32/fp16/bf16; default fp32, fp16 for llava-7b) is the precision the weights are created
+    ``dtype`` (fp32/fp16/bf16; default fp32, fp16 for llava-7b and next-7b) is the precision the weights are created
     and written in; ``layers`` overrides the decoder's layer count (a 7B-wide model with few layers).
     """
     from exporter.demo import build_demo_model

@@ -45,3 +45,23 @@ def test_demo_model_writes_fp16_shards(tmp_path: Path) -> None:
     for file in files:
         with safe_open(str(file), "pt") as fh:
             assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F16"}
+
+
+def test_next_7b_preset_has_llava_1_6_vicuna_7b_shapes(tmp_path: Path) -> None:
+    """Reference: llava-v1.6-vicuna-7b-hf's published config and processor: LLaVA-1.5-7B's tensors plus the
+    4096-wide image_newline, tiled at 336x672, 672x336, 672x672, 1008x336 and 336x1008 (2,928 visual tokens
+    at 672x672: 576 for the base image, 48 x 48 for the 2x2 grid, 48 newline tokens)."""
+    from exporter.adapters import load_spec
+
+    model, processor = random_llava("next-7b", dtype=torch.float16, device="meta")
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    assert abs(total - 7.06e9) < 0.01e9 and tuple(params["model.image_newline"].shape) == (4096,)
+    assert all(p.dtype == torch.float16 for p in params.values())
+    pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert model.config.image_grid_pinpoints == pins and processor.image_processor.image_grid_pinpoints == pins
+    model.config.save_pretrained(str(tmp_path))
+    processor.save_pretrained(str(tmp_path))
+    spec = load_spec(tmp_path)
+    assert spec.visual_tokens == spec.visual_tokens_for(672, 672) == 576 + 48 * 48 + 48 == 2928
+    assert (spec.num_layers, spec.hidden_size, spec.vocab_size) == (32, 4096, 32064)
