@@ -635,7 +635,10 @@ class BakedPrefill(nn.Module):
         q4 = q.reshape(spec.num_kv_heads, rep, n_q, spec.head_dim)
         scores = torch.matmul(q4, k.unsqueeze(1).transpose(2, 3)).float() * parts.scaling
         allowed = pos_q.unsqueeze(1) >= pos_kv.unsqueeze(0)  # causality by position
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        # An additive mask ([n_q, n_kv]: 0 or -inf), broadcast over the heads: the same scores as a masked
+        # fill (x + 0 = x), but ONNX Runtime's CPU Add broadcasts at about twice the speed of a Where over
+        # every head's [n_q, n_kv] scores, which took a quarter of a 3,000-token dense prefill.
+        scores = scores + torch.where(allowed, 0.0, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         attn = torch.matmul(probs.to(v.dtype), v.unsqueeze(1))  # [kv_heads, rep, n_q, hd]
         attn = attn.reshape(spec.num_heads, n_q, spec.head_dim).transpose(0, 1).reshape(n_q, spec.q_dim)
