@@ -247,7 +247,11 @@ class _Rows:
         return _take(t, self.ranges) if self.index is None else t.index_select(0, self.index)
 
     def add(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return _add_rows(h, delta, self.ranges) if self.index is None else h.index_add(0, self.index, delta.to(h.dtype))
+        if self.index is None:
+            return _add_rows(h, delta, self.ranges)
+        # The rows are distinct, so a plain scatter of (row + delta) is the same sum as a scatter-add, and
+        # TensorRT takes ScatterND only with reduction 'none'.
+        return h.index_put((self.index,), h.index_select(0, self.index) + delta.to(h.dtype))
 
 
 def _add_rows(
@@ -554,7 +558,8 @@ class BakedPrefill(nn.Module):
         p, q = key_ratio(self.key_fraction)
         v = torch.ones_like(cls, dtype=torch.int64).sum()
         n = torch.div(2 * p * v + q, 2 * q, rounding_mode="floor")
-        n = torch.minimum(torch.maximum(n, torch.ones_like(n)), v)
+        # min(n, V), then at least 1: the max comes last, so the graph's TopK K is provably >= 1 (TensorRT lint).
+        n = torch.maximum(torch.minimum(n, v), torch.ones_like(n))  # Max, not Clip: TensorRT clips floats only
         count = n.item()
         torch._check(count >= 1)
         torch._check(count <= cls.shape[0])

@@ -212,10 +212,39 @@ def test_eval_and_info_on_next_tiny(next_tiny: Path, demo_data: Path) -> None:
     assert ev["samples"] == 4 and ev["flops_ratio"] < 1.0 and ev["agreement"] is not None
 
 
-def test_a_tensorrt_next_build_is_refused_in_one_line_before_any_work(next_tiny: Path, tmp_path: Path) -> None:
-    code, out = run("build", next_tiny, "--out", tmp_path / "b", "--target", "tensorrt")
-    assert_clean_error(code, out, "builds are for --target onnxruntime so far")
+def test_a_tensorrt_autoprune_next_build_is_refused_in_one_line_before_any_work(next_tiny: Path, tmp_path: Path) -> None:
+    code, out = run("build", next_tiny, "--out", tmp_path / "b", "--target", "tensorrt", "--autoprune-tokens", 20)
+    assert_clean_error(code, out, "an AutoPrune build for --target tensorrt needs its prefill split")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_tensorrt_next_build_profiles_the_images_visual_count(next_tiny: Path, next_builds: dict[str, Path],
+                                                                monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A GSOP plan that splits each image's key and other visual tokens (the hardest graph: a key count computed
+    at run time, rows gathered and scattered by index) builds for TensorRT: it passes the TensorRT lint (TopK
+    K provably >= 1, ScatterND without reduction) and the parity check; its engines (the strict TensorRT
+    stand-in) get a profile over the image's visual count, from 2 to the largest image's, and over the tiles."""
+    from helpers.fake_tensorrt import fake_tensorrt
+
+    from engines.tensorrt import EnginesFromBuild
+    from prune_core.manifest import Manifest
+
+    out = tmp_path / "trt"
+    code, text = run("build", next_tiny, "--out", out, "--target", "tensorrt", "--plan", next_builds["plan"],
+                     "--budget", "0.8")  # fmt: skip
+    assert code == 0 and "check passed" in text, text
+    manifest = Manifest.load(out)
+    spec = load_spec(next_tiny)
+    trt, record = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    EnginesFromBuild(out, manifest)()
+    built = {e["graph"]: e for e in record.engines}
+    for name in ("image_embeds", "cls_attention"):
+        low, opt, high = built["prefill.onnx"]["shapes"][name]
+        assert (low[1], opt[1], high[1]) == (2, spec.visual_tokens, spec.visual_tokens), name
+    assert built["vision.onnx"]["shapes"]["pixel_values"][1][0] == spec.max_tiles
+    script = (out / "tensorrt_commands.sh").read_text()
+    assert f"image_embeds:1x2x{spec.hidden_size}" in script and f"image_embeds:1x{spec.visual_tokens}x" in script
 
 
 @pytest.fixture(scope="module")
