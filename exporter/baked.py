@@ -447,6 +447,7 @@ class BakedPrefill(nn.Module):
         "tail.text_hidden",
         "tail.visual_positions",
         "tail.visual_scores",
+        "tail.text_positions",
     )
     SCHEDULE_INPUTS = ("keep_counts", "merged_counts")
     #: Inputs/outputs that stay float32 in fp16/bf16 builds: scores that rank tokens (the vision tower's
@@ -487,8 +488,8 @@ class BakedPrefill(nn.Module):
         outputs: list[torch.Tensor] = []
         keep_row = merged_row = complexity = None
         if self.part == "tail":
-            st, scores = self._tail_state(*inputs[:5])
-            keep_row, merged_row = inputs[5], inputs[6]
+            st, scores = self._tail_state(*inputs[:6])
+            keep_row, merged_row = inputs[6], inputs[7]
             st = self._select_dynamic(1, self.layouts[1], st, scores, keep_row, merged_row)
             first = 2
         else:
@@ -572,16 +573,18 @@ class BakedPrefill(nn.Module):
         txt_h: torch.Tensor,
         vis_pos: torch.Tensor,
         scores: torch.Tensor,
+        txt_pos: torch.Tensor,
     ) -> tuple[_State, torch.Tensor]:
         """The state entering layer 1's selection, rebuilt from the head graph's outputs.
 
-        System and text positions follow from the shapes: ``0..s-1``, and after the image block, which
-        spans ``V`` positions (original mode) or the tokens that left layer 0 (renumbered mode).
+        System positions follow from the shape (``0..s-1``); the visual and text positions come from the
+        head: text starts after the image block, which spans the image's own ``V`` positions (original
+        mode; an any-resolution image's count is known to the head only) or the tokens that left layer 0
+        (renumbered mode).
         """
         s, vis, t = sys_h.shape[1], vis_h.shape[1], txt_h.shape[1]
         dev = sys_h.device
-        span = vis if self.positions == "renumbered" else self.spec.visual_tokens
-        pos = torch.cat([torch.arange(s, device=dev), vis_pos[0], torch.arange(t, device=dev) + (s + span)])
+        pos = torch.cat([torch.arange(s, device=dev), vis_pos[0], txt_pos[0]])
         h = torch.cat([sys_h[0], vis_h[0], txt_h[0]], dim=0)
         cos, sin = self.adapter.rope(pos)
         return _State(h, pos, cos, sin, s, vis, t, None), scores[0]
@@ -598,6 +601,7 @@ class BakedPrefill(nn.Module):
             st.h[s + vis :].unsqueeze(0),
             st.positions[s : s + vis].unsqueeze(0),
             scores.unsqueeze(0),
+            st.positions[s + vis :].unsqueeze(0),
         )
 
     def _table_row(self, complexity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -342,11 +342,8 @@ class OnnxFromPlan:
         sys_len = torch.export.Dim("sys_len", min=1, max=self.max_sys_tokens)
         text_len = torch.export.Dim("text_len", min=1, max=self.max_text_tokens)
         spec = self.adapter.spec
-        if self.part == "tail":
-            if spec.any_resolution:
-                raise BuildError("a split (head/tail) prefill of an any-resolution model is not supported yet; "
-                                 "build LLaVA-NeXT for --target onnxruntime")
-            dynamic: tuple[object, ...] = ({1: sys_len}, None, {1: text_len}, None, None, None, None)
+        if self.part == "tail":  # the visual rows are N0 (static): AutoPrune's layer-0 selection keeps them
+            dynamic: tuple[object, ...] = ({1: sys_len}, None, {1: text_len}, None, None, {1: text_len}, None, None)
             args = self.example_tail_inputs()
         elif spec.any_resolution:
             # LLaVA-NeXT: the image span's length is the image's own visual count, up to the largest.

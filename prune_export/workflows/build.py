@@ -157,7 +157,6 @@ def check_build_options(settings: BuildSettings) -> None:
 def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSettings, log: Log) -> Manifest:
     """Export, optimize, check and write one build directory; returns its manifest."""
     check_build_options(settings)
-    check_buildable(model_dir, settings.target, choice)
     settings = fit_in_memory(model_dir, settings, log)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not settings.overwrite:
@@ -172,20 +171,6 @@ def build(model_dir: Path, out_dir: Path, choice: PlanChoice, settings: BuildSet
             f"{manifest.engines.reason}; fix the cause and run `prune-export engines {out_dir}`"
         )
     return manifest
-
-
-def check_buildable(model_dir: Path, target: str, choice: PlanChoice | None = None) -> None:
-    """Refuse, in one line and before any work, a model family the graphs cannot carry yet on ``target``."""
-    from exporter.adapters import load_spec
-
-    spec = load_spec(model_dir)
-    if spec.any_resolution and target == "tensorrt" and choice is not None and isinstance(choice.tokens, AutoPruneSection):
-        raise BuildError(
-            f"{model_dir} is a {spec.family} model (any-resolution images: up to {spec.visual_tokens} visual "
-            "tokens, by image size); an AutoPrune build for --target tensorrt needs its prefill split into head "
-            "and tail around a per-image count, which is not done yet: build AutoPrune for --target onnxruntime, "
-            "or a dense, GSOP or --keep-schedule plan for --target tensorrt"
-        )
 
 
 def fit_in_memory(model_dir: Path, settings: BuildSettings, log: Log) -> BuildSettings:

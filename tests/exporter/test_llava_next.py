@@ -212,10 +212,40 @@ def test_eval_and_info_on_next_tiny(next_tiny: Path, demo_data: Path) -> None:
     assert ev["samples"] == 4 and ev["flops_ratio"] < 1.0 and ev["agreement"] is not None
 
 
-def test_a_tensorrt_autoprune_next_build_is_refused_in_one_line_before_any_work(next_tiny: Path, tmp_path: Path) -> None:
-    code, out = run("build", next_tiny, "--out", tmp_path / "b", "--target", "tensorrt", "--autoprune-tokens", 20)
-    assert_clean_error(code, out, "an AutoPrune build for --target tensorrt needs its prefill split")
-    assert not (tmp_path / "b").exists()
+def test_a_tensorrt_autoprune_next_build_answers_as_the_onnxruntime_one(next_tiny: Path, next_builds: dict[str, Path],
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """AutoPrune for TensorRT: the prefill is split into head (layers 0-1 and the complexity) and tail (the
+    schedule row's counts as shape tensors). The head takes the image's own visual count; the tail gets the N0
+    kept rows and the text positions from the head (text starts after this image's span, which only the head
+    knows). It passes the lint and its check, answers a square, a wide and a tall image as the single-graph
+    ONNX Runtime build does (itself held to the executor above), and its head engine gets the image-length
+    profile."""
+    from helpers.fake_tensorrt import fake_tensorrt
+
+    from engines.tensorrt import EnginesFromBuild
+    from prune_core.manifest import Manifest
+
+    out = tmp_path / "trt-ap"
+    code, text = run("build", next_tiny, "--out", out, "--target", "tensorrt", "--autoprune-tokens", 20)
+    assert code == 0 and "prefill split; check passed" in text, text
+    answers = set()
+    for width, height in SIZES:
+        _image(width, height, seed=7).save(tmp_path / "q.png")
+        got = [json.loads(run("run", build, "--image", tmp_path / "q.png", "--question", QUESTION, "--max-new-tokens", 6,
+                              "--json")[1]) for build in (out, next_builds["autoprune"])]  # fmt: skip
+        assert got[0]["answer"] == got[1]["answer"] and got[0]["kv_tokens_per_layer"] == got[1]["kv_tokens_per_layer"]
+        answers.add(got[0]["answer"])
+    assert len(answers) > 1
+    trt, record = fake_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    EnginesFromBuild(out, Manifest.load(out))()
+    built = {e["graph"]: e for e in record.engines}
+    visual = load_spec(next_tiny).visual_tokens
+    assert [d[1] for d in built["prefill_head.onnx"]["shapes"]["image_embeds"]] == [2, visual, visual]
+    assert built["prefill_tail.onnx"]["shape_tensors"] == ["keep_counts", "merged_counts"]
+    _image(1000, 10).save(tmp_path / "thin.png")  # fewer visual tokens than N0 = 50: refused, as the single graph
+    assert_clean_error(*run("run", out, "--image", tmp_path / "thin.png", "--question", QUESTION), "N0 = 50")
 
 
 def test_a_tensorrt_next_build_profiles_the_images_visual_count(next_tiny: Path, next_builds: dict[str, Path],
