@@ -526,3 +526,78 @@ def test_an_autoprune_build_refuses_an_image_with_fewer_tokens_than_its_n0(next_
     _image(1000, 10).save(tmp_path / "thin.png")
     code, out = run("run", next_builds["autoprune"], "--image", tmp_path / "thin.png", "--question", QUESTION)
     assert_clean_error(code, out, "fewer than the AutoPrune build's N0 = 50")
+
+
+#: A chat template in the shape llava-v1.6-mistral-7b-hf uses ("[INST] <image>\nQUESTION [/INST]"), written here.
+MISTRAL_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} [/INST]"
+    "{% else %}{{ ' ' + m['content'][0]['text'] + '</s>' }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def next_mistral(next_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaVA-NeXT with a Mistral decoder (GQA: 2 KV heads of 4, head_dim 24 where hidden / heads is 16) and a
+    Mistral-style chat template, made with HuggingFace's classes from next-tiny's tower and processor."""
+    import copy
+
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration, MistralConfig
+
+    base = LlavaNextForConditionalGeneration.from_pretrained(str(next_tiny))
+    processor = AutoProcessor.from_pretrained(str(next_tiny))
+    tok = processor.tokenizer
+    config = copy.deepcopy(base.config)
+    config.text_config = MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=24, vocab_size=base.config.text_config.vocab_size, max_position_embeddings=4096,
+        sliding_window=4096, rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    config.vision_config._attn_implementation = "eager"
+    torch.manual_seed(4)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
+    processor.chat_template = MISTRAL_TEMPLATE
+    folder = tmp_path_factory.mktemp("next-mistral") / "m"
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_mistral_gqa_next_model_matches_huggingface(next_mistral: Path) -> None:
+    """llava-v1.6-mistral's shape of model: the spec reads the Mistral decoder (GQA, head_dim), the prompt is
+    the folder's chat template, and the executor's logits (every row), caches and greedy answers equal
+    HuggingFace's forward and ``generate`` at a wide and a tall image."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    adapter = load_adapter(next_mistral)
+    spec = adapter.spec
+    assert (spec.family, spec.num_heads, spec.num_kv_heads, spec.head_dim) == ("llava_next", 4, 2, 24)
+    assert adapter.model.model.language_model.config.model_type == "mistral"
+    assert adapter.prompt_text(QUESTION) == f"[INST] <image>\n{QUESTION} [/INST]"
+    processor = AutoProcessor.from_pretrained(str(next_mistral))
+    reference = LlavaNextForConditionalGeneration.from_pretrained(str(next_mistral), attn_implementation="eager").eval()
+    reference64 = LlavaNextForConditionalGeneration.from_pretrained(str(next_mistral), attn_implementation="eager",
+                                                                    dtype=torch.float64).eval()  # fmt: skip
+    for width, height in SIZES[1:]:
+        image = _image(width, height, seed=2)
+        inputs = processor(images=image, text=f"[INST] <image>\n{QUESTION} [/INST]", return_tensors="pt")
+        sample = prepare_sample(adapter, image, QUESTION)
+        assert torch.equal(sample.input_ids, inputs["input_ids"][0])  # the chat template's prompt
+        n = sample.num_tokens
+        result = PlanExecutor(adapter).prefill(sample, logits_rows=n)
+        with torch.no_grad():
+            out = reference(**inputs, use_cache=True)
+            out64 = reference64(**{**inputs, "pixel_values": inputs["pixel_values"].double()}, use_cache=True)
+        bound = max(1e-5, 2 * float((out.logits[0].double() - out64.logits[0]).abs().max()))
+        assert bound < 1e-3 and out.logits[0].abs().max() > 1e-2
+        torch.testing.assert_close(result.row_logits, out.logits[0], rtol=0, atol=bound)
+        for layer, cache in enumerate(result.cache or []):
+            torch.testing.assert_close(cache.keys, out.past_key_values.layers[layer].keys[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(cache.values, out.past_key_values.layers[layer].values[0], rtol=0, atol=1e-5)
+        hf = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[0][n:].tolist()
+        ours = PlanExecutor(adapter).generate(sample, max_new_tokens=8).token_ids
+        assert ours == hf[: len(ours)] and len(ours) in (len(hf), len(hf) - 1), (width, height)
