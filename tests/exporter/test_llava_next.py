@@ -601,3 +601,30 @@ def test_a_mistral_gqa_next_model_matches_huggingface(next_mistral: Path) -> Non
         hf = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[0][n:].tolist()
         ours = PlanExecutor(adapter).generate(sample, max_new_tokens=8).token_ids
         assert ours == hf[: len(ours)] and len(ours) in (len(hf), len(hf) - 1), (width, height)
+
+
+def test_a_mistral_gqa_next_model_builds_and_answers_as_the_executor(next_mistral: Path, tmp_path: Path) -> None:
+    """The graphs of a GQA decoder with head_dim != hidden / heads behind any-resolution tiles: a GSOP build
+    that splits key and other visual tokens passes its check (logits and caches against the executor, greedy
+    answers through the runtime) and answers a wide image with the executor's tokens under the same plan."""
+    from exporter.executor import PlanExecutor as Executor
+    from prune_core.ops import Operation as Op
+
+    adapter = load_adapter(next_mistral)
+    spec = adapter.spec
+    ops = [Op(layer, Group.IMG_REST, m) for layer in (1, 2) for m in Module]
+    plan = tmp_path / "plan.json"
+    Plan.new(spec, GroupSizes.default(spec), [ops]).save(plan)
+    code, text = run("build", next_mistral, "--out", tmp_path / "b", "--plan", plan, "--budget", "0.9")
+    assert code == 0 and "check passed" in text, text
+    from prune_core.manifest import Manifest
+
+    assert len(Manifest.load(tmp_path / "b").plan["ops"]) == len(ops)  # the whole step is baked in
+    image = _image(150, 60, seed=9)
+    image.save(tmp_path / "wide.png")
+    code, out = run("run", tmp_path / "b", "--image", tmp_path / "wide.png", "--question", QUESTION,
+                    "--max-new-tokens", 6, "--json")  # fmt: skip
+    assert code == 0, out
+    sample = prepare_sample(adapter, image, QUESTION)
+    ids = Executor(adapter).generate(sample, frozenset(ops), max_new_tokens=6).token_ids
+    assert json.loads(out)["answer"] == adapter.decode([i for i in ids if i not in adapter.eos_token_ids])
