@@ -628,3 +628,43 @@ def test_a_mistral_gqa_next_model_builds_and_answers_as_the_executor(next_mistra
     sample = prepare_sample(adapter, image, QUESTION)
     ids = Executor(adapter).generate(sample, frozenset(ops), max_new_tokens=6).token_ids
     assert json.loads(out)["answer"] == adapter.decode([i for i in ids if i not in adapter.eos_token_ids])
+
+
+def test_every_model_command_runs_on_next_tiny(next_tiny: Path, next_builds: dict[str, Path], mixed_data: Path,
+                                               tmp_path: Path) -> None:
+    """`demo-model`, `search`, `autoprune-schedule`, `sweep` and `bench` on next-tiny, with images of three sizes:
+    the searched plan is for this model and evaluates; the schedule holds the budget at the largest image;
+    the sweep's rows equal `eval` of the same options; the bench counts the image size it was given."""
+    code, out = run("demo-model", tmp_path / "m", "--preset", "next-tiny")
+    assert code == 0, out
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "llava_next"
+    assert load_spec(tmp_path / "m") == load_spec(next_tiny)
+
+    plan = tmp_path / "plan.json"
+    code, out = run("search", next_tiny, "--calib", mixed_data, "--out", plan, "--metric", "kl", "--steps", 2)
+    assert code == 0, out
+    searched = Plan.load(plan)
+    assert searched.doc.steps and searched.spec == load_spec(next_tiny)
+
+    code, out = run("autoprune-schedule", next_tiny, "--tokens", 20, "--k", 0.2, "--json")
+    assert code == 0, out
+    schedule = json.loads(out)
+    assert (schedule["visual_tokens"], schedule["n0"]) == (88, 50) and abs(schedule["mean"] - 20) < 1e-9
+
+    report = tmp_path / "sweep"
+    code, out = run("sweep", next_tiny, "--data", mixed_data, "--out", report, "--autoprune-tokens", 20,
+                    "--keep-schedule", "1:30", "--max-new-tokens", 3)  # fmt: skip
+    assert code == 0, out
+    rows = {row["name"]: row for row in json.loads((report / "report.json").read_text())["configs"]}
+    code, out = run("eval", next_tiny, "--data", mixed_data, "--keep-schedule", "1:30", "--max-new-tokens", 3, "--json")
+    direct = json.loads(out)
+    keep_row = rows["fixed-1x30"]
+    assert keep_row["agreement"] == direct["agreement"] and keep_row["flops_ratio"] == pytest.approx(direct["flops_ratio"])
+    assert len(rows) == 3  # dense, AutoPrune T=20, the fixed schedule
+
+    code, out = run("bench", next_builds["keep"], "--baseline", next_builds["dense"], "--image-size", "112x112",
+                    "--runs", 1, "--warmup", 0, "--json")  # fmt: skip
+    assert code == 0, out
+    bench = json.loads(out)
+    visual = load_spec(next_tiny).visual_tokens_for(112, 112)
+    assert bench["prompt_tokens"] > visual and bench["flops_speedup"] > 1.0
