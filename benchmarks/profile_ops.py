@@ -21,7 +21,6 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulIntegerToFloat"}
@@ -65,16 +64,15 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
 
+    from engines.onnxruntime import OrtRunner
+    from prune_export.options import ImageSize
     from prune_export.workflows.open_build import cast_feeds, prompt_feeds
 
-    size = None
-    if args.image_size:
-        width, height = (int(v) for v in args.image_size.lower().split("x"))
-        size = (height, width)
+    size = ImageSize().convert(args.image_size, None, None) if args.image_size else None
     feed = prompt_feeds(args.pruned, image_size=size)
     with tempfile.TemporaryDirectory() as folder:
         sessions = {"dense": session(args.baseline, args.threads, folder), "pruned": session(args.pruned, args.threads, folder)}
-        feeds = {name: cast_feeds(_Meta(s), feed) for name, s in sessions.items()}
+        feeds = {name: cast_feeds(OrtRunner(s), feed) for name, s in sessions.items()}
         for _ in range(args.warmup + args.runs):  # interleaved: dense, pruned, dense, ...
             for name, s in sessions.items():
                 s.run(None, feeds[name])
@@ -97,17 +95,6 @@ def main() -> None:
     for kind in kinds[: args.top]:
         d, p = dense_ops.get(kind, 0.0), pruned_ops.get(kind, 0.0)
         print(f"| {kind} | {d / args.runs / 1e3:.1f} | {p / args.runs / 1e3:.1f} | {p / max(pruned_total, 1):.3f} |")
-
-
-class _Meta:
-    """What :func:`cast_feeds` reads of a runner: the graph's input dtypes."""
-
-    def __init__(self, s) -> None:
-        self._inputs = {i.name: i.type for i in s.get_inputs()}
-
-    def input_metadata(self) -> dict[str, tuple[np.dtype, list]]:
-        names = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-        return {k: (np.dtype(names.get(t, np.float32)), []) for k, t in self._inputs.items()}
 
 
 if __name__ == "__main__":

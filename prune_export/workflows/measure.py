@@ -57,7 +57,7 @@ def inspect_build(build_dir: Path, text_tokens: int | None = None, *, run: bool 
     ``image_size`` (height, width): any-resolution builds, the check image at that size (:func:`prompt_feeds`).
     """
     manifest = Manifest.load(build_dir, verify="full")
-    feed = prompt_feeds(build_dir, text_tokens, image_size=image_size, run=run)
+    feed = prompt_feeds(build_dir, text_tokens, image_size=image_size, run=run, manifest=manifest)
     names = ["prefill"] if manifest.prefill_layout == "single" else ["prefill_head", "prefill_tail"]
     out: dict[str, np.ndarray] = {}
     if run:
@@ -134,7 +134,8 @@ def bench_builds(
     """
     pruned_m, dense_m = Manifest.load(pruned_dir, verify="full"), Manifest.load(dense_dir, verify="full")
     check_same_model(pruned_dir, pruned_m, dense_dir, dense_m)
-    feed = dict(feed) if feed is not None else prompt_feeds(pruned_dir, text_tokens, image_size=image_size)
+    feed = dict(feed) if feed is not None else prompt_feeds(pruned_dir, text_tokens, image_size=image_size,
+                                                            manifest=pruned_m)  # fmt: skip
     with (PrefillRunner(pruned_dir, provider=provider, threads=threads, manifest=pruned_m) as pruned,  # type: ignore[arg-type]
           PrefillRunner(dense_dir, provider=provider, threads=threads, manifest=dense_m) as dense):  # type: ignore[arg-type]  # fmt: skip
         if pruned.provider != dense.provider:

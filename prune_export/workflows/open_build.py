@@ -52,12 +52,14 @@ def synthetic_image(seed: int) -> Any:
     return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
 
 
-def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int | None = None) -> Any:
+def load_runner(build_dir: str | Path, *, provider: str = "auto", threads: int | None = None,
+                manifest: Manifest | None = None) -> Any:  # fmt: skip
     """A verified build's :class:`~engines.generate.GenerationRunner`, not yet active: use it in a ``with``
-    block (sessions are made on entry and dropped on exit)."""
+    block (sessions are made on entry and dropped on exit). ``manifest``: the build's, already loaded with
+    ``verify="full"`` by the caller (its files are not hashed again)."""
     from engines.generate import GenerationRunner
 
-    manifest = Manifest.load(build_dir, verify="full")
+    manifest = manifest or Manifest.load(build_dir, verify="full")
     memory.check_fits(f"running {build_dir}", memory.estimate(memory.graphs_bytes(build_dir, list(manifest.graphs))),
                       "run it on a machine with more memory")  # fmt: skip
     return GenerationRunner(build_dir, provider=provider, threads=threads, manifest=manifest)  # type: ignore[arg-type]
@@ -74,18 +76,21 @@ def load_check_inputs(build_dir: Path) -> dict[str, np.ndarray]:
 
 
 def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0,
-                 image_size: tuple[int, int] | None = None, *, run: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+                 image_size: tuple[int, int] | None = None, *, run: bool = True,
+                 manifest: Manifest | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Prefill inputs: the build's check prompt, or with ``text_tokens`` text rows drawn like its embeddings.
 
     ``image_size`` (height, width), any-resolution builds only: the check prompt with the check image scaled
     to that size, so with that image's visual token count. Its visual rows come from the build's own vision
     graph, packed as the runtime packs them; with ``run=False`` (shape inference, nothing may run) they are
-    the check image's rows repeated to that count, which gives the same shapes.
+    the check image's rows repeated to that count, which gives the same shapes. ``manifest``: the build's,
+    when the caller has it verified already.
     """
     base = load_check_inputs(build_dir)
     feed = {k: base[k] for k in BakedPrefill.PROMPT_INPUTS}
     if image_size is not None:
-        feed.update(_image_rows(Path(build_dir), image_size, run))
+        manifest = manifest or Manifest.load(build_dir, verify="full" if run else "size")
+        feed.update(_image_rows(Path(build_dir), manifest, base, image_size, run))
     if text_tokens is not None:
         if text_tokens < 1:
             raise BuildError(f"--text-tokens must be >= 1, got {text_tokens}")
@@ -96,9 +101,10 @@ def prompt_feeds(build_dir: Path, text_tokens: int | None = None, seed: int = 0,
     return feed
 
 
-def _image_rows(build_dir: Path, image_size: tuple[int, int], run: bool) -> dict[str, np.ndarray]:
-    """``image_embeds`` and ``cls_attention`` of an image of ``image_size`` (height, width): see :func:`prompt_feeds`."""
-    manifest = Manifest.load(build_dir)
+def _image_rows(build_dir: Path, manifest: Manifest, base: Mapping[str, np.ndarray], image_size: tuple[int, int],
+                run: bool) -> dict[str, np.ndarray]:  # fmt: skip
+    """``image_embeds`` and ``cls_attention`` of an image of ``image_size`` (height, width), from the check
+    inputs ``base`` or the build's graphs: see :func:`prompt_feeds`."""
     spec = manifest.model_spec()
     height, width = image_size
     if not spec.any_resolution:
@@ -109,13 +115,12 @@ def _image_rows(build_dir: Path, image_size: tuple[int, int], run: bool) -> dict
     if height < 1 or width < 1:
         raise BuildError(f"--image-size must be positive, got {width}x{height}")
     if not run:
-        base = load_check_inputs(build_dir)
         visual = spec.visual_tokens_for(height, width)
         rows = base["image_embeds"][0]
         repeat = np.resize(np.arange(rows.shape[0]), visual)
         return {"image_embeds": rows[repeat][None], "cls_attention": base["cls_attention"][0][repeat][None]}
     image = synthetic_image(seed=0).resize((width, height))
-    with load_runner(build_dir, provider="cpu") as runner:
+    with load_runner(build_dir, provider="cpu", manifest=manifest) as runner:
         feeds = runner.prefill_feeds(runner.prompt(image, "Describe the image."))
     return {"image_embeds": feeds["image_embeds"], "cls_attention": feeds["cls_attention"]}
 
