@@ -37,15 +37,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
+from engines.batching import Prefilled, Request, Scheduler
 from engines.onnxruntime import CUDA_PROVIDER
 from engines.prefill import BuildRunner, PrefillRunner
 from engines.runner import Runner
 from prune_core import defaults
 from prune_core.anyres import pack
 from prune_core.errors import BuildError, PruneExportError
-from prune_core.manifest import check_new_tokens
+from prune_core.manifest import check_batch_size, check_new_tokens
 from prune_core.prompt import (
     PromptError,
     TextPieces,
@@ -98,6 +98,7 @@ class GenerationStats:
     decode_ms: list[float] = field(default_factory=list)  # one per decode step
     kv_tokens_per_layer: list[int] = field(default_factory=list)  # after the prefill
     provider: str = ""
+    queue_ms: float = 0.0  # batched runs: submitted -> admitted (its prefill starts)
     #: AutoPrune builds: what the graph decided for this prompt (``i1``, the schedule row ``keep``/``merged``)
     autoprune: dict[str, Any] | None = None
 
@@ -115,6 +116,7 @@ class GenerationStats:
             "decode_steps": len(self.decode_ms),
             "kv_tokens_per_layer": self.kv_tokens_per_layer,
             "provider": self.provider,
+            "queue_ms": self.queue_ms,
             **({"autoprune": self.autoprune} if self.autoprune is not None else {}),
         }
 
@@ -125,6 +127,13 @@ class Answer:
     token_ids: list[int]
     stats: GenerationStats
     step_logits: list[np.ndarray] = field(default_factory=list)  # with keep_logits: one row per token
+
+
+def _batch_stats(request: Request, stats: GenerationStats) -> None:
+    """A scheduled request's timings in :class:`GenerationStats` terms (decode time is the batch's)."""
+    stats.new_tokens = len(request.tokens)
+    stats.ttft_ms = request.ttft_ms or 0.0
+    stats.queue_ms = request.queue_ms
 
 
 class GenerationRunner(BuildRunner):
@@ -253,6 +262,53 @@ class GenerationRunner(BuildRunner):
         return {k: np.ascontiguousarray(v.astype(meta[k][0], copy=False)) for k, v in feeds.items()}
 
     # -- generation ------------------------------------------------------------------------------------
+    def prefilled(self, feeds: dict[str, np.ndarray], stats: GenerationStats | None = None) -> Prefilled:
+        """The prefill on ``feeds``: the last prompt token's logits and every layer's caches (batch 1)."""
+        stats = stats if stats is not None else GenerationStats(prompt_tokens=0)
+        t0 = time.perf_counter()
+        out = self._part("prefill").infer(feeds)
+        stats.prefill_ms = (time.perf_counter() - t0) * 1e3
+        stats.kv_tokens_per_layer = [int(out[f"present.{layer}.key"].shape[2]) for layer in range(self.num_layers)]
+        stats.provider = self.provider
+        if "autoprune.keep" in out:
+            stats.autoprune = {"i1": float(np.asarray(out["autoprune.complexity"]).reshape(-1)[0]),
+                               "keep": [int(k) for k in out["autoprune.keep"]],
+                               "merged": [int(c) for c in out["autoprune.merged"]]}  # fmt: skip
+        cache = [out[f"present.{layer}.{kind}"] for layer in range(self.num_layers) for kind in KV_KINDS]
+        return Prefilled(np.asarray(out["logits"][0], dtype=np.float32), cache)
+
+    def decode(self, input_ids: np.ndarray, cache: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One decode step of ``input_ids [B, 1]`` over the caches (numpy arrays, or the values the previous
+        step returned): ``logits [B, vocab]`` and the caches one token longer, as ONNX Runtime values that
+        the next step binds as they are (see the module docstring)."""
+        session = self._part("decode").session
+        device = "cuda" if self.provider == CUDA_PROVIDER else "cpu"
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        for name, value in zip(self._past_names, cache, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self._decode_outputs:
+            binding.bind_output(name, device)
+        session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return values[0].numpy(), list(values[1:])
+
+    @staticmethod
+    def to_numpy(value: Any) -> np.ndarray:
+        """A cache value :meth:`decode` returned, as a numpy array."""
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
+    @property
+    def _past_names(self) -> list[str]:
+        return [f"past.{layer}.{kind}" for layer in range(self.num_layers) for kind in KV_KINDS]
+
+    @property
+    def _decode_outputs(self) -> list[str]:
+        return [o.name for o in self._part("decode").session.get_outputs()]
+
     def token_ids(
         self,
         feeds: dict[str, np.ndarray],
@@ -273,26 +329,9 @@ class GenerationRunner(BuildRunner):
         check_new_tokens(self.manifest, max_new_tokens)
         started = time.perf_counter() if started is None else started
         stats = stats if stats is not None else GenerationStats(prompt_tokens=0)
-        t0 = time.perf_counter()
-        out = self._part("prefill").infer(feeds)
-        stats.prefill_ms = (time.perf_counter() - t0) * 1e3
-        logits = out["logits"][0]
-        stats.kv_tokens_per_layer = [int(out[f"present.{layer}.key"].shape[2]) for layer in range(self.num_layers)]
-        stats.provider = self.provider
-        if "autoprune.keep" in out:
-            stats.autoprune = {"i1": float(np.asarray(out["autoprune.complexity"]).reshape(-1)[0]),
-                               "keep": [int(k) for k in out["autoprune.keep"]],
-                               "merged": [int(c) for c in out["autoprune.merged"]]}  # fmt: skip
-        device = "cuda" if self.provider == CUDA_PROVIDER else "cpu"
-        cache = [
-            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(out[f"present.{layer}.{kind}"]), device, 0)
-            for layer in range(self.num_layers)
-            for kind in KV_KINDS
-        ]
-        del out
-        session = self._part("decode").session
-        inputs = [f"past.{layer}.{kind}" for layer in range(self.num_layers) for kind in KV_KINDS]
-        outputs = [o.name for o in session.get_outputs()]
+        first = self.prefilled(feeds, stats)
+        logits, cache = first.logits, first.cache
+        del first
         for step in range(max_new_tokens):
             if step_logits is not None:
                 step_logits.append(np.asarray(logits, dtype=np.float32))
@@ -306,17 +345,45 @@ class GenerationRunner(BuildRunner):
             if step + 1 == max_new_tokens:
                 return
             t0 = time.perf_counter()
-            binding = session.io_binding()
-            binding.bind_cpu_input("input_ids", np.array([[token]], dtype=np.int64))
-            for name, value in zip(inputs, cache, strict=True):
-                binding.bind_ortvalue_input(name, value)
-            for name in outputs:
-                binding.bind_output(name, device)
-            session.run_with_iobinding(binding)
-            values = binding.get_outputs()
-            logits = values[0].numpy()[0]
-            cache = list(values[1:])
+            rows, cache = self.decode(np.array([[token]], dtype=np.int64), cache)
+            logits = rows[0]
             stats.decode_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def scheduler(self, max_batch: int, kv_budget_bytes: int | None = None) -> Scheduler:
+        """A continuous-batching :class:`~engines.batching.Scheduler` over this build's decode graph."""
+        check_batch_size(self.manifest, max_batch)
+        return Scheduler(self.activate(), self.num_layers, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes)
+
+    def request(self, prompt: Prompt, max_new_tokens: int, *, started: float | None = None,
+                ignore_eos: bool = False, **callbacks: Any) -> tuple[Request, GenerationStats]:  # fmt: skip
+        """A scheduler :class:`~engines.batching.Request` for ``prompt`` whose prefill (vision, embed,
+        prefill graphs) runs when the scheduler admits it, and the stats it fills."""
+        check_new_tokens(self.manifest, max_new_tokens)
+        stats = GenerationStats(prompt_tokens=prompt.num_tokens)
+
+        def prefill() -> Prefilled:
+            return self.prefilled(self.prefill_feeds(prompt), stats)
+
+        return Request(prefill, max_new_tokens, self.eos, ignore_eos, **callbacks), stats
+
+    def generate_batch(self, items: list[tuple[Any, str]], max_new_tokens: int = defaults.ANSWER_NEW_TOKENS, *,
+                       batch_size: int, kv_budget_bytes: int | None = None) -> list[Answer]:  # fmt: skip
+        """Greedy answers to ``(image, question)`` pairs, decoded ``batch_size`` at a time by the
+        continuous-batching scheduler; each equals :meth:`generate`'s answer."""
+        scheduler = self.scheduler(batch_size, kv_budget_bytes)
+        requests = []
+        for image, question in items:
+            request, stats = self.request(self.prompt(image, question), max_new_tokens)
+            requests.append((scheduler.submit(request), stats))
+        scheduler.run()
+        answers = []
+        for request, stats in requests:
+            if request.error is not None:
+                raise request.error
+            _batch_stats(request, stats)
+            text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+            answers.append(Answer(text, list(request.tokens), stats))
+        return answers
 
     def stream(self, image: Any, question: str, max_new_tokens: int = defaults.ANSWER_NEW_TOKENS,
                stats: GenerationStats | None = None) -> Iterator[str]:

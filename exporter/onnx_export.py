@@ -467,40 +467,50 @@ class EmbedOnnxFromAdapter:
 
 
 class DecodeOnnxFromAdapter:
-    """Export one decoding step over per-layer KV caches (:class:`exporter.decode.DecodeStep`).
+    """Export one decoding step of a batch of sequences over per-layer KV caches
+    (:class:`exporter.decode.DecodeStep`).
 
-    Each layer's past length is its own dynamic dimension ``past_len_l`` in ``[1, max_kv_tokens]``.
+    Each layer's past length is its own dynamic dimension ``past_len_l`` in ``[1, max_kv_tokens]``; the
+    batch is ``decode_batch`` in ``[1, max_batch]``.
     """
 
     def __init__(
-        self, adapter: VLMAdapter, *, opset: int = DEFAULT_OPSET, max_kv_tokens: int = 8192,
+        self, adapter: VLMAdapter, *, opset: int = DEFAULT_OPSET, max_kv_tokens: int = 8192, max_batch: int = 8,
         inline_limit: int = INLINE_LIMIT,
     ) -> None:  # fmt: skip
         self.adapter = adapter
         self.opset = opset
         self.max_kv_tokens = max_kv_tokens
+        self.max_batch = max_batch
         self.inline_limit = inline_limit
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        """A token and per-layer caches of distinct lengths (distinct, so no two dims get unified)."""
+        """Two sequences and per-layer caches of distinct lengths (distinct, so no two dims get unified);
+        the second sequence is one token shorter at every layer (a padded slot, position -1)."""
         spec, dtype = self.adapter.spec, self.adapter.dtype
         gen = torch.Generator().manual_seed(0)
-        args: list[torch.Tensor] = [torch.tensor([[1]], dtype=torch.int64)]
+        batch = 2
+        args: list[torch.Tensor] = [torch.tensor([[1], [2]], dtype=torch.int64)]
         for layer in range(spec.num_layers):
             n = 5 + layer
+            positions = (torch.arange(n, dtype=torch.int64) * 2).repeat(batch, 1)
+            positions[1, 0] = -1
             args += [
-                torch.randn(1, spec.num_kv_heads, n, spec.head_dim, generator=gen).to(dtype),
-                torch.randn(1, spec.num_kv_heads, n, spec.head_dim, generator=gen).to(dtype),
-                torch.arange(n, dtype=torch.int64).reshape(1, n) * 2,
+                torch.randn(batch, spec.num_kv_heads, n, spec.head_dim, generator=gen).to(dtype),
+                torch.randn(batch, spec.num_kv_heads, n, spec.head_dim, generator=gen).to(dtype),
+                positions,
             ]
         return tuple(args)
 
     def __call__(self, path: str | os.PathLike[str]) -> ExportReport:
         module = DecodeStep(self.adapter).eval()
+        batch = torch.export.Dim("decode_batch", min=1, max=max(self.max_batch, 2))
         past: list[object] = []
         for layer in range(self.adapter.spec.num_layers):
             n = torch.export.Dim(f"past_len_{layer}", min=1, max=self.max_kv_tokens)
-            past += [{2: n}, {2: n}, {1: n}]
+            past += [{0: batch, 2: n}, {0: batch, 2: n}, {0: batch, 1: n}]
         args = self.example_inputs()
         return _export(module, args, Path(path), module.input_names, module.output_names,
-                       (None, tuple(past)), self.opset, self.inline_limit)  # fmt: skip
+                       ({0: batch}, tuple(past)), self.opset, self.inline_limit)  # fmt: skip
+
+

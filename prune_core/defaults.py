@@ -36,6 +36,8 @@ MAX_TEXT_TOKENS = 4096
 OPT_TEXT_TOKENS = 64
 #: Largest image batch of a build's vision graph.
 MAX_IMAGE_BATCH = 16
+#: Largest number of sequences one decode step of a build runs together (``build --max-batch``).
+MAX_DECODE_BATCH = 16
 #: Tokens a build's decode caches may grow by: the longest answer the build is made for.
 BUILD_NEW_TOKENS = 1024
 #: Greedy tokens the build check generates per check prompt.

@@ -174,7 +174,8 @@ class Manifest(_Strict):
     engines: EngineReport | None = None  # --target tensorrt only
     #: what a runtime needs besides the graphs to answer a question: ``processor`` (folder of the copied
     #: tokenizer and image processor), ``image_token_id``, ``eos_token_ids``, ``max_new_tokens`` (the decode
-    #: cache bound of the shape ranges). None: a build made before decode graphs existed.
+    #: cache bound of the shape ranges), ``max_batch`` (most sequences per decode step; absent: a build made
+    #: before batched decoding, batch 1 only). None: a build made before decode graphs existed.
     generation: dict[str, Any] | None = None
     #: ``--quantize``: mode, calibration file, rows and fingerprint (int8), and per graph the weight matmuls
     #: quantized. None: float graphs.
@@ -303,6 +304,23 @@ def check_new_tokens(manifest: Manifest, requested: int) -> int:
         raise BuildError(
             f"--max-new-tokens must be between 1 and the build's bound {bound} (the longest answer its decode "
             f"graph was made for), got {requested}; rebuild with `prune-export build --max-new-tokens N` for longer answers"
+        )
+    return requested
+
+
+def max_decode_batch(manifest: Manifest) -> int:
+    """Most sequences one decode step of the build runs together (1 for builds made before batching)."""
+    return int((manifest.generation or {}).get("max_batch", 1))
+
+
+def check_batch_size(manifest: Manifest, requested: int, option: str = "--batch-size") -> int:
+    """``requested`` when the build's decode graph takes that many sequences per step; else one line."""
+    bound = max_decode_batch(manifest)
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= bound:
+        older = " (a build made before batched decoding: batch 1 only)" if "max_batch" not in (manifest.generation or {}) else ""
+        raise BuildError(
+            f"{option} must be between 1 and the build's decode batch bound {bound}{older}, got {requested}; "
+            "rebuild with `prune-export build --max-batch N` for larger batches"
         )
     return requested
 

@@ -38,6 +38,9 @@ from ..output import echo_answer, echo_json, log_err, tflops
 @click.option("--max-sys-tokens", type=click.IntRange(min=1), default=defaults.MAX_SYS_TOKENS, show_default=True)
 @max_new_tokens_option(defaults.BUILD_NEW_TOKENS, "Longest answer the build's decode graph is made for (its cache "
                        "range, TensorRT profiles); run, eval and deploy refuse more.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=defaults.MAX_DECODE_BATCH, show_default=True,
+              help="Most sequences one decode step runs together (batched serving, eval --batch-size); "
+                   "the decode graph's batch range and TensorRT profile.")
 @click.option("--provider", type=PROVIDER_CHOICE, default=defaults.PROVIDER, show_default=True,
               help="ONNX Runtime provider of the parity check.")
 @device_option("Where PyTorch runs the model for the export and the parity check's reference: cpu, cuda, cuda:N.",
@@ -56,7 +59,7 @@ from ..output import echo_answer, echo_json, log_err, tflops
 @click.option("--overwrite", is_flag=True, help="Replace an existing build directory.")
 @json_option("Print the manifest as JSON.")
 def build_cmd(model_dir: Path, out_dir: Path, request: Any, dtype: str, target: str, max_text_tokens: int,
-              max_sys_tokens: int, max_new_tokens: int, provider: str, device: str, low_memory: bool, skip_check: bool,
+              max_sys_tokens: int, max_new_tokens: int, max_batch: int, provider: str, device: str, low_memory: bool, skip_check: bool,
               quantize: str | None, calib_path: Path | None, calib_rows: int, overwrite: bool, as_json: bool) -> None:
     """Bake a plan into vision.onnx + prefill.onnx, optimize them, check them, write manifest.json.
 
@@ -67,7 +70,7 @@ def build_cmd(model_dir: Path, out_dir: Path, request: Any, dtype: str, target: 
     from ..workflows.selection import choose_plan
 
     settings = BuildSettings(target=target, dtype=dtype, max_text_tokens=max_text_tokens,
-                             max_sys_tokens=max_sys_tokens, max_new_tokens=max_new_tokens, check=not skip_check, provider=provider,
+                             max_sys_tokens=max_sys_tokens, max_new_tokens=max_new_tokens, max_decode_batch=max_batch, check=not skip_check, provider=provider,
                              device=device, low_memory=low_memory, overwrite=overwrite, quantize=quantize,
                              calib=calib_path, calib_rows=calib_rows)
     _, choice = choose_plan(model_dir, request)

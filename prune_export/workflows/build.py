@@ -85,6 +85,8 @@ class BuildSettings:
             profiles, manifest shape ranges).
         opt_text_tokens: the profile's optimum text length.
         max_batch: largest image batch of the vision graph.
+        max_decode_batch: largest number of sequences one decode step runs together (the decode graph's
+            ``decode_batch`` range, TensorRT profiles; ``generation.max_batch`` in the manifest).
         check: run the parity check (``--skip-check`` turns it off).
         provider: ONNX Runtime provider of the check (``auto``: CUDA when it really runs, else CPU).
         device: where PyTorch runs the model for the export and the executor's reference (``cpu``,
@@ -111,6 +113,7 @@ class BuildSettings:
     max_text_tokens: int = defaults.MAX_TEXT_TOKENS
     opt_text_tokens: int = defaults.OPT_TEXT_TOKENS
     max_batch: int = defaults.MAX_IMAGE_BATCH
+    max_decode_batch: int = defaults.MAX_DECODE_BATCH
     check: bool = True
     provider: str = defaults.PROVIDER
     device: str = defaults.TORCH_DEVICE
@@ -242,15 +245,18 @@ def _export_graphs(adapter: Any, work: Path, choice: PlanChoice, settings: Build
     opt_prompt = min(35, settings.max_sys_tokens) + spec.visual_tokens + min(settings.opt_text_tokens, settings.max_text_tokens)
     max_kv = max_prompt + settings.max_new_tokens
     t0 = time.perf_counter()
-    log("exporting embed.onnx (token embedding) and decode.onnx (one unpruned decoding step, per-layer caches)")
+    log(f"exporting embed.onnx (token embedding) and decode.onnx (one unpruned decoding step of up to "
+        f"{settings.max_decode_batch} sequences, per-layer caches)")
     EmbedOnnxFromAdapter(adapter, opset=settings.opset, max_tokens=max_prompt)(work / "embed.onnx")
-    DecodeOnnxFromAdapter(adapter, opset=settings.opset, max_kv_tokens=max_kv)(work / "decode.onnx")
+    DecodeOnnxFromAdapter(adapter, opset=settings.opset, max_kv_tokens=max_kv,
+                          max_batch=settings.max_decode_batch)(work / "decode.onnx")  # fmt: skip
     log(f"  exported in {time.perf_counter() - t0:.1f} s")
     bounds: dict[str, Any] = {
         "batch": (1, spec.max_tiles if spec.any_resolution else 1, settings.max_batch * spec.max_tiles),
         "sys_len": (1, min(35, settings.max_sys_tokens), settings.max_sys_tokens),
         "text_len": (1, min(settings.opt_text_tokens, settings.max_text_tokens), settings.max_text_tokens),
         "tokens": (1, opt_prompt, max_prompt),
+        "decode_batch": (1, 1, settings.max_decode_batch),
         **{f"past_len_{layer}": (1, opt_prompt, max_kv) for layer in range(spec.num_layers)},
     }
     if spec.any_resolution:  # the image span's length is the image's own count, at most the largest image's
@@ -287,7 +293,7 @@ def _build_into(model_dir: Path, work: Path, out_dir: Path, choice: PlanChoice, 
             log(f"prepared {len(calib_feeds)} calibration prompts from {settings.calib} for --quantize int8")
     generation = {"processor": PROCESSOR_DIR, "image_token_id": int(adapter.image_token_id),
                   "eos_token_ids": [int(i) for i in adapter.eos_token_ids],
-                  "max_new_tokens": settings.max_new_tokens}  # fmt: skip
+                  "max_new_tokens": settings.max_new_tokens, "max_batch": settings.max_decode_batch}  # fmt: skip
     if not settings.check:
         # Nothing runs in PyTorch after the export: let the weights go before the passes read the graphs
         # (at 7B the model's pages and a graph's would not fit in memory together).
