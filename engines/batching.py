@@ -17,8 +17,8 @@ batch (or the batch to it), and when sequences retire the columns no remaining s
 **Memory.** The batch is bounded by ``max_batch`` sequences and, optionally, a KV budget in bytes: the
 most the batch's padded caches can grow to before its sequences finish (every layer at its longest
 sequence's length + that sequence's remaining tokens, times the batch size). A request that does not fit
-waits, prefilled, at the head of the queue (first come, first served) until retirements make room; its
-wait is reported as ``queue_ms``. A request that cannot fit even alone fails with a message naming the
+waits, prefilled, at the head of the queue (first come, first served) until retirements make room: its
+``queue_ms`` (submitted -> prefill) and ``budget_wait_ms`` (prefilled -> joined the batch) say how long. A request that cannot fit even alone fails with a message naming the
 budget. Only this one waiting request is held beside the budget.
 
 The module needs numpy and the standard library only: ``prune-export deploy`` copies it next to the Triton
@@ -89,6 +89,8 @@ class Request:
     prefill_info: dict[str, Any] = field(default_factory=dict)
     submitted: float = 0.0
     admitted: float | None = None  # its prefill started
+    prefilled_at: float | None = None  # its prefill ended
+    joined: float | None = None  # it joined the decode batch (after waiting for the KV budget, if it had to)
     first_token: float | None = None
     finished: float | None = None
     kv_tokens_per_layer: list[int] = field(default_factory=list)  # after the prefill
@@ -97,6 +99,13 @@ class Request:
     @property
     def queue_ms(self) -> float:
         return 0.0 if self.admitted is None else (self.admitted - self.submitted) * 1e3
+
+    @property
+    def budget_wait_ms(self) -> float:
+        """How long its decoding waited, prefilled, for room in the KV budget."""
+        if self.joined is None or self.prefilled_at is None:
+            return 0.0
+        return (self.joined - self.prefilled_at) * 1e3
 
     @property
     def ttft_ms(self) -> float | None:
@@ -108,7 +117,7 @@ class Request:
 
     def stats(self) -> dict[str, Any]:
         return {"new_tokens": len(self.tokens), "finish_reason": self.finish_reason, "queue_ms": self.queue_ms,
-                "ttft_ms": self.ttft_ms, "latency_ms": self.latency_ms, "kv_bytes": self.kv_bytes,
+                "budget_wait_ms": self.budget_wait_ms, "ttft_ms": self.ttft_ms, "latency_ms": self.latency_ms, "kv_bytes": self.kv_bytes,
                 "kv_tokens_per_layer": self.kv_tokens_per_layer, **self.prefill_info}  # fmt: skip
 
 
@@ -381,6 +390,7 @@ class Scheduler:
                 except Exception as exc:  # this request's failure, not the batch's
                     self._finish(request, "error", exc)
                     continue
+                request.prefilled_at = self.clock()
                 request.prefill_info = dict(prefilled.info)
                 cache = [self.engine.to_numpy(v) if not isinstance(v, np.ndarray) else v for v in prefilled.cache]
                 prefilled.cache = cache
@@ -406,6 +416,7 @@ class Scheduler:
                 if self._need_bytes(slot) > self.kv_budget_bytes:
                     return  # waits, prefilled, for retirements
             self._waiting = None
+            request.joined = self.clock()
             self._materialize()
             self._cache.add(prefilled.cache)
             self._slots.append(slot)

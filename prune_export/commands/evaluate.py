@@ -10,6 +10,7 @@ import click
 
 from prune_core import defaults
 from prune_core.device import provider_for
+from prune_core.errors import PruneExportError
 
 from ..options import (
     device_option,
@@ -101,9 +102,12 @@ def search(model_dir: Path, calib_path: Path, out_path: Path, metric: str, toler
                    "fp32) or a dense build [default: the model itself without pruning; for a build, the model "
                    "folder in its manifest].")
 @click.option("--no-reference", is_flag=True, help="Skip agreement and first-token KL (no dense answers computed).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="A build directory: answers decoded together by the continuous-batching scheduler (the same "
+                   "answers, faster); at most the build's --max-batch.")
 def eval_cmd(model_dir: Path, data_path: Path, request: Any, max_new_tokens: int, limit: int | None, as_json: bool,
              samples_out: Path | None, device: str | None, torch_dtype: str | None, reference_path: Path | None,
-             no_reference: bool) -> None:
+             no_reference: bool, batch_size: int) -> None:
     """Exact-match accuracy of greedy answers and prefill FLOPs, dense vs under a plan, and the answers'
     agreement with the dense model's (label-free: the fraction of identical answers, and the KL divergence of
     the first answer token's distribution from the dense one).
@@ -119,7 +123,7 @@ def eval_cmd(model_dir: Path, data_path: Path, request: Any, max_new_tokens: int
 
         run = evaluate_build(model_dir, data_path, request, dtype=torch_dtype, max_new_tokens=max_new_tokens,
                              limit=limit, samples_out=samples_out, device=device, reference_path=reference_path,
-                             compare=not no_reference)  # fmt: skip
+                             compare=not no_reference, batch_size=batch_size)  # fmt: skip
         if as_json:
             missing = {"reference_missing": run.reference_missing} if run.reference_missing else {}
             echo_json({**run.report.to_json(), "engine": run.engine, "provider": run.provider, **missing})
@@ -127,6 +131,9 @@ def eval_cmd(model_dir: Path, data_path: Path, request: Any, max_new_tokens: int
         click.echo(f"build         {model_dir} ({run.engine}, {run.provider})")
         _echo_eval(run.report, None, False, missing=run.reference_missing)
         return
+    if batch_size != 1:
+        raise PruneExportError("--batch-size batches the decode steps of a build directory's graphs; a model folder "
+                               "is evaluated one row at a time in PyTorch (build it first to batch)")
     from ..workflows.evaluate import evaluate_model
 
     where = {"device": device or defaults.TORCH_DEVICE, "dtype": torch_dtype or defaults.TORCH_DTYPE}

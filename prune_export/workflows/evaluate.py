@@ -78,11 +78,12 @@ class BuildEvaluation:
 def evaluate_build(build_dir: Path, data_path: Path, request: PlanRequest = NO_PRUNING, *,
                    dtype: str | None = None, max_new_tokens: int = defaults.EVAL_NEW_TOKENS, limit: int | None = None,
                    samples_out: Path | None = None, device: str | None = None, reference_path: Path | None = None,
-                   compare: bool = True) -> BuildEvaluation:  # fmt: skip
+                   compare: bool = True, batch_size: int = 1) -> BuildEvaluation:  # fmt: skip
     """The report of :func:`evaluate_model` for a build directory's graphs on ONNX Runtime (``device``: the
     provider, cpu or cuda; None: auto). The plan and precision are baked into the graphs: a ``request`` or
     ``dtype`` that would change them is refused in one line. Agreement compares with the model folder in the
-    manifest, or ``reference_path`` (:func:`build_reference`).
+    manifest, or ``reference_path`` (:func:`build_reference`). ``batch_size`` > 1 decodes that many answers
+    together (:mod:`engines.batching`).
     """
     from tqdm import tqdm
 
@@ -100,7 +101,7 @@ def evaluate_build(build_dir: Path, data_path: Path, request: PlanRequest = NO_P
     reference, missing = build_reference(build_dir, reference_path, max_new_tokens, device) if compare else (None, None)
     with tqdm(desc="eval", unit="sample", file=sys.stderr, disable=None) as bar:
         run = eval_build(build_dir, data_path, max_new_tokens=max_new_tokens, limit=limit, progress=bar.update,
-                         provider=provider_for(device), reference=reference)  # fmt: skip
+                         provider=provider_for(device), reference=reference, batch_size=batch_size)  # fmt: skip
     if samples_out is not None:
         write_samples(samples_out, run["report"])
     return BuildEvaluation(run["report"], run["engine"], run["provider"], missing)

@@ -25,12 +25,13 @@ from calib.evaluate import (
     exact_match,
     first_token_logprobs,
 )
+from engines.batching import Prefilled, Request
 from engines.generate import GenerationError, GenerationStats
 from prune_core import defaults
 from prune_core.autoprune import steepness
 from prune_core.cost import prefill_flops
 from prune_core.errors import BuildError
-from prune_core.manifest import Manifest
+from prune_core.manifest import Manifest, check_batch_size
 from prune_core.ops import PRUNABLE_GROUPS, Module, Operation
 from prune_core.prompt import MAX_IMAGE_PIXELS, PromptError, check_question
 from prune_core.spec import GroupSizes
@@ -108,6 +109,7 @@ def eval_build(
     build_dir: Path, data_path: Path, *, max_new_tokens: int = defaults.EVAL_NEW_TOKENS, limit: int | None = None,
     provider: str = defaults.PROVIDER, threads: int | None = None, progress: Callable[[int], None] | None = None,
     reference: Any = None, observe: Callable[[Any, list[int], list[np.ndarray], SampleResult], None] | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Exact-match accuracy of the build's greedy answers on a JSONL file, with dense and graph FLOPs.
 
@@ -123,9 +125,13 @@ def eval_build(
     check_answer_length(reference, max_new_tokens)
     runner = load_runner(build_dir, provider=provider, threads=threads)
     runner.check_new_tokens(max_new_tokens)
+    check_batch_size(runner.manifest, batch_size)
+    if batch_size > 1 and observe is not None:
+        raise BuildError("observing every step's logits needs batch size 1")
     start = time.perf_counter()
     with runner, (reference if hasattr(reference, "__enter__") else contextlib.nullcontext()):
-        results = _answer_rows(runner, rows, max_new_tokens, reference, progress, observe)
+        answer = _answer_rows if batch_size == 1 else _batched_answers(batch_size)
+        results = answer(runner, rows, max_new_tokens, reference, progress, observe)
         provider_name = runner.provider
     report = EvalReport.from_results(results, int(runner.manifest.model["num_layers"]), time.perf_counter() - start,
                                      None if reference is None else reference.name)  # fmt: skip
@@ -136,9 +142,6 @@ def _answer_rows(runner: Any, rows: list[Any], max_new_tokens: int, reference: A
                  progress: Callable[[int], None] | None,
                  observe: Callable[[Any, list[int], list[np.ndarray], SampleResult], None] | None = None) -> list[SampleResult]:  # fmt: skip
     """Each row's result: the answer, its FLOPs and visual tokens, and its agreement with ``reference``."""
-    manifest = runner.manifest
-    spec = manifest.model_spec()
-    tokenizer = runner.tokenizer
     results = []
     for row in rows:
         prompt = runner.prompt(row.load_image(), row.question)
@@ -146,27 +149,77 @@ def _answer_rows(runner: Any, rows: list[Any], max_new_tokens: int, reference: A
         stats = GenerationStats(prompt_tokens=prompt.num_tokens)
         logits: list[np.ndarray] = []
         ids = list(runner.token_ids(feeds, max_new_tokens, stats, logits))
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        sys_n, txt_n = prompt.image_start, prompt.num_tokens - prompt.image_end
-        vis_n = prompt.image_end - prompt.image_start  # this image's (any-resolution models: by its size)
-        graph = prefill_graph_flops(runner, feeds)
-        result = SampleResult(
-            line=row.line, question=row.question, answer=row.answer, prediction=text,
-            correct=None if row.answer is None else exact_match(text, row.answer),
-            dense_flops=prefill_flops(spec, GroupSizes.for_prompt(spec, sys_n, txt_n, visual=vis_n)),
-            pruned_flops=graph,
-            visual_tokens_per_layer=visual_tokens_per_layer(manifest, stats.kv_tokens_per_layer, sys_n, txt_n,
-                                                            vis_n),
-            token_decision=_autoprune_decision(manifest, stats.autoprune),
-        )  # fmt: skip
-        if reference is not None:
-            compare_answer(result, first_token_logprobs(logits[0]), reference.answer(row))
+        result = _row_result(runner, row, prompt, feeds, ids, logits[0], stats, reference)
         if observe is not None:
             observe(row, ids, logits, result)
         results.append(result)
         if progress is not None:
             progress(1)
     return results
+
+
+def _batched_answers(batch_size: int) -> Callable[..., list[SampleResult]]:
+    """:func:`_answer_rows` through the continuous-batching scheduler, ``batch_size`` answers per step."""
+
+    def answer(runner: Any, rows: list[Any], max_new_tokens: int, reference: Any,
+               progress: Callable[[int], None] | None, observe: Any = None) -> list[SampleResult]:  # fmt: skip
+        scheduler = runner.scheduler(batch_size)
+        results: list[SampleResult | None] = [None] * len(rows)
+        requests = []
+        for index, row in enumerate(rows):
+            requests.append(scheduler.submit(_row_request(runner, index, row, max_new_tokens, reference, results, progress)))
+        scheduler.run()
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        return [r for r in results if r is not None]
+
+    return answer
+
+
+def _row_request(runner: Any, index: int, row: Any, max_new_tokens: int, reference: Any,
+                 results: list[SampleResult | None], progress: Callable[[int], None] | None) -> Request:  # fmt: skip
+    """One row as a scheduler request whose result lands in ``results[index]`` when it finishes."""
+    prompt = runner.prompt(row.load_image(), row.question)
+    stats = GenerationStats(prompt_tokens=prompt.num_tokens)
+    kept: dict[str, Any] = {}
+
+    def prefill() -> Prefilled:
+        kept["feeds"] = runner.prefill_feeds(prompt)
+        first = runner.prefilled(kept["feeds"], stats)
+        kept["logits"] = first.logits
+        return first
+
+    def finish(request: Request, error: BaseException | None) -> None:
+        if error is None:
+            stats.new_tokens, stats.ttft_ms = len(request.tokens), request.ttft_ms or 0.0
+            results[index] = _row_result(runner, row, prompt, kept["feeds"], list(request.tokens), kept["logits"],
+                                         stats, reference)  # fmt: skip
+        kept.clear()
+        if progress is not None:
+            progress(1)
+
+    return Request(prefill, max_new_tokens, runner.eos, on_finish=finish)
+
+
+def _row_result(runner: Any, row: Any, prompt: Any, feeds: dict[str, np.ndarray], ids: list[int],
+                first_logits: np.ndarray, stats: GenerationStats, reference: Any) -> SampleResult:  # fmt: skip
+    manifest = runner.manifest
+    spec = manifest.model_spec()
+    text = runner.tokenizer.decode(ids, skip_special_tokens=True)
+    sys_n, txt_n = prompt.image_start, prompt.num_tokens - prompt.image_end
+    vis_n = prompt.image_end - prompt.image_start  # this image's (any-resolution models: by its size)
+    result = SampleResult(
+        line=row.line, question=row.question, answer=row.answer, prediction=text,
+        correct=None if row.answer is None else exact_match(text, row.answer),
+        dense_flops=prefill_flops(spec, GroupSizes.for_prompt(spec, sys_n, txt_n, visual=vis_n)),
+        pruned_flops=prefill_graph_flops(runner, feeds),
+        visual_tokens_per_layer=visual_tokens_per_layer(manifest, stats.kv_tokens_per_layer, sys_n, txt_n, vis_n),
+        token_decision=_autoprune_decision(manifest, stats.autoprune),
+    )  # fmt: skip
+    if reference is not None:
+        compare_answer(result, first_token_logprobs(first_logits), reference.answer(row))
+    return result
 
 
 class BuildReference:

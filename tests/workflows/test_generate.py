@@ -235,6 +235,41 @@ def test_eval_of_a_build_answers_like_the_executor(builds, model: Path, demo_dat
                        "pruned or quantized build")  # fmt: skip
     code, out = run("eval", builds["fixed"], "--data", data, "--autoprune-tokens", 8)
     assert_clean_error(code, out, "--autoprune-tokens cannot change it")
+    # Decoded three rows at a time by the batching scheduler: the same rows, answers and figures.
+    code, out = run("eval", builds["fixed"], "--data", data, "--json", "--max-new-tokens", 4, "--batch-size", 3,
+                    "--samples-out", tmp_path / "batched.jsonl")  # fmt: skip
+    assert code == 0, out
+    batched = json.loads(out)
+    for key in ("samples", "accuracy", "dense_flops", "pruned_flops", "agreement", "mean_visual_tokens_per_layer"):
+        assert batched[key] == got[key], key
+    assert batched["mean_first_token_kl"] == pytest.approx(got["mean_first_token_kl"], rel=1e-6, abs=1e-9)
+    batched_rows = [json.loads(line) for line in (tmp_path / "batched.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in batched_rows] == [r["prediction"] for r in rows]
+    assert [r["line"] for r in batched_rows] == [r["line"] for r in rows]
+    assert_clean_error(*run("eval", builds["fixed"], "--data", data, "--batch-size", 99),
+                       "--batch-size must be between 1 and the build's decode batch bound 16")  # fmt: skip
+    assert_clean_error(*run("eval", model, "--data", data, "--batch-size", 2), "build it first to batch")
+
+
+#: Prompts of different lengths and images (AutoPrune: different schedule rows), decoded together.
+BATCH_PROMPTS = [*PROMPTS, (5, "Describe everything you can see in this picture, please."), (6, "What?")]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_batched_answers_equal_batch_one_answers(kind: str, builds) -> None:
+    """Five prompts through the continuous-batching scheduler, three sequences per decode step (requests
+    join as others finish): each answer equals the batch-1 runtime's token for token (fp32). AutoPrune
+    sequences hold different KV counts per request and per layer in one batch."""
+    items = [(random_image(seed), question) for seed, question in BATCH_PROMPTS]
+    with GenerationRunner(builds[kind], provider="cpu") as runner:
+        alone = [runner.generate(image, question, NEW_TOKENS) for image, question in items]
+        together = runner.generate_batch(items, NEW_TOKENS, batch_size=3)
+    assert [a.token_ids for a in together] == [a.token_ids for a in alone]
+    assert [a.text for a in together] == [a.text for a in alone]
+    assert [a.stats.kv_tokens_per_layer for a in together] == [a.stats.kv_tokens_per_layer for a in alone]
+    if isinstance(KINDS[kind][0].tokens, AutoPruneSection):
+        assert len({tuple(a.stats.kv_tokens_per_layer) for a in together}) >= 3
+        assert len({a.stats.autoprune["keep"][-1] for a in together}) >= 2  # different schedule rows
 
 
 def test_bench_generate_times_both_builds(builds) -> None:
