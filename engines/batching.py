@@ -231,6 +231,7 @@ class Scheduler:
         self._queue: deque[Request] = deque()
         self._lock = threading.Condition()
         self._stopping = False
+        self._deadline = 0.0
         self._waiting: tuple[Request, Prefilled] | None = None  # prefilled, held until the budget has room
         self._slots: list[_Slot] = []
         self._cache = PaddedCache(num_layers)
@@ -251,10 +252,13 @@ class Scheduler:
             self._lock.notify_all()
         return request
 
-    def stop(self) -> None:
-        """Let :meth:`serve` return after the current step (pending requests then get :meth:`fail_all`)."""
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Refuse new requests and let :meth:`serve` return: once every request in flight has finished, or
+        after ``drain_s`` seconds, or after the current step with ``drain_s=0`` (what is left then waits for
+        :meth:`fail_all`)."""
         with self._lock:
             self._stopping = True
+            self._deadline = self.clock() + drain_s
             self._lock.notify_all()
 
     @property
@@ -272,13 +276,21 @@ class Scheduler:
         while self.step():
             pass
 
-    def serve(self, idle_wait_s: float = 0.1) -> None:
-        """Serve until :meth:`stop`; idle, wait for :meth:`submit`."""
+    def serve(self, idle_wait_s: float = 0.1, on_idle: Callable[[], None] | None = None) -> None:
+        """Serve until :meth:`stop`; idle, wait for :meth:`submit`. ``on_idle`` runs each time the last
+        request in flight has finished."""
+        busy = False
         while True:
+            with self._lock:
+                idle = not self._queue and self._waiting is None and not self._slots
+            if idle and busy and on_idle is not None:
+                on_idle()
+            busy = not idle
             with self._lock:
                 while not self._stopping and not self._queue and self._waiting is None and not self._slots:
                     self._lock.wait(idle_wait_s)
-                if self._stopping:
+                busy = bool(self._queue or self._waiting is not None or self._slots)
+                if self._stopping and (not busy or self.clock() >= self._deadline):
                     return
             self.step()
 

@@ -2,7 +2,7 @@
 
 :class:`TritonAsker` talks HTTP or gRPC through ``tritonclient``. It finds the model to call (the one whose
 inputs are ``image`` and ``question``) when none is named, and reads from the model's configuration whether
-it is decoupled (``deploy --stream``): a decoupled model is called over a gRPC stream and its text pieces
+it is decoupled (``deploy --stream`` or ``--max-batch`` > 1): a decoupled model is called over a gRPC stream and its text pieces
 are handed to ``on_text`` as they arrive. Every failure (server unreachable, model missing, a request the
 model refuses) becomes one :class:`~prune_core.errors.ServeError` line with the server's own message.
 """
@@ -159,7 +159,7 @@ class TritonAsker:
         inputs = self._inputs(image, question, max_new_tokens, ignore_eos)
         if self.decoupled:
             if self.protocol != "grpc":
-                raise ServeError(f"model {self.model} streams its answer (deployed with --stream): ask it with "
+                raise ServeError(f"model {self.model} is decoupled (deployed with --stream or --max-batch > 1): ask it with "
                                  "--protocol grpc (the gRPC port, 8001 by default)")  # fmt: skip
             return self._ask_stream(inputs, on_text)
         started = time.perf_counter()

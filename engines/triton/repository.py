@@ -9,6 +9,7 @@
       NAME/1/processor/...          the build's tokenizer and image processor
       NAME/1/prune_export_prompt.py the prompt and detokenisation rules of ``prune-export run``
       NAME/1/prune_export_anyres.py any-resolution (LLaVA-NeXT) builds: the tiling rules that pack each image's tiles
+      NAME/1/prune_export_batching.py ``--max-batch`` > 1 or ``--stream``: the continuous-batching scheduler
       NAME_vision/config.pbtxt      NAME_vision/1/model.onnx (+ its external data file, same name as in the build)
       NAME_prefill/...              (or NAME_prefill_head/, NAME_prefill_tail/ for a split AutoPrune build)
       NAME_embed/...                NAME_decode/...
@@ -35,13 +36,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import engines.batching as batching_rules
 import prune_core.anyres as anyres_rules
 import prune_core.prompt as prompt_rules
 from prune_core import defaults
 from prune_core.autoprune import INDEX_SLACK
 from prune_core.errors import BuildError
 from prune_core.io import staged_directory
-from prune_core.manifest import Manifest, check_new_tokens, load_schedule_table
+from prune_core.manifest import Manifest, check_batch_size, check_new_tokens, load_schedule_table
 
 from .config import MODEL_FILES, GraphModelConfig, Kind, check_against_onnx, parse_config
 
@@ -117,6 +119,8 @@ class RepositoryFromBuild:
         max_new_tokens: int | None = None,
         max_image_pixels: int = defaults.MAX_IMAGE_PIXELS,
         stream: bool = False,
+        max_batch: int = 1,
+        kv_budget_mb: float | None = None,
         overwrite: bool = False,
         manifest: Manifest | None = None,
         log: Callable[[str], None] = lambda message: None,
@@ -146,6 +150,15 @@ class RepositoryFromBuild:
         self.max_image_pixels = max_image_pixels
         bound = int(generation["max_new_tokens"])
         self.max_new_tokens = bound if max_new_tokens is None else check_new_tokens(self.manifest, max_new_tokens)
+        self.max_batch = check_batch_size(self.manifest, max_batch, "--max-batch")
+        if kv_budget_mb is not None and not kv_budget_mb > 0:
+            raise BuildError(f"--kv-budget-mb must be > 0, got {kv_budget_mb}")
+        self.kv_budget_bytes = None if kv_budget_mb is None else int(kv_budget_mb * 2**20)
+
+    @property
+    def decoupled(self) -> bool:
+        """The served model is decoupled (the batching scheduler runs it) when it streams or batches."""
+        return self.stream or self.max_batch > 1
 
     def model_name(self, graph: str) -> str:
         return f"{self.name}_{graph}"
@@ -221,6 +234,9 @@ class RepositoryFromBuild:
             "max_image_pixels": self.max_image_pixels,
             "input_dtypes": dtypes,
             "processor": "processor",
+            "stream": self.stream,
+            "max_batch": self.max_batch,
+            "kv_budget_bytes": self.kv_budget_bytes,
         }
         tiling = m.model_spec().tiling
         if tiling is not None:
@@ -242,13 +258,15 @@ class RepositoryFromBuild:
         model_dir = work / self.name
         version = model_dir / "1"
         version.mkdir(parents=True)
-        text = orchestrator_config(self.name, instances=self.instances, stream=self.stream)
+        text = orchestrator_config(self.name, instances=self.instances, stream=self.decoupled)
         parse_config(text, f"{self.name}/config.pbtxt")
         (model_dir / "config.pbtxt").write_text(text)
         shutil.copyfile(MODELS_DIR / "orchestrator.py", version / "model.py")
         shutil.copyfile(Path(prompt_rules.__file__), version / "prune_export_prompt.py")
         if self.manifest.model_spec().any_resolution:
             shutil.copyfile(Path(anyres_rules.__file__), version / "prune_export_anyres.py")
+        if self.decoupled:
+            shutil.copyfile(Path(batching_rules.__file__), version / "prune_export_batching.py")
         (version / GENERATION_FILE).write_text(json.dumps(self.generation_spec(), indent=2) + "\n")
         source = self.build_dir / str((self.manifest.generation or {})["processor"])
         if not source.is_dir():
@@ -256,7 +274,11 @@ class RepositoryFromBuild:
         for path in sorted(source.rglob("*")):
             if path.is_file():
                 _place(path, version / "processor" / path.relative_to(source))
-        mode = "decoupled, streams text pieces" if self.stream else "one response per request"
+        mode = "decoupled, streams text pieces" if self.stream else (
+            "decoupled, one response per request" if self.decoupled else "one response per request")
+        if self.decoupled:
+            budget = "no KV budget" if self.kv_budget_bytes is None else f"KV budget {self.kv_budget_bytes / 2**20:.0f} MiB"
+            mode += f", continuous batching of up to {self.max_batch} sequences, {budget}"
         self.log(f"  {self.name}: python (BLS orchestrator, {mode}), max_new_tokens <= {self.max_new_tokens}")
 
     def _write_versions(self, work: Path) -> None:
@@ -272,6 +294,17 @@ class RepositoryFromBuild:
             "orchestrator_needs": ["numpy<2", "transformers", "tokenizers", "pillow"],
         }
         (work / VERSIONS_FILE).write_text(json.dumps(versions, indent=2) + "\n")
+
+    def _mode_text(self) -> str:
+        if not self.decoupled:
+            return "One request at a time per instance: HTTP or gRPC."
+        text = ("The model is **decoupled** (gRPC streaming or HTTP `generate_stream`): it streams the answer's "
+                "text pieces as they come." if self.stream else
+                "The model is **decoupled** (gRPC streaming or HTTP `generate_stream`): one response with the "
+                "whole answer, then the final flag.")  # fmt: skip
+        budget = "" if self.kv_budget_bytes is None else f", within a KV-cache budget of {self.kv_budget_bytes / 2**20:.0f} MiB"
+        return (f"{text} Concurrent requests are decoded together, up to {self.max_batch} sequences per decode "
+                f"step{budget}: a request joins between decode steps and leaves when its answer ends.")
 
     def _readme(self, platforms: dict[str, str]) -> str:
         rows = "\n".join(f"| `{model}` | `{platform}` |" for model, platform in platforms.items())
@@ -293,7 +326,7 @@ Generated by `prune-export deploy` from a build of `{Path(str(self.manifest.mode
 | `ignore_eos` | `TYPE_BOOL [1]`, optional | generate exactly `max_new_tokens` (benchmarks) |
 
 Outputs: `answer` (`TYPE_STRING [1]`, greedy) and `new_tokens` (`TYPE_INT32 [1]`).
-{"The model is **decoupled**: it streams the answer's text pieces (gRPC streaming or HTTP `generate_stream`)." if self.stream else ""}
+{self._mode_text()}
 
 `{self.name}` is a Python-backend model that runs the graph models below by BLS requests
 (vision -> embed -> prefill -> greedy decode steps, carrying every layer's KV cache):

@@ -30,10 +30,17 @@ from ..output import echo_answer, echo_json, log_err
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=defaults.MAX_IMAGE_PIXELS, show_default=True,
               help="The served model refuses a larger image (HTTP 400), read from its header before decoding.")
 @click.option("--stream", is_flag=True, help="A decoupled model that streams the answer as its tokens come (gRPC).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Decode up to N concurrent requests together (continuous batching; at most the build's "
+                   "--max-batch). N > 1 makes the model decoupled: ask it over gRPC.")
+@click.option("--kv-budget-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --max-batch: the most memory the batch's KV caches may take; requests beyond it wait "
+                   "[default: no budget].")
 @click.option("--overwrite", is_flag=True, help="Replace REPO if it exists.")
 @json_option()
 def deploy_cmd(build_dir: Path, repo_dir: Path, name: str, instances: int, device: str, max_new_tokens: int | None,
-               max_image_pixels: int, stream: bool, overwrite: bool, as_json: bool) -> None:
+               max_image_pixels: int, stream: bool, max_batch: int, kv_budget_mb: float | None, overwrite: bool,
+               as_json: bool) -> None:
     """Write BUILD_DIR as a Triton model repository: one model per graph and the model clients call.
 
     Every config.pbtxt is checked with Triton's schema and against its ONNX graph before REPO appears.
@@ -42,7 +49,8 @@ def deploy_cmd(build_dir: Path, repo_dir: Path, name: str, instances: int, devic
     from ..workflows.deploy import deploy
 
     result = deploy(build_dir, repo_dir, name=name, instances=instances, device=device, max_new_tokens=max_new_tokens,
-                    max_image_pixels=max_image_pixels, stream=stream, overwrite=overwrite, log=(lambda m: None) if as_json else log_err)  # fmt: skip
+                    max_image_pixels=max_image_pixels, stream=stream, max_batch=max_batch, kv_budget_mb=kv_budget_mb,
+                    overwrite=overwrite, log=(lambda m: None) if as_json else log_err)  # fmt: skip
     if as_json:
         echo_json(result)
         return

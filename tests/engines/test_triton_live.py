@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,7 +77,7 @@ def server(server_env, triton_builds: dict[str, Path], next_triton_build: Path, 
     repos = []
     builds = {**triton_builds, "next": next_triton_build}
     for model, build, extra in (("dense", "dense", []), ("ap", "autoprune", []), ("apsplit", "split", ["--stream"]),
-                                ("next", "next", [])):  # fmt: skip
+                                ("next", "next", []), ("batch", "autoprune", ["--max-batch", "8"])):  # fmt: skip
         repo = root / f"repo-{model}"
         result = CliRunner().invoke(main, ["deploy", str(builds[build]), "--repo", str(repo), "--name", model, *extra])
         assert result.exit_code == 0, result.output
@@ -173,6 +174,53 @@ def test_eight_concurrent_clients(server, prompts, expected) -> None:
     assert sum(len(r) for r in results) == len(jobs) and all(all(r) for r in results)
 
 
+def test_sixteen_concurrent_clients_share_decode_steps(server, prompts, expected) -> None:
+    """The AutoPrune build deployed with ``--max-batch 8``: sixteen gRPC clients at once, two questions each,
+    every answer equal to ``run``'s (requests join and leave the batch between decode steps). That the
+    steps really carried several sequences is in the server log the last test reads."""
+
+    def client(index: int) -> list[bool]:
+        oks = []
+        with TritonAsker(server["grpc"], model="batch") as asker:
+            assert asker.decoupled
+            for r in range(2):
+                k = (index + r) % len(prompts)
+                image, question = prompts[k]
+                oks.append(asker.ask(image.read_bytes(), question, max_new_tokens=NEW_TOKENS).answer == expected["ap"][k])
+        return oks
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(client, range(16), timeout=300))
+    assert [all(r) for r in results] == [True] * 16
+    server["batched"] = True
+    with pytest.raises(ServeError, match="--max-batch > 1\\): ask it with --protocol grpc"):
+        _ask(server["http"], "batch", *prompts[0])
+
+
+def test_a_cancelled_request_leaves_the_batch(server, prompts, expected) -> None:
+    """A client that cancels its stream mid-answer: the served model drops it between steps (the server
+    log counts it) and the requests beside it and after it are answered."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    image, question = prompts[0]
+    client = grpcclient.InferenceServerClient(server["grpc"].removeprefix("grpc://"))
+    with TritonAsker(server["grpc"], model="batch") as asker:
+        inputs = asker._inputs(image.read_bytes(), question, 1000, True)  # 1000 tokens: it would run for a while
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer("batch", inputs)
+    with ThreadPoolExecutor(2) as pool:
+        beside = pool.submit(_ask, server["grpc"], "batch", image, question)
+        time.sleep(1.0)
+        client.stop_stream(cancel_requests=True)
+        assert beside.result(timeout=120) == expected["ap"][0]
+    client.close()
+    assert _ask(server["grpc"], "batch", *prompts[1]) == expected["ap"][1]
+    server["cancelled"] = True
+
+
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, prompts, expected) -> None:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
@@ -238,9 +286,18 @@ def test_sigterm_stops_the_server_and_every_model_process(server) -> None:
     """Last in the module: stop the server by PID and look for anything left behind."""
     process = server["process"]
     children = _descendants(process.pid)
-    assert len(children) >= 1 + 20  # tritonserver and one stub per model instance (4 repositories x 5 models)
+    assert len(children) >= 1 + 25  # tritonserver and one stub per model instance (5 repositories x 5 models)
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
+    # The batching model's own account, logged each time it fell idle: decode steps that carried up to its
+    # --max-batch of sequences, and the cancelled request.
+    log = server["log"].read_text()
+    line = [x for x in log.splitlines() if "batch:" in x and "decode steps" in x][-1]
+    largest = int(re.search(r"largest (\d+)", line).group(1))
+    if server.get("batched"):
+        assert largest == 8, line
+    if server.get("cancelled"):
+        assert "cancelled 1" in line, line
     time.sleep(1.0)
     alive = [pid for pid in children if _alive(pid)]
     assert not alive, f"still running after SIGTERM: {alive}"

@@ -32,12 +32,15 @@ import io
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 KV_KINDS = ("key", "value", "position")
+#: How long unloading waits for the requests in flight to finish (generation.json ``drain_seconds``).
+DRAIN_SECONDS = 20.0
 #: The schedule table's rounding slack (prune_core.autoprune.INDEX_SLACK), written into generation.json.
 DEFAULT_INDEX_SLACK = 1e-9
 
@@ -99,6 +102,18 @@ class TritonPythonModel:
         self.eos = {int(i) for i in self.spec["eos_token_ids"]}
         self.kv_inputs = [f"past.{layer}.{kind}" for layer in range(self.layers) for kind in KV_KINDS]
         self.kv_outputs = [f"present.{layer}.{kind}" for layer in range(self.layers) for kind in KV_KINDS]
+        self.stream = bool(self.spec.get("stream", self.decoupled))
+        self.scheduler = None
+        self.finished: dict = {}  # finish reason -> requests, logged when the model unloads
+        if self.decoupled:  # one background loop decodes every request in flight together
+            import prune_export_batching
+
+            self.batching = prune_export_batching
+            self.scheduler = prune_export_batching.Scheduler(
+                self, self.layers, max_batch=int(self.spec.get("max_batch", 1)),
+                kv_budget_bytes=self.spec.get("kv_budget_bytes"))  # fmt: skip
+            self.loop = threading.Thread(target=self._serve, name=f"{self.name}-batching", daemon=True)
+            self.loop.start()
         self.anyres = None
         tiling = self.spec.get("any_resolution")
         if tiling is not None:  # LLaVA-NeXT: the image's tiles are packed here, as the build's runtime packs them
@@ -159,7 +174,8 @@ class TritonPythonModel:
         ignore_eos = bool(ignore.as_numpy().reshape(-1)[0]) if ignore is not None else False
         return image, question, new_tokens, ignore_eos
 
-    def _prefill_feeds(self, image, question: str) -> dict:
+    def _prompt(self, image, question: str) -> tuple:
+        """The request's prompt (chat template, pixels, the image span), checked before any graph runs."""
         processor = self.processor
         try:
             inputs = processor(images=image, text=self.rules.prompt_text(processor, question), return_tensors="np")
@@ -179,6 +195,11 @@ class TritonPythonModel:
                                                int(self.spec.get("max_text_tokens", len(ids))))  # fmt: skip
         except self.rules.PromptError as exc:
             raise RequestError(str(exc)) from None
+        return ids, pixels, index, start, end
+
+    def _feeds(self, prompt: tuple) -> dict:
+        """The prefill's inputs: ``vision`` (tiles packed for any-resolution builds) and ``embed``."""
+        ids, pixels, index, start, end = prompt
         m = self.models
         names = ["image_features", "cls_attention"] + (["image_newline"] if index is not None else [])
         vision = self._infer(m["vision"], {"pixel_values": pixels.astype(self.dtypes["pixel_values"])}, names)
@@ -189,6 +210,9 @@ class TritonPythonModel:
         feeds = {"sys_embeds": embeds[:, :start], "image_embeds": vision["image_features"],
                  "text_embeds": embeds[:, end:], "cls_attention": vision["cls_attention"]}  # fmt: skip
         return {k: v.astype(self.dtypes[k], copy=False) for k, v in feeds.items()}
+
+    def _prefill_feeds(self, image, question: str) -> dict:
+        return self._feeds(self._prompt(image, question))
 
     def _prefill(self, feeds: dict) -> tuple:
         m = self.models
@@ -248,31 +272,96 @@ class TritonPythonModel:
             pieces.add(token)
         return self._response(pieces.text(), len(pieces.ids))
 
-    def _stream(self, request) -> None:
+    # -- the batching scheduler's engine (decoupled deployments) -----------------------------------------
+    def decode(self, input_ids, cache: list) -> tuple:
+        """One decode step of the batch through the decode model (``prune_export_batching.DecodeEngine``)."""
+        feeds = {"input_ids": input_ids, **dict(zip(self.kv_inputs, cache, strict=True))}
+        result = self._infer(self.models["decode"], feeds, ["logits", *self.kv_outputs])
+        return result["logits"], [result[name] for name in self.kv_outputs]
+
+    @staticmethod
+    def to_numpy(value):
+        return value
+
+    def _prefilled(self, prompt: tuple):
+        logits, out = self._prefill(self._feeds(prompt))
+        return self.batching.Prefilled(np.asarray(logits[0], dtype=np.float32), [out[name] for name in self.kv_outputs])
+
+    def _serve(self) -> None:
+        """The background loop: admit, step, retire, until the model is unloaded. A failure outside any one
+        request (a bug) ends the requests in flight with its reason, and the loop goes on."""
+        while True:
+            try:
+                self.scheduler.serve(on_idle=self._log_account)
+                return
+            except Exception as exc:
+                pb_utils.Logger.log_error(f"{self.name}: batching loop: {type(exc).__name__}: {exc}")
+                self.scheduler.fail_all(GraphModelError(f"internal error {type(exc).__name__}: {exc}"))
+
+    def _send(self, sender, response=None, final: bool = False) -> None:
+        """Send, never raising: a client that went away must not stop the loop (its request is cancelled)."""
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        try:
+            if response is None:
+                sender.send(flags=flags)
+            else:
+                sender.send(response, flags=flags)
+        except Exception as exc:
+            pb_utils.Logger.log_warn(f"{self.name}: could not send a response ({type(exc).__name__}: {exc})")
+
+    def _failure(self, exc: BaseException):
+        if isinstance(exc, (RequestError, self.batching.BatchingError)):
+            return self._error(f"{self.name}: {exc}")
+        if isinstance(exc, GraphModelError):
+            return self._error(f"{self.name}: {exc}", False)
+        return self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}", False)
+
+    def _submit(self, request) -> None:
+        """Parse and check ``request``, then hand it to the scheduler; its responses go out from the loop."""
         sender = request.get_response_sender()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             image, question, max_new_tokens, ignore_eos = self._parse(request)
-            pieces = self.rules.TextPieces(self.processor.tokenizer)
-            for token in self._tokens(image, question, max_new_tokens, ignore_eos):
-                piece = pieces.add(token)
-                if piece:
-                    sender.send(self._response(piece, len(pieces.ids)))
-            rest = pieces.finish()
-            if rest:
-                sender.send(self._response(rest, len(pieces.ids)))
-            sender.send(flags=final)
+            prompt = self._prompt(image, question)
         except RequestError as exc:
-            sender.send(self._error(f"{self.name}: {exc}"), flags=final)
-        except GraphModelError as exc:
-            sender.send(self._error(f"{self.name}: {exc}", False), flags=final)
-        except Exception as exc:  # an internal failure still ends the stream, with its reason
-            sender.send(self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}", False), flags=final)
+            self._send(sender, self._error(f"{self.name}: {exc}"), final=True)
+            return
+        except Exception as exc:
+            self._send(sender, self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}", False), final=True)
+            return
+        pieces = self.rules.TextPieces(self.processor.tokenizer)
+        stream = self.stream
+
+        def on_token(job, token: int) -> None:
+            piece = pieces.add(token)
+            if stream and piece:
+                self._send(sender, self._response(piece, len(pieces.ids)))
+
+        def on_finish(job, error) -> None:
+            self.finished[job.finish_reason] = self.finished.get(job.finish_reason, 0) + 1
+            if error is not None:
+                self._send(sender, self._failure(error), final=True)
+            elif job.finish_reason == "cancelled":
+                self._send(sender, final=True)
+            elif stream:
+                rest = pieces.finish()
+                if rest:
+                    self._send(sender, self._response(rest, len(pieces.ids)))
+                self._send(sender, final=True)
+            else:
+                self._send(sender, self._response(pieces.text(), len(pieces.ids)), final=True)
+
+        cancelled = getattr(request, "is_cancelled", None) or getattr(sender, "is_cancelled", None)
+        job = self.batching.Request(lambda: self._prefilled(prompt), max_new_tokens, frozenset(self.eos), ignore_eos,
+                                    on_token=on_token, on_finish=on_finish, is_cancelled=cancelled)  # fmt: skip
+        try:
+            self.scheduler.submit(job)
+        except self.batching.BatchingError as exc:
+            self._send(sender, self._error(f"{self.name}: {exc}", False), final=True)
 
     def execute(self, requests: list):
-        if self.decoupled:
+        if self.scheduler is not None:
             for request in requests:
-                self._stream(request)
+                self._submit(request)
             return None
         responses = []
         for request in requests:
@@ -285,3 +374,21 @@ class TritonPythonModel:
             except Exception as exc:
                 responses.append(self._error(f"{self.name}: internal error {type(exc).__name__}: {exc}", False))
         return responses
+
+    def finalize(self) -> None:
+        """Unloading (SIGTERM, a repository change): the requests in flight finish first, for at most
+        ``drain_seconds``; whatever is left then gets an error that says the server is shutting down."""
+        if self.scheduler is None:
+            return
+        self.scheduler.stop(drain_s=float(self.spec.get("drain_seconds", DRAIN_SECONDS)))
+        self.loop.join()
+        self.scheduler.fail_all(GraphModelError("the server is shutting down; send the request again when it is back"))
+        self._log_account()
+
+    def _log_account(self) -> None:
+        """The model's account so far, in the server log whenever its last request in flight has finished."""
+        sizes = self.scheduler.batch_sizes
+        done = self.finished
+        pb_utils.Logger.log_info(
+            f"{self.name}: {sum(done.values())} requests ({', '.join(f'{k} {v}' for k, v in sorted(done.items()))}); "
+            f"{len(sizes)} decode steps, mean batch {np.mean(sizes) if sizes else 0:.2f}, largest {max(sizes, default=0)}")
