@@ -79,7 +79,7 @@ def ensure_bench_builds(model: Path, budget: float, tokens: float, rebuild: bool
 
     def ensure(name: str, choice: PlanChoice) -> Path:
         out = BUILDS / name
-        if (out / MANIFEST_NAME).is_file() and not rebuild and Manifest.load(out, verify="none").generation is not None:
+        if (out / MANIFEST_NAME).is_file() and not rebuild and "max_batch" in (Manifest.load(out, verify="none").generation or {}):
             return out
         print(f"building {out}")
         build(model, out, choice, BuildSettings(overwrite=True, provider="cpu"), lambda m: print("  " + m))

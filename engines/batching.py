@@ -135,6 +135,18 @@ def slot_bytes(cache: Sequence[np.ndarray], num_layers: int) -> list[int]:
     return out
 
 
+def batch_kv_bytes(sequences: Sequence[tuple[Sequence[int], int]], slot_bytes: Sequence[int]) -> int:
+    """The most a batch's padded caches can grow to: ``sequences`` are (KV tokens per layer now, tokens
+    still to come) of each sequence; every layer is as long as its longest sequence will get, for every row.
+    """
+    if not sequences:
+        return 0
+    total = 0
+    for layer, per_slot in enumerate(slot_bytes):
+        total += max(tokens[layer] + remaining for tokens, remaining in sequences) * per_slot
+    return total * len(sequences)
+
+
 class PaddedCache:
     """The caches of the sequences in one decode batch: per layer ``key/value [B, kv_heads, L_l, hd]`` and
     ``position [B, L_l]``, each row right-aligned and left-padded with position -1 (module docstring)."""
@@ -383,11 +395,8 @@ class Scheduler:
         slots = self._slots + ([extra] if extra is not None else [])
         if not slots or self._slot_bytes is None:
             return 0
-        total = 0
-        for layer in range(self.num_layers):
-            longest = max(s.kv_tokens[layer] + s.request.max_new_tokens - len(s.request.tokens) for s in slots)
-            total += longest * self._slot_bytes[layer]
-        return total * len(slots)
+        return batch_kv_bytes([(s.kv_tokens, s.request.max_new_tokens - len(s.request.tokens)) for s in slots],
+                              self._slot_bytes)  # fmt: skip
 
     def _admit(self) -> None:
         while len(self._slots) < self.max_batch:

@@ -19,6 +19,9 @@ from prune_export.cli import main
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is a dependency")
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -69,6 +72,30 @@ def test_the_model_clients_call(triton_builds: dict[str, Path], tmp_path: Path) 
     assert (spec["max_new_tokens"], spec["default_new_tokens"], spec["num_layers"]) == (32, 32, 4)
     assert spec["input_dtypes"]["pixel_values"] == "float32" and "schedule" not in spec
     assert "Clients call **`vlm`**" in (repo / "README.md").read_text()
+
+
+def test_max_batch_deploys_the_batching_orchestrator(triton_builds: dict[str, Path], tmp_path: Path) -> None:
+    """``--max-batch N``: a decoupled model with the scheduler beside it and its bounds in generation.json;
+    the decode model takes a batch (its first dimension is dynamic). Without it: today's one-response model."""
+    build = triton_builds["autoprune"]
+    repo = RepositoryFromBuild(build, tmp_path / "repo", name="vlm", max_batch=8, kv_budget_mb=64)()
+    version = repo / "vlm" / "1"
+    cfg = parse_config((repo / "vlm" / "config.pbtxt").read_text(), "vlm")
+    assert cfg.model_transaction_policy.decoupled
+    spec = json.loads((version / "generation.json").read_text())
+    assert (spec["max_batch"], spec["kv_budget_bytes"], spec["stream"]) == (8, 64 * 2**20, False)
+    assert (version / "prune_export_batching.py").read_text() == (ROOT / "engines" / "batching.py").read_text()
+    decode = parse_config((repo / "vlm_decode" / "config.pbtxt").read_text(), "vlm_decode")
+    dims = {t.name: list(t.dims) for t in decode.input}
+    assert dims["input_ids"] == [-1, 1] and dims["past.0.key"][0] == -1 and dims["past.0.position"] == [-1, -1]
+    assert "up to 8 sequences per decode step, within a KV-cache budget of 64 MiB" in (repo / "README.md").read_text()
+    plain = RepositoryFromBuild(build, tmp_path / "plain", name="vlm")()
+    assert not parse_config((plain / "vlm" / "config.pbtxt").read_text(), "vlm").model_transaction_policy.decoupled
+    assert not (plain / "vlm" / "1" / "prune_export_batching.py").exists()
+    with pytest.raises(BuildError, match="--max-batch must be between 1 and the build's decode batch bound 16"):
+        RepositoryFromBuild(build, tmp_path / "r", max_batch=17)
+    with pytest.raises(BuildError, match="--kv-budget-mb must be > 0"):
+        RepositoryFromBuild(build, tmp_path / "r", max_batch=2, kv_budget_mb=0)
 
 
 def test_a_split_build_carries_its_schedule_table(triton_builds: dict[str, Path], tmp_path: Path) -> None:
