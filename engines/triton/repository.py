@@ -121,6 +121,7 @@ class RepositoryFromBuild:
         stream: bool = False,
         max_batch: int = 1,
         kv_budget_mb: float | None = None,
+        decode_in: str | None = None,
         overwrite: bool = False,
         manifest: Manifest | None = None,
         log: Callable[[str], None] = lambda message: None,
@@ -154,6 +155,17 @@ class RepositoryFromBuild:
         if kv_budget_mb is not None and not kv_budget_mb > 0:
             raise BuildError(f"--kv-budget-mb must be > 0, got {kv_budget_mb}")
         self.kv_budget_bytes = None if kv_budget_mb is None else int(kv_budget_mb * 2**20)
+        onnx_decode = self._engine("decode") is None
+        if decode_in not in (None, "orchestrator", "bls"):
+            raise BuildError(f"--decode-in must be orchestrator or bls, got {decode_in!r}")
+        if decode_in == "orchestrator" and not onnx_decode:
+            raise BuildError("--decode-in orchestrator runs decode.onnx with ONNX Runtime inside the served model; this "
+                             "build's decode graph is a TensorRT engine: use --decode-in bls")  # fmt: skip
+        if decode_in == "orchestrator" and not self.decoupled:
+            raise BuildError("--decode-in orchestrator is the batching model's engine: pass --max-batch N or --stream")
+        #: where the batching model runs decode steps: in its own process (ONNX Runtime, caches stay there) or
+        #: by BLS requests to NAME_decode (TensorRT engines; every step sends the caches there and back)
+        self.decode_in = decode_in or ("orchestrator" if self.decoupled and onnx_decode else "bls")
 
     @property
     def decoupled(self) -> bool:
@@ -237,6 +249,8 @@ class RepositoryFromBuild:
             "stream": self.stream,
             "max_batch": self.max_batch,
             "kv_budget_bytes": self.kv_budget_bytes,
+            "decode_in": self.decode_in,
+            "device": self.kind,
         }
         tiling = m.model_spec().tiling
         if tiling is not None:
@@ -278,7 +292,8 @@ class RepositoryFromBuild:
             "decoupled, one response per request" if self.decoupled else "one response per request")
         if self.decoupled:
             budget = "no KV budget" if self.kv_budget_bytes is None else f"KV budget {self.kv_budget_bytes / 2**20:.0f} MiB"
-            mode += f", continuous batching of up to {self.max_batch} sequences, {budget}"
+            where = "in this model (ONNX Runtime)" if self.decode_in == "orchestrator" else f"by BLS to {self.model_name('decode')}"
+            mode += f", continuous batching of up to {self.max_batch} sequences, {budget}, decode steps {where}"
         self.log(f"  {self.name}: python (BLS orchestrator, {mode}), max_new_tokens <= {self.max_new_tokens}")
 
     def _write_versions(self, work: Path) -> None:
@@ -291,9 +306,15 @@ class RepositoryFromBuild:
             "tensorrt": m.engines.tensorrt if m.engines is not None else None,
             "build": {"dtype": m.dtype, "target": m.target, "fingerprint": m.model["fingerprint"],
                       "prefill_layout": m.prefill_layout},  # fmt: skip
-            "orchestrator_needs": ["numpy<2", "transformers", "tokenizers", "pillow"],
+            "orchestrator_needs": ["numpy<2", "transformers", "tokenizers", "pillow"]
+            + (["onnxruntime (onnxruntime-gpu with --device gpu)"] if self.decode_in == "orchestrator" else []),
         }
         (work / VERSIONS_FILE).write_text(json.dumps(versions, indent=2) + "\n")
+
+    def _extra_pip(self) -> str:
+        if self.decode_in != "orchestrator":
+            return ""
+        return " onnxruntime-gpu" if self.kind == "gpu" else " onnxruntime"
 
     def _mode_text(self) -> str:
         if not self.decoupled:
@@ -303,8 +324,11 @@ class RepositoryFromBuild:
                 "The model is **decoupled** (gRPC streaming or HTTP `generate_stream`): one response with the "
                 "whole answer, then the final flag.")  # fmt: skip
         budget = "" if self.kv_budget_bytes is None else f", within a KV-cache budget of {self.kv_budget_bytes / 2**20:.0f} MiB"
+        where = (f"this model runs the decode graph itself (`{self.model_name('decode')}/1/model.onnx`, ONNX Runtime, "
+                 "so the KV caches stay in its process between steps; it needs `onnxruntime` in its Python)"
+                 if self.decode_in == "orchestrator" else f"each decode step is a BLS request to `{self.model_name('decode')}`")
         return (f"{text} Concurrent requests are decoded together, up to {self.max_batch} sequences per decode "
-                f"step{budget}: a request joins between decode steps and leaves when its answer ends.")
+                f"step{budget}: a request joins between decode steps and leaves when its answer ends; {where}.")
 
     def _readme(self, platforms: dict[str, str]) -> str:
         rows = "\n".join(f"| `{model}` | `{platform}` |" for model, platform in platforms.items())
@@ -343,7 +367,7 @@ The graph models use Triton's native backends; the Python model needs `transform
 ```bash
 docker run --rm --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD:/models \\
   nvcr.io/nvidia/tritonserver:24.10-py3 \\
-  bash -c "pip install 'numpy<2' transformers pillow && tritonserver --model-repository=/models"
+  bash -c "pip install 'numpy<2' transformers pillow{self._extra_pip()} && tritonserver --model-repository=/models"
 ```
 
 (or pack that environment with conda-pack and point the Python model at it with the

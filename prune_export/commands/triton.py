@@ -36,10 +36,15 @@ from ..output import echo_answer, echo_json, log_err
 @click.option("--kv-budget-mb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="With --max-batch: the most memory the batch's KV caches may take; requests beyond it wait "
                    "[default: no budget].")
+@click.option("--decode-in", type=click.Choice(["orchestrator", "bls"]), default=None,
+              help="Where the batching model runs decode steps: orchestrator (decode.onnx in its own process with "
+                   "ONNX Runtime; the KV caches stay there) or bls (a request to NAME_decode per step, caches sent "
+                   "there and back) [default: orchestrator, bls for a TensorRT decode engine].")
 @click.option("--overwrite", is_flag=True, help="Replace REPO if it exists.")
 @json_option()
 def deploy_cmd(build_dir: Path, repo_dir: Path, name: str, instances: int, device: str, max_new_tokens: int | None,
-               max_image_pixels: int, stream: bool, max_batch: int, kv_budget_mb: float | None, overwrite: bool,
+               max_image_pixels: int, stream: bool, max_batch: int, kv_budget_mb: float | None, decode_in: str | None,
+               overwrite: bool,
                as_json: bool) -> None:
     """Write BUILD_DIR as a Triton model repository: one model per graph and the model clients call.
 
@@ -50,7 +55,7 @@ def deploy_cmd(build_dir: Path, repo_dir: Path, name: str, instances: int, devic
 
     result = deploy(build_dir, repo_dir, name=name, instances=instances, device=device, max_new_tokens=max_new_tokens,
                     max_image_pixels=max_image_pixels, stream=stream, max_batch=max_batch, kv_budget_mb=kv_budget_mb,
-                    overwrite=overwrite, log=(lambda m: None) if as_json else log_err)  # fmt: skip
+                    decode_in=decode_in, overwrite=overwrite, log=(lambda m: None) if as_json else log_err)  # fmt: skip
     if as_json:
         echo_json(result)
         return

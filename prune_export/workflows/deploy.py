@@ -23,7 +23,7 @@ from prune_core.manifest import Manifest
 def deploy(
     build_dir: Path, repo_dir: Path, *, name: str = "prune_export", instances: int = 1, device: str = "cpu",
     max_new_tokens: int | None = None, max_image_pixels: int = defaults.MAX_IMAGE_PIXELS, stream: bool = False,
-    max_batch: int = 1, kv_budget_mb: float | None = None, overwrite: bool = False, log: Callable[[str], None] = lambda message: None,
+    max_batch: int = 1, kv_budget_mb: float | None = None, decode_in: str | None = None, overwrite: bool = False, log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``build_dir`` as the Triton repository ``repo_dir``; what was written."""
     from engines.triton.repository import RepositoryFromBuild
@@ -32,12 +32,13 @@ def deploy(
     manifest = Manifest.load(build_dir, verify="full")
     writer = RepositoryFromBuild(build_dir, repo_dir, name=name, instances=instances, kind=device,  # type: ignore[arg-type]
                                  max_new_tokens=max_new_tokens, max_image_pixels=max_image_pixels, stream=stream,
-                                 max_batch=max_batch, kv_budget_mb=kv_budget_mb, overwrite=overwrite,
+                                 max_batch=max_batch, kv_budget_mb=kv_budget_mb, decode_in=decode_in,
+                                 overwrite=overwrite,
                                  manifest=manifest, log=log)  # fmt: skip
     repo = writer()
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     return {"repository": str(repo), "model": name, "models": models, "stream": stream, "max_batch": writer.max_batch,
-            "decoupled": writer.decoupled,
+            "decoupled": writer.decoupled, "decode_in": writer.decode_in,
             "max_new_tokens": writer.max_new_tokens, "seconds": time.perf_counter() - started}  # fmt: skip
 
 

@@ -1,8 +1,10 @@
 """Live: deploy tiny builds, ``prune-export serve`` them on loopback, ask over HTTP and gRPC.
 
-One server for the module serves four repositories: a dense build (``dense``), an AutoPrune build
-(``ap``), a split AutoPrune build deployed with ``--stream`` (``apsplit``, decoupled) and a LLaVA-NeXT
-AutoPrune build (``next``: any-resolution images, each packed from its own tiles by the served model). The reference
+One server for the module serves five repositories: a dense build (``dense``), an AutoPrune build
+(``ap``), a split AutoPrune build deployed with ``--stream --decode-in bls`` (``apsplit``, decoupled, decode
+steps by BLS), a LLaVA-NeXT AutoPrune build (``next``: any-resolution images, each packed from its own
+tiles by the served model) and the AutoPrune build deployed with ``--max-batch 8`` (``batch``: continuous
+batching, decode steps inside the served model). The reference
 answers come from ``prune-export run``'s workflow on the same build directories, in this process; the
 served ones from the orchestrator model inside Triton's Python backend. Loops are bounded, the server is
 stopped by PID (SIGTERM) at the end, and no server or model process may outlive it.
@@ -76,7 +78,7 @@ def server(server_env, triton_builds: dict[str, Path], next_triton_build: Path, 
     root = tmp_path_factory.mktemp("triton-live")
     repos = []
     builds = {**triton_builds, "next": next_triton_build}
-    for model, build, extra in (("dense", "dense", []), ("ap", "autoprune", []), ("apsplit", "split", ["--stream"]),
+    for model, build, extra in (("dense", "dense", []), ("ap", "autoprune", []), ("apsplit", "split", ["--stream", "--decode-in", "bls"]),
                                 ("next", "next", []), ("batch", "autoprune", ["--max-batch", "8"])):  # fmt: skip
         repo = root / f"repo-{model}"
         result = CliRunner().invoke(main, ["deploy", str(builds[build]), "--repo", str(repo), "--name", model, *extra])

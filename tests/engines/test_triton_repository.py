@@ -40,7 +40,7 @@ def test_every_graph_becomes_a_checked_onnxruntime_model(triton_builds: dict[str
         assert _sha(served) == _sha(build / f"{graph}.onnx")  # the build's graph, unchanged
         check_against_onnx(cfg, served, model)
     decode = parse_config((repo / "vlm_decode" / "config.pbtxt").read_text(), "decode")
-    assert [list(t.dims) for t in decode.input[:4]] == [[1, 1], [1, 4, -1, 16], [1, 4, -1, 16], [1, -1]]
+    assert [list(t.dims) for t in decode.input[:4]] == [[-1, 1], [-1, 4, -1, 16], [-1, 4, -1, 16], [-1, -1]]  # batches
     versions = json.loads((repo / "versions.json").read_text())
     assert versions["build"]["target"] == "onnxruntime" and versions["onnxruntime"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial directory left
@@ -84,6 +84,7 @@ def test_max_batch_deploys_the_batching_orchestrator(triton_builds: dict[str, Pa
     assert cfg.model_transaction_policy.decoupled
     spec = json.loads((version / "generation.json").read_text())
     assert (spec["max_batch"], spec["kv_budget_bytes"], spec["stream"]) == (8, 64 * 2**20, False)
+    assert spec["decode_in"] == "orchestrator"  # the caches stay in the served model's process
     assert (version / "prune_export_batching.py").read_text() == (ROOT / "engines" / "batching.py").read_text()
     decode = parse_config((repo / "vlm_decode" / "config.pbtxt").read_text(), "vlm_decode")
     dims = {t.name: list(t.dims) for t in decode.input}
@@ -96,6 +97,11 @@ def test_max_batch_deploys_the_batching_orchestrator(triton_builds: dict[str, Pa
         RepositoryFromBuild(build, tmp_path / "r", max_batch=17)
     with pytest.raises(BuildError, match="--kv-budget-mb must be > 0"):
         RepositoryFromBuild(build, tmp_path / "r", max_batch=2, kv_budget_mb=0)
+    with pytest.raises(BuildError, match="pass --max-batch N or --stream"):
+        RepositoryFromBuild(build, tmp_path / "r", decode_in="orchestrator")
+    bls = RepositoryFromBuild(build, tmp_path / "bls", name="vlm", max_batch=4, decode_in="bls")()
+    assert json.loads((bls / "vlm" / "1" / "generation.json").read_text())["decode_in"] == "bls"
+    assert "each decode step is a BLS request to `vlm_decode`" in (bls / "README.md").read_text()
 
 
 def test_a_split_build_carries_its_schedule_table(triton_builds: dict[str, Path], tmp_path: Path) -> None:

@@ -80,6 +80,45 @@ def _text(request, name: str) -> str | None:
     return str(value)
 
 
+class OrtDecode:
+    """The build's decode graph run inside this model with ONNX Runtime: the batching scheduler's engine when
+    ``generation.json`` says ``decode_in: orchestrator``. The caches stay ONNX Runtime values between steps
+    (IO binding): a step sends the token ids and the batch's caches never leave this process, where a BLS
+    request to the decode model would copy every layer's cache to it and back at every step."""
+
+    def __init__(self, path: Path, num_layers: int, use_gpu: bool) -> None:
+        import onnxruntime as ort
+
+        self.ort = ort
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.inputs = [f"past.{layer}.{kind}" for layer in range(num_layers) for kind in KV_KINDS]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def decode(self, input_ids, cache: list) -> tuple:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        for name, value in zip(self.inputs, cache, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return values[0].numpy(), list(values[1:])
+
+    @staticmethod
+    def to_numpy(value):
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.config = json.loads(args["model_config"])
@@ -109,8 +148,12 @@ class TritonPythonModel:
             import prune_export_batching
 
             self.batching = prune_export_batching
+            engine = self
+            if self.spec.get("decode_in") == "orchestrator":  # the caches stay in this process
+                decode_file = Path(args["model_repository"]).parent / self.models["decode"] / "1" / "model.onnx"
+                engine = OrtDecode(decode_file, self.layers, self.spec.get("device") == "gpu")
             self.scheduler = prune_export_batching.Scheduler(
-                self, self.layers, max_batch=int(self.spec.get("max_batch", 1)),
+                engine, self.layers, max_batch=int(self.spec.get("max_batch", 1)),
                 kv_budget_bytes=self.spec.get("kv_budget_bytes"))  # fmt: skip
             self.loop = threading.Thread(target=self._serve, name=f"{self.name}-batching", daemon=True)
             self.loop.start()
