@@ -99,6 +99,32 @@ def kv_per_request(build: Path, image, new_tokens: int) -> dict[str, float]:
             "slot_bytes": per_slot}  # fmt: skip
 
 
+def engine_steps(build: Path, image, batches: list[int], steps: int = 6) -> dict[str, float]:
+    """The decode graph alone, in this process (ONNX Runtime, IO binding): ms per step at each batch of
+    copies of the bench prompt's caches (the engine's scaling, without serving or prefills)."""
+    import numpy as np
+
+    from engines.batching import PaddedCache
+
+    out = {}
+    with GenerationRunner(build, provider="cpu") as runner:
+        first = runner.prefilled(runner.prefill_feeds(runner.prompt(image, BENCH_QUESTION)))
+        t0 = time.perf_counter()
+        runner.prefilled(runner.prefill_feeds(runner.prompt(image, BENCH_QUESTION)))
+        out["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+        for batch in batches:
+            padded = PaddedCache(runner.num_layers)
+            for _ in range(batch):
+                padded.add(first.cache)
+            cache, ids, times = padded.arrays, np.ones((batch, 1), dtype=np.int64), []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                _, cache = runner.decode(ids, cache)
+                times.append(time.perf_counter() - t0)
+            out[str(batch)] = statistics.median(times[2:]) * 1e3
+    return out
+
+
 def fits(kv: dict, new_tokens: int, budget_mib: float) -> int:
     """The largest batch of this request that fits ``budget_mib`` under the scheduler's rule."""
     n = 0
@@ -126,6 +152,8 @@ def main() -> None:
     builds = {"dense": dense, f"autoprune_t{args.tokens:g}": pruned[f"AutoPrune T={args.tokens:g}"]}
     args.out.mkdir(parents=True, exist_ok=True)
     kv = {name: kv_per_request(build, bench_image(), args.new_tokens) for name, build in builds.items()}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    engine = {name: engine_steps(build, bench_image(), levels) for name, build in builds.items()}
     repos = []
     for name, build in builds.items():
         repo = args.out / f"repo-{name}"
@@ -134,7 +162,6 @@ def main() -> None:
     buffer = io.BytesIO()
     bench_image().save(buffer, format="PNG")
     image = buffer.getvalue()
-    levels = [int(c) for c in args.concurrency.split(",")]
     log = open(args.out / "server.log", "w")  # noqa: SIM115
     server = LocalTritonServer(repos, http_port=args.port, grpc_port=args.port + 1, metrics_port=args.port + 2, log_file=log)
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -187,13 +214,16 @@ def main() -> None:
         print(f"KV per request, {name}: {k['kv_tokens']} tokens over the layers after the prefill, {k['prefill_mib']:.1f} MiB; "
               f"{k['full_mib']:.1f} MiB with {args.new_tokens} new tokens; a {args.kv_budget_mb:g} MiB budget fits "
               f"{fits(k, args.new_tokens, args.kv_budget_mb)} such requests")  # fmt: skip
+    for name, row in engine.items():
+        cells = ", ".join(f"B={b}: {row[str(b)]:.1f} ms ({b / row[str(b)] * 1e3:.0f} tok/s)" for b in levels)
+        print(f"decode graph alone, in process, {name}: prefill {row['prefill_ms']:.0f} ms; step {cells}")
     for line in accounts[-2:]:
         print(f"server: {line}")
     doc = {"builds": {k: str(v) for k, v in builds.items()}, "new_tokens": args.new_tokens, "rounds": args.rounds,
            "max_batch": args.max_batch, "single_request_speedup": speedup, "levels": results, "summary": summary,
            "kv": {name: {k: v for k, v in row.items() if k != "slot_bytes"} | {"fits_budget": fits(row, args.new_tokens, args.kv_budget_mb)}
                   for name, row in kv.items()},
-           "kv_budget_mb": args.kv_budget_mb, "server_accounts": accounts}  # fmt: skip
+           "kv_budget_mb": args.kv_budget_mb, "server_accounts": accounts, "engine_steps_ms": engine}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out / 'results.json'}")
 

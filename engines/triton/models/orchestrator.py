@@ -175,7 +175,10 @@ class TritonPythonModel:
         )
         response = request.exec()
         if response.has_error():
-            raise GraphModelError(f"{model}: {response.error().message()}")
+            message = response.error().message()
+            if "not healthy" in message:  # its backend process died; Triton does not restart it
+                message += " (its process died; restart the server to serve this model again)"
+            raise GraphModelError(f"{model}: {message}")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
     # -- request -> prompt -----------------------------------------------------------------------------
