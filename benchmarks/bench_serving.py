@@ -29,60 +29,25 @@ import io
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_QUESTION, DEFAULT_BENCH_MODEL, bench_image, ensure_bench_builds, ensure_bench_model  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_QUESTION,
+    DEFAULT_BENCH_MODEL,
+    bench_image,
+    ensure_bench_builds,
+    ensure_bench_model,
+    percentile,
+    send_requests,
+)
 
 from engines.batching import batch_kv_bytes, slot_bytes  # noqa: E402
 from engines.generate import GenerationRunner  # noqa: E402
-from engines.triton.client import TritonAsker  # noqa: E402
 from engines.triton.server import LocalTritonServer  # noqa: E402
 from prune_export.workflows.deploy import deploy  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def load(url: str, model: str, image: bytes, concurrency: int, requests: int, new_tokens: int) -> dict[str, list[float]]:
-    """``requests`` requests from ``concurrency`` threads, each its own gRPC stream: wall seconds, latencies
-    and times to first token (ms)."""
-    out: dict[str, list[float]] = {"lat": [], "ttft": []}
-    lock = threading.Lock()
-    remaining = [requests]
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        try:
-            with TritonAsker(url, model=model) as asker:
-                while True:
-                    with lock:
-                        if remaining[0] == 0:
-                            return
-                        remaining[0] -= 1
-                    result = asker.ask(image, BENCH_QUESTION, max_new_tokens=new_tokens, ignore_eos=True)
-                    assert result.new_tokens == new_tokens, result
-                    with lock:
-                        out["lat"].append(result.latency_ms)
-                        out["ttft"].append(result.ttft_ms)
-        except BaseException as exc:  # reported after the round
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out["wall"] = [time.perf_counter() - start]
-    if errors:
-        raise errors[0]
-    return out
 
 
 def kv_per_request(build: Path, image, new_tokens: int) -> dict[str, float]:
@@ -168,13 +133,13 @@ def main() -> None:
     with server:
         url = f"grpc://{server.grpc_url}"
         for name in builds:  # warm-up: first requests load pages and make ORT's allocations
-            load(url, name, image, 2, 2, args.new_tokens)
+            send_requests(url, name, image, 2, 2, args.new_tokens)
         for c in levels:
             per: dict[str, dict[str, list[float]]] = {name: {"wall": [], "lat": [], "ttft": [], "n": []} for name in builds}
             for r in range(args.rounds):
                 for name in list(builds) if r % 2 == 0 else list(reversed(builds)):
                     n = c * args.requests
-                    got = load(url, name, image, c, n, args.new_tokens)
+                    got = send_requests(url, name, image, c, n, args.new_tokens)
                     for key in ("wall", "lat", "ttft"):
                         per[name][key].extend(got[key])
                     per[name]["n"].append(n)

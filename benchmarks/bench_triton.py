@@ -25,57 +25,21 @@ import argparse
 import json
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_QUESTION, DEFAULT_BENCH_MODEL, bench_image, ensure_bench_builds, ensure_bench_model  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_BENCH_MODEL,
+    bench_image,
+    ensure_bench_builds,
+    ensure_bench_model,
+    percentile,
+    send_requests,
+)
 
-from engines.triton.client import TritonAsker  # noqa: E402
 from engines.triton.server import LocalTritonServer  # noqa: E402
 from prune_export.workflows.deploy import deploy  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def load(url: str, model: str, image: bytes, concurrency: int, requests: int, new_tokens: int) -> tuple[float, list[float]]:
-    """``requests`` requests from ``concurrency`` threads; (wall seconds, latencies in ms)."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    remaining = [requests]
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        try:
-            with TritonAsker(url, model=model) as asker:
-                while True:
-                    with lock:
-                        if remaining[0] == 0:
-                            return
-                        remaining[0] -= 1
-                    result = asker.ask(image, BENCH_QUESTION, max_new_tokens=new_tokens, ignore_eos=True)
-                    assert result.new_tokens == new_tokens, result
-                    with lock:
-                        latencies.append(result.latency_ms)
-        except BaseException as exc:  # reported after the round
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    return wall, latencies
 
 
 def main() -> None:
@@ -111,14 +75,15 @@ def main() -> None:
     with server:
         url = server.http_url
         for name in builds:  # warm-up: first requests load pages and make ORT's allocations
-            load(url, name, image, 1, 2, args.new_tokens)
+            send_requests(url, name, image, 1, 2, args.new_tokens)
         for c in levels:
             per: dict[str, dict[str, list[float]]] = {name: {"wall": [], "lat": [], "n": []} for name in builds}
             for r in range(args.rounds):
                 order = list(builds) if r % 2 == 0 else list(reversed(builds))
                 for name in order:
                     n = max(args.requests, c)
-                    wall, lat = load(url, name, image, c, n, args.new_tokens)
+                    got = send_requests(url, name, image, c, n, args.new_tokens)
+                    wall, lat = got["wall"][0], got["lat"]
                     per[name]["wall"].append(wall)
                     per[name]["lat"].extend(lat)
                     per[name]["n"].append(n)

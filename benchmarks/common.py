@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,3 +100,47 @@ def ensure_bench_builds(model: Path, budget: float, tokens: float, rebuild: bool
         f"GSOP budget {budget}": ensure(f"gsop-{budget}", gsop),
         f"AutoPrune T={tokens:g}": ensure(f"autoprune-{tokens:g}", autoprune),
     }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def send_requests(url: str, model: str, image: bytes, concurrency: int, requests: int, new_tokens: int) -> dict[str, list[float]]:
+    """``requests`` requests from ``concurrency`` threads, each its own client (a gRPC stream for a decoupled
+    model, where the time to first token is measured; else an HTTP or gRPC call): ``wall`` seconds,
+    latencies ``lat`` and times to first token ``ttft`` (ms, None where not streamed)."""
+    out: dict[str, list[float]] = {"lat": [], "ttft": []}
+    lock = threading.Lock()
+    remaining = [requests]
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            from engines.triton.client import TritonAsker
+
+            with TritonAsker(url, model=model) as asker:
+                while True:
+                    with lock:
+                        if remaining[0] == 0:
+                            return
+                        remaining[0] -= 1
+                    result = asker.ask(image, BENCH_QUESTION, max_new_tokens=new_tokens, ignore_eos=True)
+                    assert result.new_tokens == new_tokens, result
+                    with lock:
+                        out["lat"].append(result.latency_ms)
+                        out["ttft"].append(result.ttft_ms)
+        except BaseException as exc:  # reported after the round
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["wall"] = [time.perf_counter() - start]
+    if errors:
+        raise errors[0]
+    return out

@@ -213,6 +213,37 @@ class _Slot:
     kv_tokens: list[int]  # per layer, its own tokens now (prefill + decoded so far)
 
 
+class OrtDecodeEngine:
+    """A build's decode graph on an ONNX Runtime session, as the scheduler's engine (and the batch-1
+    runtime's decode step). The caches a step returns stay ONNX Runtime values (in the GPU's memory under
+    the CUDA provider) and the next step binds them as they are (IO binding): only the token ids go in and
+    the logits come out; numpy arrays (a new batch's caches) are bound from host memory."""
+
+    def __init__(self, session: Any, num_layers: int) -> None:
+        self.session = session
+        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.inputs = [f"past.{layer}.{kind}" for layer in range(num_layers) for kind in KV_KINDS]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def decode(self, input_ids: np.ndarray, cache: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        for name, value in zip(self.inputs, cache, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return values[0].numpy(), list(values[1:])
+
+    @staticmethod
+    def to_numpy(value: Any) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
+
 class Scheduler:
     """Continuous batching of :class:`Request` s over one :class:`DecodeEngine` (module docstring).
 

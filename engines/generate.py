@@ -38,8 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.batching import Prefilled, Request, Scheduler
-from engines.onnxruntime import CUDA_PROVIDER
+from engines.batching import OrtDecodeEngine, Prefilled, Request, Scheduler
 from engines.prefill import BuildRunner, PrefillRunner
 from engines.runner import Runner
 from prune_core import defaults
@@ -166,6 +165,7 @@ class GenerationRunner(BuildRunner):
                                      manifest=self.manifest).activate(),
             "processor": self._load_processor(),
         }
+        self._sessions["decoder"] = OrtDecodeEngine(self._sessions["decode"].session, self.num_layers)
 
     def _deactivate(self) -> None:
         assert self._sessions is not None
@@ -281,33 +281,12 @@ class GenerationRunner(BuildRunner):
         """One decode step of ``input_ids [B, 1]`` over the caches (numpy arrays, or the values the previous
         step returned): ``logits [B, vocab]`` and the caches one token longer, as ONNX Runtime values that
         the next step binds as they are (see the module docstring)."""
-        session = self._part("decode").session
-        device = "cuda" if self.provider == CUDA_PROVIDER else "cpu"
-        binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        for name, value in zip(self._past_names, cache, strict=True):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self._decode_outputs:
-            binding.bind_output(name, device)
-        session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return values[0].numpy(), list(values[1:])
+        return self._part("decoder").decode(input_ids, cache)
 
     @staticmethod
     def to_numpy(value: Any) -> np.ndarray:
         """A cache value :meth:`decode` returned, as a numpy array."""
-        return value if isinstance(value, np.ndarray) else value.numpy()
-
-    @property
-    def _past_names(self) -> list[str]:
-        return [f"past.{layer}.{kind}" for layer in range(self.num_layers) for kind in KV_KINDS]
-
-    @property
-    def _decode_outputs(self) -> list[str]:
-        return [o.name for o in self._part("decode").session.get_outputs()]
+        return OrtDecodeEngine.to_numpy(value)
 
     def token_ids(
         self,

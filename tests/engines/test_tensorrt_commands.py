@@ -34,9 +34,11 @@ def test_build_writes_trtexec_commands_with_its_profiles(triton_builds: dict[str
     kv_heads, head_dim = manifest.model["num_kv_heads"], manifest.model["head_dim"]
     for i, key in enumerate(("minShapes", "optShapes", "maxShapes")):
         shapes = _specs(decode[key])
-        assert shapes["past.2.key"] == [1, kv_heads, ranges["past_len_2"][i], head_dim]
-        assert shapes["past.2.position"] == [1, ranges["past_len_2"][i]]
-        assert "input_ids" not in shapes  # static [1, 1]: no profile entry
+        batch = ranges["decode_batch"][i]  # 1, 1, the build's --max-batch
+        assert shapes["past.2.key"] == [batch, kv_heads, ranges["past_len_2"][i], head_dim]
+        assert shapes["past.2.position"] == [batch, ranges["past_len_2"][i]]
+        assert shapes["input_ids"] == [batch, 1]
+    assert ranges["decode_batch"] == [1, 1, manifest.generation["max_batch"]] and manifest.generation["max_batch"] == 16
     # the split prefill's shape tensors are given by value: the schedule table's per-layer count ranges
     table = ScheduleTable.from_dict(json.loads((build / "schedule_table.json").read_text()))
     keep, merged = table.count_ranges()

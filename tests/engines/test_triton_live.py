@@ -79,7 +79,7 @@ def server(server_env, triton_builds: dict[str, Path], next_triton_build: Path, 
     repos = []
     builds = {**triton_builds, "next": next_triton_build}
     for model, build, extra in (("dense", "dense", []), ("ap", "autoprune", []), ("apsplit", "split", ["--stream", "--decode-in", "bls"]),
-                                ("next", "next", []), ("batch", "autoprune", ["--max-batch", "8"])):  # fmt: skip
+                                ("next", "next", []), ("batch", "autoprune", ["--max-batch", "8", "--stream"])):  # fmt: skip
         repo = root / f"repo-{model}"
         result = CliRunner().invoke(main, ["deploy", str(builds[build]), "--repo", str(repo), "--name", model, *extra])
         assert result.exit_code == 0, result.output
@@ -215,7 +215,8 @@ def test_a_cancelled_request_leaves_the_batch(server, prompts, expected) -> None
     client.async_stream_infer("batch", inputs)
     with ThreadPoolExecutor(2) as pool:
         beside = pool.submit(_ask, server["grpc"], "batch", image, question)
-        time.sleep(1.0)
+        result, error = got.get(timeout=60)  # its first text piece: it is decoding, ~1000 steps to go
+        assert error is None, error
         client.stop_stream(cancel_requests=True)
         assert beside.result(timeout=120) == expected["ap"][0]
     client.close()

@@ -80,43 +80,18 @@ def _text(request, name: str) -> str | None:
     return str(value)
 
 
-class OrtDecode:
-    """The build's decode graph run inside this model with ONNX Runtime: the batching scheduler's engine when
-    ``generation.json`` says ``decode_in: orchestrator``. The caches stay ONNX Runtime values between steps
-    (IO binding): a step sends the token ids and the batch's caches never leave this process, where a BLS
-    request to the decode model would copy every layer's cache to it and back at every step."""
+def decode_session(path: Path, use_gpu: bool):
+    """An ONNX Runtime session of the build's decode graph, for decode steps inside this model
+    (``generation.json`` ``decode_in: orchestrator``): the batch's caches then stay in this process, where a
+    BLS request to the decode model would copy every layer's cache to it and back at every step."""
+    import onnxruntime as ort
 
-    def __init__(self, path: Path, num_layers: int, use_gpu: bool) -> None:
-        import onnxruntime as ort
-
-        self.ort = ort
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self.inputs = [f"past.{layer}.{kind}" for layer in range(num_layers) for kind in KV_KINDS]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def decode(self, input_ids, cache: list) -> tuple:
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        for name, value in zip(self.inputs, cache, strict=True):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self.outputs:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return values[0].numpy(), list(values[1:])
-
-    @staticmethod
-    def to_numpy(value):
-        return value if isinstance(value, np.ndarray) else value.numpy()
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 class TritonPythonModel:
@@ -151,7 +126,8 @@ class TritonPythonModel:
             engine = self
             if self.spec.get("decode_in") == "orchestrator":  # the caches stay in this process
                 decode_file = Path(args["model_repository"]).parent / self.models["decode"] / "1" / "model.onnx"
-                engine = OrtDecode(decode_file, self.layers, self.spec.get("device") == "gpu")
+                session = decode_session(decode_file, self.spec.get("device") == "gpu")
+                engine = prune_export_batching.OrtDecodeEngine(session, self.layers)
             self.scheduler = prune_export_batching.Scheduler(
                 engine, self.layers, max_batch=int(self.spec.get("max_batch", 1)),
                 kv_budget_bytes=self.spec.get("kv_budget_bytes"))  # fmt: skip
