@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.batching import PaddedCache
 from engines.generate import GenerationRunner
 from engines.onnxruntime import OrtRunner, SessionFromOnnx
 from engines.prefill import PrefillRunner
@@ -48,6 +49,7 @@ from prune_core.manifest import (
     CheckReport,
     Manifest,
     TokenFlip,
+    max_decode_batch,
     verify_files,
 )
 from prune_core.ops import Operation
@@ -400,7 +402,29 @@ def _check_generation(
             if got.token_ids != ref.token_ids:
                 at = min(agree, len(ref.step_logits) - 1)
                 flips.append(_Flip("generate", i, agree, ref.step_logits[at].double().cpu().numpy()))
+        _check_batched_decode(runner, inputs, found)
     return flips, agree_errors, generated
+
+
+def _check_batched_decode(runner: GenerationRunner, inputs: CheckInputs, found: _Differences) -> None:
+    """The check prompts' first decode step as one batch (their caches padded to each other, as the
+    batching runtime pads them) against each prompt's step alone: ``decode.batched_logits``, held to the
+    build's tolerance like every output. A decode graph that let the padding into attention fails here."""
+    if max_decode_batch(runner.manifest) < 2 or len(inputs.prompts) < 2:
+        return
+    firsts, alone = [], []
+    for seed, question in inputs.prompts:
+        first = runner.prefilled(runner.prefill_feeds(runner.prompt(synthetic_image(seed), question)))
+        token = np.array([[int(np.argmax(first.logits))]], dtype=np.int64)
+        alone.append(runner.decode(token, first.cache)[0][0])
+        firsts.append((token, first.cache))
+    batch = PaddedCache(runner.num_layers)
+    for _, cache in firsts:
+        batch.add(cache)
+    assert batch.arrays is not None
+    logits, _ = runner.decode(np.concatenate([token for token, _ in firsts]), batch.arrays)
+    for row, ref in enumerate(alone):
+        found.compare("decode.batched_logits", logits[row], ref.astype(np.float64))
 
 
 def _check_output(name: str, diff: float, scale: float | None, tolerance: float, quantized: bool,

@@ -144,3 +144,30 @@ def test_more_near_ties_than_the_cap_fail() -> None:
     assert token_verdict(flips[:2]) == (True, True, 2, True)  # at the cap: passes
     hard = classify_flips([_flip([0.0, 4.0, 5.0], output="logits")], agree_errors=[0.05], quantized=True)
     assert token_verdict(hard) == (False, True, 0, True)
+
+
+def test_a_decode_graph_that_lets_padding_into_attention_fails_the_check(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check decodes its two prompts (different lengths) as one padded batch and holds each row to the
+    prompt's step alone: a decode graph exported without the padding mask passes every batch-1 output and
+    fails there."""
+    import torch
+
+    import exporter.decode
+    from prune_core.errors import BuildError
+
+    class NoPaddingMask:
+        def __getattr__(self, name: str) -> object:
+            return getattr(torch, name)
+
+        @staticmethod
+        def where(condition: torch.Tensor, *values: object) -> torch.Tensor:
+            return torch.zeros(condition.shape)  # every slot attended, padding included
+
+    monkeypatch.setattr(exporter.decode, "torch", NoPaddingMask())
+    with pytest.raises(BuildError) as err:
+        build(tiny_model, tmp_path / "nomask", PlanChoice(), BuildSettings(provider="cpu"), lambda message: None)
+    message = str(err.value)
+    assert "decode.batched_logits: max abs diff" in message, message
+    assert "logits: max abs diff" not in message.replace("batched_logits", "")  # batch 1 is still right
