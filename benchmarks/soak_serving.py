@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engines.triton.client import TritonAsker  # noqa: E402
-from engines.triton.server import LocalTritonServer  # noqa: E402
+from engines.triton.server import LocalTritonServer, descendants  # noqa: E402
 from exporter.demo import build_demo_model  # noqa: E402
 from prune_core.errors import ServeError  # noqa: E402
 from prune_core.plan import AutoPruneSection  # noqa: E402
@@ -48,20 +48,6 @@ from prune_export.workflows.selection import PlanChoice  # noqa: E402
 
 NAME = "soak"
 QUESTIONS = ["What color is the circle?", "How many shapes are there?", "Where is the square?"]
-
-
-def descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        child, parent = (int(x) for x in line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def rss_mib(pid: int) -> float:

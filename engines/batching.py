@@ -52,7 +52,6 @@ class Prefilled:
 
     logits: np.ndarray  # [vocab]
     cache: list[Any]  # per layer: key [1, kv_heads, n_l, hd], value (same), position [1, n_l]
-    info: dict[str, Any] = field(default_factory=dict)  # what the engine reports (timings, AutoPrune row)
 
 
 class DecodeEngine(Protocol):
@@ -86,7 +85,6 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "eos", "length", "cancelled", "error"
     error: BaseException | None = None  # what ended it, with finish_reason "error"
-    prefill_info: dict[str, Any] = field(default_factory=dict)
     submitted: float = 0.0
     admitted: float | None = None  # its prefill started
     prefilled_at: float | None = None  # its prefill ended
@@ -94,7 +92,6 @@ class Request:
     first_token: float | None = None
     finished: float | None = None
     kv_tokens_per_layer: list[int] = field(default_factory=list)  # after the prefill
-    kv_bytes: int = 0  # its caches after the prefill (no padding)
 
     @property
     def queue_ms(self) -> float:
@@ -114,11 +111,6 @@ class Request:
     @property
     def latency_ms(self) -> float | None:
         return None if self.finished is None else (self.finished - self.submitted) * 1e3
-
-    def stats(self) -> dict[str, Any]:
-        return {"new_tokens": len(self.tokens), "finish_reason": self.finish_reason, "queue_ms": self.queue_ms,
-                "budget_wait_ms": self.budget_wait_ms, "ttft_ms": self.ttft_ms, "latency_ms": self.latency_ms, "kv_bytes": self.kv_bytes,
-                "kv_tokens_per_layer": self.kv_tokens_per_layer, **self.prefill_info}  # fmt: skip
 
 
 def _rows(cache: Sequence[np.ndarray], layer: int) -> int:
@@ -158,9 +150,6 @@ class PaddedCache:
     @property
     def batch(self) -> int:
         return 0 if self.arrays is None else int(self.arrays[0].shape[0])
-
-    def lengths(self) -> list[int]:
-        return [] if self.arrays is None else [_rows(self.arrays, layer) for layer in range(self.num_layers)]
 
     @staticmethod
     def _pad(array: np.ndarray, length: int, axis: int, fill: int | float) -> np.ndarray:
@@ -259,7 +248,6 @@ class Scheduler:
         max_batch: int,
         kv_budget_bytes: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
-        on_step: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -270,7 +258,6 @@ class Scheduler:
         self.max_batch = max_batch
         self.kv_budget_bytes = kv_budget_bytes
         self.clock = clock
-        self.on_step = on_step
         self._queue: deque[Request] = deque()
         self._lock = threading.Condition()
         self._stopping = False
@@ -280,7 +267,6 @@ class Scheduler:
         self._cache = PaddedCache(num_layers)
         self._live: list[Any] | None = None  # the engine's own values of the last step (no copy back)
         self._slot_bytes: list[int] | None = None
-        self.steps = 0
         self.batch_sizes: list[int] = []  # sequences per decode step, in order
 
     # -- any thread ------------------------------------------------------------------------------------
@@ -313,6 +299,10 @@ class Scheduler:
         with self._lock:
             return len(self._queue) + (self._waiting is not None)
 
+    def _busy(self) -> bool:
+        """A request is queued, waiting for the budget or decoding (call with the lock held)."""
+        return bool(self._queue or self._waiting is not None or self._slots)
+
     # -- the loop --------------------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until every submitted request has finished."""
@@ -325,14 +315,13 @@ class Scheduler:
         busy = False
         while True:
             with self._lock:
-                idle = not self._queue and self._waiting is None and not self._slots
+                idle = not self._busy()
             if idle and busy and on_idle is not None:
                 on_idle()
-            busy = not idle
             with self._lock:
-                while not self._stopping and not self._queue and self._waiting is None and not self._slots:
+                while not self._stopping and not self._busy():
                     self._lock.wait(idle_wait_s)
-                busy = bool(self._queue or self._waiting is not None or self._slots)
+                busy = self._busy()
                 if self._stopping and (not busy or self.clock() >= self._deadline):
                     return
             self.step()
@@ -344,7 +333,7 @@ class Scheduler:
         if self._slots:
             self._decode()
         with self._lock:
-            return bool(self._slots or self._queue or self._waiting is not None)
+            return self._busy()
 
     def fail_all(self, error: BaseException) -> None:
         """End every request not finished yet with ``error`` (shutdown, a broken engine)."""
@@ -421,10 +410,9 @@ class Scheduler:
             if request.finish_reason is None:
                 self._finish(request, reason, error)
 
-    def _need_bytes(self, extra: _Slot | None) -> int:
-        """The most the batch's padded caches can grow to, with ``extra`` joining (module docstring)."""
-        slots = self._slots + ([extra] if extra is not None else [])
-        if not slots or self._slot_bytes is None:
+    def _need_bytes(self, slots: list[_Slot]) -> int:
+        """The most a batch of ``slots`` can make its padded caches grow to (module docstring)."""
+        if self._slot_bytes is None:
             return 0
         return batch_kv_bytes([(s.kv_tokens, s.request.max_new_tokens - len(s.request.tokens)) for s in slots],
                               self._slot_bytes)  # fmt: skip
@@ -443,11 +431,8 @@ class Scheduler:
                     self._finish(request, "error", exc)
                     continue
                 request.prefilled_at = self.clock()
-                request.prefill_info = dict(prefilled.info)
-                cache = [self.engine.to_numpy(v) if not isinstance(v, np.ndarray) else v for v in prefilled.cache]
-                prefilled.cache = cache
+                cache = prefilled.cache = [self.engine.to_numpy(v) for v in prefilled.cache]
                 request.kv_tokens_per_layer = [_rows(cache, layer) for layer in range(self.num_layers)]
-                request.kv_bytes = int(sum(a.nbytes for a in cache))
                 if self._slot_bytes is None:
                     self._slot_bytes = slot_bytes(cache, self.num_layers)
                 token = int(np.argmax(prefilled.logits))
@@ -457,29 +442,21 @@ class Scheduler:
             request, prefilled = self._waiting
             slot = _Slot(request, int(request.tokens[-1]), list(request.kv_tokens_per_layer))
             if self.kv_budget_bytes is not None:
-                alone = self._need_bytes_alone(slot)
+                alone = self._need_bytes([slot])
                 if alone > self.kv_budget_bytes:
                     self._waiting = None
                     self._finish(request, "error", BatchingError(
-                        f"the request needs {_mb(alone)} of KV cache ({request.kv_tokens_per_layer and sum(request.kv_tokens_per_layer)} "
-                        f"prompt tokens over {self.num_layers} layers + {request.max_new_tokens} new tokens), more than the "
+                        f"the request needs {_mb(alone)} of KV cache ({sum(request.kv_tokens_per_layer)} "
+                        f"KV tokens over {self.num_layers} layers + {request.max_new_tokens} new tokens), more than the "
                         f"KV budget of {_mb(self.kv_budget_bytes)}: raise the budget or lower max_new_tokens"))  # fmt: skip
                     continue
-                if self._need_bytes(slot) > self.kv_budget_bytes:
+                if self._need_bytes([*self._slots, slot]) > self.kv_budget_bytes:
                     return  # waits, prefilled, for retirements
             self._waiting = None
             request.joined = self.clock()
             self._materialize()
             self._cache.add(prefilled.cache)
             self._slots.append(slot)
-
-    def _need_bytes_alone(self, slot: _Slot) -> int:
-        saved = self._slots
-        self._slots = []
-        try:
-            return self._need_bytes(slot)
-        finally:
-            self._slots = saved
 
     def _decode(self) -> None:
         ids = np.asarray([[s.next_token] for s in self._slots], dtype=np.int64)
@@ -493,10 +470,7 @@ class Scheduler:
             return
         self._live = list(out)
         self._cache.arrays = None
-        self.steps += 1
         self.batch_sizes.append(len(self._slots))
-        if self.on_step is not None:
-            self.on_step(len(self._slots))
         done = []
         for i, slot in enumerate(self._slots):
             slot.kv_tokens = [n + 1 for n in slot.kv_tokens]

@@ -32,7 +32,7 @@ use) creates the sessions, ``deactivate()`` drops them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +105,12 @@ class GenerationStats:
     def decode_ms_per_token(self) -> float | None:
         return float(np.mean(self.decode_ms)) if self.decode_ms else None
 
+    def take_request(self, request: Request) -> None:
+        """A scheduled request's answer length and timings (its decode steps are the batch's, not timed)."""
+        self.new_tokens = len(request.tokens)
+        self.ttft_ms = request.ttft_ms or 0.0
+        self.queue_ms = request.queue_ms
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -126,13 +132,6 @@ class Answer:
     token_ids: list[int]
     stats: GenerationStats
     step_logits: list[np.ndarray] = field(default_factory=list)  # with keep_logits: one row per token
-
-
-def _batch_stats(request: Request, stats: GenerationStats) -> None:
-    """A scheduled request's timings in :class:`GenerationStats` terms (decode time is the batch's)."""
-    stats.new_tokens = len(request.tokens)
-    stats.ttft_ms = request.ttft_ms or 0.0
-    stats.queue_ms = request.queue_ms
 
 
 class GenerationRunner(BuildRunner):
@@ -333,15 +332,21 @@ class GenerationRunner(BuildRunner):
         check_batch_size(self.manifest, max_batch)
         return Scheduler(self.activate(), self.num_layers, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes)
 
-    def request(self, prompt: Prompt, max_new_tokens: int, *, started: float | None = None,
-                ignore_eos: bool = False, **callbacks: Any) -> tuple[Request, GenerationStats]:  # fmt: skip
+    def request(self, prompt: Prompt, max_new_tokens: int, *, ignore_eos: bool = False,
+                on_prefill: Callable[[dict[str, np.ndarray], Prefilled], None] | None = None,
+                **callbacks: Any) -> tuple[Request, GenerationStats]:  # fmt: skip
         """A scheduler :class:`~engines.batching.Request` for ``prompt`` whose prefill (vision, embed,
-        prefill graphs) runs when the scheduler admits it, and the stats it fills."""
+        prefill graphs) runs when the scheduler admits it, and the stats it fills. ``on_prefill(feeds,
+        prefilled)`` sees the prefill's inputs and result (``eval`` counts FLOPs and compares first tokens)."""
         check_new_tokens(self.manifest, max_new_tokens)
         stats = GenerationStats(prompt_tokens=prompt.num_tokens)
 
         def prefill() -> Prefilled:
-            return self.prefilled(self.prefill_feeds(prompt), stats)
+            feeds = self.prefill_feeds(prompt)
+            first = self.prefilled(feeds, stats)
+            if on_prefill is not None:
+                on_prefill(feeds, first)
+            return first
 
         return Request(prefill, max_new_tokens, self.eos, ignore_eos, **callbacks), stats
 
@@ -359,7 +364,7 @@ class GenerationRunner(BuildRunner):
         for request, stats in requests:
             if request.error is not None:
                 raise request.error
-            _batch_stats(request, stats)
+            stats.take_request(request)
             text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
             answers.append(Answer(text, list(request.tokens), stats))
         return answers

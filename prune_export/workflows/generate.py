@@ -25,7 +25,7 @@ from calib.evaluate import (
     exact_match,
     first_token_logprobs,
 )
-from engines.batching import Prefilled, Request
+from engines.batching import Request
 from engines.generate import GenerationError, GenerationStats
 from prune_core import defaults
 from prune_core.autoprune import steepness
@@ -181,25 +181,20 @@ def _row_request(runner: Any, index: int, row: Any, max_new_tokens: int, referen
                  results: list[SampleResult | None], progress: Callable[[int], None] | None) -> Request:  # fmt: skip
     """One row as a scheduler request whose result lands in ``results[index]`` when it finishes."""
     prompt = runner.prompt(row.load_image(), row.question)
-    stats = GenerationStats(prompt_tokens=prompt.num_tokens)
     kept: dict[str, Any] = {}
-
-    def prefill() -> Prefilled:
-        kept["feeds"] = runner.prefill_feeds(prompt)
-        first = runner.prefilled(kept["feeds"], stats)
-        kept["logits"] = first.logits
-        return first
 
     def finish(request: Request, error: BaseException | None) -> None:
         if error is None:
-            stats.new_tokens, stats.ttft_ms = len(request.tokens), request.ttft_ms or 0.0
-            results[index] = _row_result(runner, row, prompt, kept["feeds"], list(request.tokens), kept["logits"],
-                                         stats, reference)  # fmt: skip
+            stats.take_request(request)
+            results[index] = _row_result(runner, row, prompt, kept["feeds"], list(request.tokens),
+                                         kept["logits"], stats, reference)  # fmt: skip
         kept.clear()
         if progress is not None:
             progress(1)
 
-    return Request(prefill, max_new_tokens, runner.eos, on_finish=finish)
+    request, stats = runner.request(prompt, max_new_tokens, on_finish=finish,
+                                    on_prefill=lambda feeds, first: kept.update(feeds=feeds, logits=first.logits))  # fmt: skip
+    return request
 
 
 def _row_result(runner: Any, row: Any, prompt: Any, feeds: dict[str, np.ndarray], ids: list[int],

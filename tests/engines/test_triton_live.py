@@ -31,7 +31,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engines.triton.client import TritonAsker
-from engines.triton.server import ServerEnvironment
+from engines.triton.server import ServerEnvironment, descendants
 from prune_core.errors import ServeError
 from prune_export.cli import main
 from prune_export.workflows.generate import run_build
@@ -288,7 +288,7 @@ def test_ask_cli(server, prompts, expected) -> None:
 def test_sigterm_stops_the_server_and_every_model_process(server) -> None:
     """Last in the module: stop the server by PID and look for anything left behind."""
     process = server["process"]
-    children = _descendants(process.pid)
+    children = descendants(process.pid)
     assert len(children) >= 1 + 25  # tritonserver and one stub per model instance (5 repositories x 5 models)
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
@@ -304,20 +304,6 @@ def test_sigterm_stops_the_server_and_every_model_process(server) -> None:
     time.sleep(1.0)
     alive = [pid for pid in children if _alive(pid)]
     assert not alive, f"still running after SIGTERM: {alive}"
-
-
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
-    parents: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        child, parent = (int(x) for x in line.split())
-        parents.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:

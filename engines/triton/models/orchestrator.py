@@ -118,7 +118,7 @@ class TritonPythonModel:
         self.kv_outputs = [f"present.{layer}.{kind}" for layer in range(self.layers) for kind in KV_KINDS]
         self.stream = bool(self.spec.get("stream", self.decoupled))
         self.scheduler = None
-        self.finished: dict = {}  # finish reason -> requests, logged when the model unloads
+        self.finished: dict = {}  # finish reason -> requests, logged whenever the batch falls idle and at unload
         if self.decoupled:  # one background loop decodes every request in flight together
             import prune_export_batching
 
